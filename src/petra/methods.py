@@ -1,0 +1,126 @@
+"""Training methods as the loop sees them: an optimizer, an optional model transform, a
+per-step hook and a schedule. The loop never branches on a method's name.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseStepper, galore_param_groups
+from .schedule import lr_factor
+
+
+class Method:
+    """Full-rank AdamW; the base every method refines."""
+
+    name = "full"
+    optimizer_name = "AdamW"
+    warm_start = False
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.layerwise: LayerwiseStepper | None = None
+
+    # -- model and optimizer -------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.cfg.method.layerwise:  # petra's AdamW matches torch's and can step in backward
+            opt = GaLoreAdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+            self.layerwise = LayerwiseStepper(opt, t.grad_clip)
+            return opt
+        fused = all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                 weight_decay=t.weight_decay, fused=fused or None, foreach=None if fused else False)
+
+    # -- per step ------------------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        t = self.cfg.train
+        return lr_factor(step, t.steps, self.cfg.warmup_steps, t.min_lr_ratio)
+
+    def before_backward(self, last_micro_batch: bool) -> None:
+        if self.layerwise is not None:
+            self.layerwise.armed = last_micro_batch
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Clip and update; returns the gradient norm (before clipping)."""
+        if self.layerwise is not None:
+            return self.layerwise.finish()
+        clip = self.cfg.train.grad_clip
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
+                    ) -> tuple[nn.Module, torch.optim.Optimizer, dict]:
+        """After update `step`: may change the model or optimizer (ReLoRA); returns log fields."""
+        return model, optimizer, {}
+
+    # -- what compare reports ------------------------------------------------------------
+    def describe(self) -> dict:
+        return {"rank": "full", "warm_start": "no", "optimizer": self.optimizer_name}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Full8bit(Method):
+    name, optimizer_name = "full8bit", "AdamW 8-bit"
+
+    def optimizer(self, model):
+        t = self.cfg.train
+        return GaLoreAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                               betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+
+
+class GaLore(Method):
+    """GaLore with AdamW, 8-bit AdamW or Adafactor, optionally layer-wise."""
+
+    OPTIMIZERS = {"galore": (GaLoreAdamW, "AdamW"), "galore8bit": (GaLoreAdamW8bit, "AdamW 8-bit"),
+                  "galore-adafactor": (GaLoreAdafactor, "Adafactor")}
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.name = cfg.method.name
+        self.cls, self.optimizer_name = self.OPTIMIZERS[self.name]
+
+    def optimizer(self, model):
+        t, m = self.cfg.train, self.cfg.method
+        groups = galore_param_groups(model, m.rank, m.targets, update_proj_gap=m.update_proj_gap,
+                                     scale=m.scale, proj_type=m.proj_type, projector=m.projector,
+                                     switch_state=m.switch_state)
+        if self.cls is GaLoreAdafactor:
+            opt = GaLoreAdafactor(groups, lr=t.lr, weight_decay=t.weight_decay)
+        else:
+            opt = self.cls(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+        if m.layerwise:
+            self.layerwise = LayerwiseStepper(opt, t.grad_clip)
+        return opt
+
+    def describe(self):
+        m = self.cfg.method
+        return {"rank": m.rank, "warm_start": "no",
+                "optimizer": self.optimizer_name + (" layer-wise" if m.layerwise else "")}
+
+
+def make_method(cfg: RunConfig) -> Method:
+    from .relora import ReLoRA  # the module imports this one
+    name = cfg.method.name
+    if name == "full":
+        return Method(cfg)
+    if name == "full8bit":
+        return Full8bit(cfg)
+    if name.startswith("galore"):
+        return GaLore(cfg)
+    if name == "relora":
+        return ReLoRA(cfg)
+    raise ValueError(f"unknown method {name!r}")

@@ -1,0 +1,191 @@
+"""LLaMA decoder in one file, parameter names matching Hugging Face LlamaForCausalLM.
+
+RMSNorm -> causal SDPA attention with rotary embeddings -> RMSNorm -> SwiGLU MLP, untied
+input and output embeddings, normal(0, 0.02) init as in the GaLore/ReLoRA reference runs.
+The loss is a fused linear + cross-entropy that never holds fp32 logits for the whole batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalize in fp32 like HF, cast back before the weight
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    t = torch.arange(seq_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, D) in HF's rotate-half layout
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash on CUDA
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, h = cfg.hidden_size, cfg.mlp_width
+        self.gate_proj = nn.Linear(d, h, bias=False)
+        self.up_proj = nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """The `model.` prefix of HF's LlamaForCausalLM."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of (h @ W^T) against targets, computed chunk by chunk.
+
+    Forward computes each chunk's logits in fp32, its loss and its gradients at once and
+    keeps only the gradients (same size as h and W), so neither the (N, V) logits nor their
+    softmax ever exist for the whole batch. Backward just scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        n = h.shape[0]
+        count = (targets != -100).sum().clamp(min=1)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, n, chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            logits = (hc @ weight.t()).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = tc != -100
+            safe_t = tc.clamp(min=0)
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            loss += ((lse - picked) * valid).sum()
+            if need_h or need_w:
+                g = torch.softmax(logits, dim=-1)  # d loss_sum / d logits
+                g.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
+                g *= valid[:, None]
+                g = (g / count).to(h.dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = g @ weight
+                if need_w:
+                    grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out if grad_h is not None else None
+        gw = grad_w * grad_out if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def fused_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        chunk: int = 4096) -> torch.Tensor:
+    return FusedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = rope_cache(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
+        for layer in self.model.layers:
+            if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        return self.model.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) when targets is None, else the mean next-token loss."""
+        h = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(h)
+        return fused_cross_entropy(h, self.lm_head.weight, targets)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

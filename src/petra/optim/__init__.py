@@ -1,0 +1,7 @@
+"""Optimizers: GaLore (AdamW, 8-bit AdamW, Adafactor), layer-wise stepping, param groups."""
+from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreOptimizer
+from .layerwise import LayerwiseStepper
+from .param_groups import DEFAULT_TARGETS, galore_param_groups, split_params
+
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "GaLoreOptimizer", "LayerwiseStepper",
+           "galore_param_groups", "split_params", "DEFAULT_TARGETS"]

@@ -1,0 +1,308 @@
+"""GaLore optimizers: AdamW, 8-bit AdamW and Adafactor run in a low-rank gradient subspace.
+
+Drop-in `torch.optim.Optimizer`s. A param group holding `rank` gets the low-rank treatment
+for its 2-D parameters; every other parameter gets the plain optimizer. Per-step math:
+
+    R = project(G)                 # (r, n), (m, r) or (r, r), from a basis refreshed every
+                                   # update_proj_gap steps (svd | randomized | subspace)
+    N = inner_update(R)            # Adam / Adafactor direction, state in the low-rank shape
+    W -= lr * scale * back(N)      # plus decoupled weight decay W *= 1 - lr * wd
+
+State holds tensors only (bases included), so state_dict() round-trips exactly. The split
+into `project_grad` and `apply_update` is what layer-wise training uses to clip exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from .projector import compute_basis
+
+PROJ_TYPES = ("std", "left", "right", "full")
+PROJECTORS = ("svd", "randomized", "subspace")
+SWITCH_STATES = ("keep", "reproject", "reset")
+LOWRANK_DEFAULTS: dict[str, Any] = dict(update_proj_gap=200, scale=0.25, proj_type="std",
+                                        projector="svd", switch_state="keep", proj_dtype="float32")
+GROUP_EXTRAS = ("params", "name", "initial_lr", "rank")
+
+
+def _validate_group(group: dict, allowed: Iterable[str]) -> None:
+    allowed = set(allowed) | set(GROUP_EXTRAS) | set(LOWRANK_DEFAULTS)
+    unknown = sorted(set(group) - allowed)
+    if unknown:
+        raise ValueError(f"unknown param group key(s) {unknown}; allowed keys: {sorted(allowed)}")
+    if "rank" not in group or group["rank"] is None:
+        return
+    r, gap = group["rank"], group.get("update_proj_gap", LOWRANK_DEFAULTS["update_proj_gap"])
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"rank={r!r} must be an integer >= 1")
+    if not isinstance(gap, int) or gap < 1:
+        raise ValueError(f"update_proj_gap={gap!r} must be an integer >= 1")
+    for key, allowed_vals in (("proj_type", PROJ_TYPES), ("projector", PROJECTORS),
+                              ("switch_state", SWITCH_STATES), ("proj_dtype", ("float32", "bfloat16"))):
+        v = group.get(key, LOWRANK_DEFAULTS[key])
+        if v not in allowed_vals:
+            raise ValueError(f"{key}={v!r} is not allowed; choose one of {', '.join(allowed_vals)}")
+    for p in group["params"]:
+        if p.dim() == 2 and r > min(p.shape) and group.get("proj_type", "std") != "full":
+            raise ValueError(f"rank={r} exceeds the smaller side of a {tuple(p.shape)} parameter; "
+                             f"use rank <= {min(p.shape)} or proj_type='full'")
+
+
+def sides(shape: torch.Size, proj_type: str) -> tuple[bool, bool]:
+    """(project rows, project columns) for an (m, n) matrix. std projects the shorter side."""
+    m, n = shape
+    if proj_type == "std":
+        return (m <= n, m > n)
+    return {"left": (True, False), "right": (False, True), "full": (True, True)}[proj_type]
+
+
+class GaLoreOptimizer(Optimizer):
+    """Shared low-rank machinery; subclasses give the inner update in the projected space."""
+
+    inner_keys: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        _validate_group(param_group, self.inner_keys)
+        if param_group.get("rank") is not None:
+            for k, v in LOWRANK_DEFAULTS.items():
+                param_group.setdefault(k, v)
+        super().add_param_group(param_group)
+
+    # -- projection --------------------------------------------------------------------
+    def _refresh(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        left, right = sides(g.shape, group["proj_type"])
+        r = group["rank"]
+        dtype = torch.float32 if group["proj_dtype"] == "float32" else torch.bfloat16
+        # a deterministic per-(parameter, step) seed keeps randomized refreshes resumable
+        seed = (int(state["step"]) * 1_000_003 + state["index"]) % (2**62)
+        gen = torch.Generator(device=g.device).manual_seed(seed)
+        old = {k: state[k] for k in ("P", "Q") if k in state}
+        if left:
+            state["P"] = compute_basis(g, min(r, g.shape[0]), group["projector"], old.get("P"), gen).to(dtype)
+        if right:
+            state["Q"] = compute_basis(g.t(), min(r, g.shape[1]), group["projector"], old.get("Q"), gen).to(dtype)
+        if old and any(k in state for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row")):
+            self._switch_state(state, old, group["switch_state"])
+
+    def _switch_state(self, state: dict, old: dict, mode: str) -> None:
+        if mode == "keep":
+            return
+        if mode == "reset":
+            self._reset_moments(state)
+            return
+        # reproject: rotate the first moment into the new basis; the second moment (a
+        # per-coordinate variance) goes through the element-wise square of the rotation
+        # (Adafactor's factored second moment has no such rotation and is kept)
+        for key, square in (("exp_avg", False), ("exp_avg_sq", True)):
+            if key not in state:
+                continue
+            x = self._dequant(state, key)
+            if "P" in old:
+                c = state["P"].float().t() @ old["P"].float()  # (r_new, r_old)
+                x = (c * c if square else c) @ x
+            if "Q" in old:
+                c = state["Q"].float().t() @ old["Q"].float()
+                x = x @ (c * c if square else c).t()
+            self._store(state, key, x)
+
+    def project(self, g: torch.Tensor, state: dict) -> torch.Tensor:
+        dt = g.dtype
+        if "P" in state:
+            g = state["P"].to(dt).t() @ g
+        if "Q" in state:
+            g = g @ state["Q"].to(dt)
+        return g
+
+    def project_back(self, n: torch.Tensor, state: dict, dtype: torch.dtype) -> torch.Tensor:
+        n = n.to(dtype)
+        if "P" in state:
+            n = state["P"].to(dtype) @ n
+        if "Q" in state:
+            n = n @ state["Q"].to(dtype).t()
+        return n
+
+    def _lowrank(self, p: torch.Tensor, group: dict) -> bool:
+        return group.get("rank") is not None and p.dim() == 2
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["moment_step"] = torch.zeros((), dtype=torch.float32)
+            # position of p among all params: seeds randomized refreshes reproducibly
+            state["index"] = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"])
+                                  if q is p)
+        return state
+
+    @torch.no_grad()
+    def project_grad(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """The gradient in the space the inner optimizer sees (refreshing the basis when due)."""
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError("GaLore optimizers do not support sparse gradients")
+        if not self._lowrank(p, group):
+            return g
+        state = self._state(p)
+        if int(state["step"]) % group["update_proj_gap"] == 0:
+            self._refresh(p, g, state, group)
+        return self.project(g, state)
+
+    @torch.no_grad()
+    def apply_update(self, p: torch.Tensor, r: torch.Tensor, group: dict, coef: float = 1.0) -> None:
+        """One optimizer update of p from its (projected) gradient r, scaled by coef (clipping)."""
+        state = self._state(p)
+        state["step"] += 1
+        state["moment_step"] += 1
+        r = r.float()
+        if coef != 1.0:
+            r = r * coef
+        num, den, div = self._inner(r, state, group)
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        if self._lowrank(p, group):
+            direction = (num / den if den is not None else num) / div
+            p.add_(self.project_back(direction, state, p.dtype), alpha=-group["lr"] * group["scale"])
+        elif den is not None:
+            p.addcdiv_(num.to(p.dtype), den.to(p.dtype), value=-group["lr"] / div)
+        else:
+            p.add_(num.to(p.dtype), alpha=-group["lr"] / div)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.apply_update(p, self.project_grad(p, group), group)
+        return loss
+
+    # -- state storage (fp32 here; 8-bit in GaLoreAdamW8bit) --------------------------------
+    def _store(self, state: dict, key: str, value: torch.Tensor) -> None:
+        state[key] = value
+
+    def _dequant(self, state: dict, key: str) -> torch.Tensor:
+        return state[key]
+
+    def _reset_moments(self, state: dict) -> None:
+        state["moment_step"].zero_()
+        for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
+            if k in state:
+                self._store(state, k, torch.zeros_like(self._dequant(state, k)))
+
+    def _inner(self, r: torch.Tensor, state: dict, group: dict
+               ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """(numerator, denominator or None, divisor): the direction is num / den / divisor."""
+        raise NotImplementedError
+
+
+class GaLoreAdamW(GaLoreOptimizer):
+    """AdamW in the projected space. Groups without `rank` match torch.optim.AdamW."""
+
+    inner_keys = ("lr", "betas", "eps", "weight_decay")
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid AdamW hyperparameters lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _inner(self, r, state, group):
+        b1, b2 = group["betas"]
+        if "exp_avg" not in state:
+            self._store(state, "exp_avg", torch.zeros_like(r))
+            self._store(state, "exp_avg_sq", torch.zeros_like(r))
+        m = self._dequant(state, "exp_avg").lerp_(r, 1 - b1)
+        v = self._dequant(state, "exp_avg_sq").mul_(b2).addcmul_(r, r, value=1 - b2)
+        self._store(state, "exp_avg", m)
+        self._store(state, "exp_avg_sq", v)
+        t = float(state["moment_step"])
+        # same operations as torch.optim.AdamW, so groups without rank match it exactly
+        denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(group["eps"])
+        return m, denom, 1 - b1 ** t
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLoreAdamW with both moments held in blockwise 8-bit (torchao's OptimState8bit).
+
+    Tensors under 4096 elements (norms) stay fp32, as in bitsandbytes. The math is the
+    fp32 AdamW's, on dequantized moments that are quantized again after the update.
+    """
+
+    min_8bit_size = 4096
+    block_size = 256
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self._q = _optim_state_8bit()
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def _store(self, state: dict, key: str, value: torch.Tensor) -> None:
+        q = state.get(key)
+        if value.numel() < self.min_8bit_size or value.numel() % self.block_size:
+            state[key] = value
+            return
+        if not isinstance(q, self._q) or q.shape != value.shape:
+            q = self._q.zeros(value.shape, signed=(key == "exp_avg"), block_size=self.block_size,
+                              device=value.device)
+        q.copy_(value)
+        state[key] = q
+
+    def _dequant(self, state: dict, key: str) -> torch.Tensor:
+        v = state[key]
+        return v.dequantize() if isinstance(v, self._q) else v
+
+
+def _optim_state_8bit():
+    try:
+        from torchao.optim.subclass_8bit import OptimState8bit
+    except ImportError:
+        raise ImportError("8-bit optimizer state needs torchao: pip install torchao "
+                          "(or use GaLoreAdamW / method 'galore', which keeps fp32 state)") from None
+    return OptimState8bit
+
+
+class GaLoreAdafactor(GaLoreOptimizer):
+    """Adafactor (Shazeer & Stern 2018) in the projected space, with a fixed learning rate
+    (no relative step, no parameter scaling), as the GaLore paper runs it."""
+
+    inner_keys = ("lr", "beta1", "eps", "clip_threshold", "decay_rate", "weight_decay")
+
+    def __init__(self, params, lr: float = 1e-3, beta1: float | None = None, eps=(1e-30, 1e-3),
+                 clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, beta1=beta1, eps=eps, clip_threshold=clip_threshold,
+                                      decay_rate=decay_rate, weight_decay=weight_decay))
+
+    def _inner(self, r, state, group):
+        t = float(state["moment_step"])
+        beta2t = 1.0 - t ** group["decay_rate"]
+        sq = r * r + group["eps"][0]
+        if r.dim() == 2:
+            if "exp_avg_sq_row" not in state:
+                state["exp_avg_sq_row"] = torch.zeros(r.shape[0], device=r.device)
+                state["exp_avg_sq_col"] = torch.zeros(r.shape[1], device=r.device)
+            row = state["exp_avg_sq_row"].mul_(beta2t).add_(sq.mean(dim=1), alpha=1 - beta2t)
+            col = state["exp_avg_sq_col"].mul_(beta2t).add_(sq.mean(dim=0), alpha=1 - beta2t)
+            u = r * (row / row.mean()).rsqrt()[:, None] * col.rsqrt()[None, :]
+        else:
+            if "exp_avg_sq" not in state:
+                state["exp_avg_sq"] = torch.zeros_like(r)
+            v = state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1 - beta2t)
+            u = r * v.rsqrt()
+        rms = u.pow(2).mean().sqrt()
+        u = u / (rms / group["clip_threshold"]).clamp(min=1.0)
+        if group["beta1"] is not None:
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(u)
+            u = state["exp_avg"].lerp_(u, 1 - group["beta1"]).clone()
+        return u, None, 1.0

@@ -1,0 +1,62 @@
+"""Layer-wise updates: each parameter is updated inside backward, as soon as its gradient
+is accumulated, and the gradient is freed at once, so a full set of gradients never exists.
+
+The reference implementation steps each parameter on every backward, which breaks gradient
+accumulation, and never sees a global norm, which breaks clipping. Here:
+
+- accumulation: hooks act only while `armed` (the loop arms them for the last micro-batch);
+  earlier micro-batches accumulate into .grad as usual;
+- clipping: the hook adds ||G||^2 to a running total and keeps only the *projected* gradient
+  (the size of one optimizer moment for low-rank parameters) before freeing G; `finish()`
+  then knows the exact global norm and applies every update with the clip coefficient.
+  Without clipping the update happens directly in the hook.
+"""
+from __future__ import annotations
+
+import torch
+
+from .galore import GaLoreOptimizer
+
+
+class LayerwiseStepper:
+    def __init__(self, optimizer: GaLoreOptimizer, grad_clip: float = 0.0):
+        if not isinstance(optimizer, GaLoreOptimizer):
+            raise TypeError("layer-wise updates need a petra optimizer (GaLoreAdamW, GaLoreAdamW8bit, "
+                            f"GaLoreAdafactor), got {type(optimizer).__name__}")
+        self.optimizer, self.grad_clip = optimizer, grad_clip
+        self.armed = False
+        self._sq: torch.Tensor | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
+        self._handles = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(group)))
+
+    def _hook(self, group: dict):
+        def hook(p: torch.Tensor) -> None:
+            if not self.armed:
+                return
+            sq = p.grad.float().pow(2).sum()
+            self._sq = sq if self._sq is None else self._sq + sq
+            r = self.optimizer.project_grad(p, group)
+            if self.grad_clip > 0:
+                self._pending.append((p, r, group))
+            else:
+                self.optimizer.apply_update(p, r, group)
+            p.grad = None
+        return hook
+
+    def finish(self) -> torch.Tensor:
+        """Apply pending (clipped) updates; returns the global gradient norm."""
+        norm = self._sq.sqrt() if self._sq is not None else torch.zeros(())
+        if self._pending:
+            coef = float((self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+            for p, r, group in self._pending:
+                self.optimizer.apply_update(p, r, group, coef)
+        self._pending, self._sq, self.armed = [], None, False
+        return norm
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

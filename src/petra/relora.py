@@ -1,0 +1,186 @@
+"""ReLoRA: LoRA factors on frozen weights, merged into the weights and restarted many times.
+
+    y = x W^T + scale * (x A^T) B^T        W frozen, A (r, in) Kaiming-uniform, B (out, r) zeros
+
+B starts at zero so the model is unchanged by wrapping, and A is random so B gets a
+gradient from the very first step (the reference code zeroes both, and nothing learns until
+the first merge). Every `reset_interval` steps: W += scale * B @ A in fp32, A re-drawn, B
+zeroed, the factors' optimizer moments pruned, and the learning rate re-warmed from 0.
+An optional full-rank warm start trains the plain model first, in the same run.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RunConfig
+from .methods import Method
+from .schedule import lr_factor
+
+
+class ReLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        if base.bias is not None:
+            raise ValueError("ReLoRALinear wraps bias-free linears (LLaMA has none)")
+        out_f, in_f = base.weight.shape
+        if rank > min(out_f, in_f):
+            raise ValueError(f"ReLoRA rank {rank} exceeds the smaller side of a {out_f}x{in_f} weight")
+        self.weight = base.weight
+        self.weight.requires_grad_(False)  # frozen: autograd computes no weight gradient
+        self.lora_A = nn.Parameter(torch.empty(rank, in_f, device=self.weight.device, dtype=self.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=self.weight.device, dtype=self.weight.dtype))
+        self.rank, self.scale = rank, alpha / rank
+        self.reset_factors()
+
+    @torch.no_grad()
+    def reset_factors(self, generator: torch.Generator | None = None) -> None:
+        # kaiming_uniform_(a=sqrt(5)) as nn.Linear and LoRA use: bound = 1/sqrt(fan_in)
+        bound = 1.0 / math.sqrt(self.lora_A.shape[1])
+        a = torch.rand(self.lora_A.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
+        self.lora_A.copy_(a)
+        self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+
+
+def wrap(model: nn.Module, targets: str, rank: int, alpha: float) -> list[str]:
+    """Replace every matching nn.Linear with a ReLoRALinear in place; returns their names."""
+    pattern = re.compile(targets)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(n + ".weight")]
+    if not names:
+        raise ValueError(f"method.targets={targets!r} matches no linear layer")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, ReLoRALinear(getattr(parent, child), rank, alpha))
+    return names
+
+
+def lora_modules(model: nn.Module) -> list[ReLoRALinear]:
+    return [m for m in model.modules() if isinstance(m, ReLoRALinear)]
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A plain LLaMA state dict from a ReLoRA one: W + scale * B @ A, factors dropped."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith((".lora_A", ".lora_B")):
+            continue
+        prefix = k[: -len("weight")]
+        if k.endswith(".weight") and prefix + "lora_A" in state:
+            delta = state[prefix + "lora_B"].float() @ state[prefix + "lora_A"].float() * scale
+            v = (v.float() + delta).to(v.dtype)
+        out[k] = v
+    return out
+
+
+@torch.no_grad()
+def prune_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mode: str,
+                  fraction: float, generator: torch.Generator | None = None) -> float:
+    """Zero `fraction` of the optimizer moments of `params`; returns the fraction zeroed.
+
+    magnitude: the smallest |x| (per tensor) are zeroed; random: a random subset; reset: all.
+    """
+    zeroed = total = 0
+    for p in params:
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            x = state.get(key)
+            if x is None:
+                continue
+            if mode == "reset" or fraction >= 1.0:
+                x.zero_()
+            elif mode == "magnitude":
+                k = int(fraction * x.numel())
+                if k > 0:
+                    thresh = x.abs().flatten().float().kthvalue(k).values
+                    x.masked_fill_(x.abs() <= thresh, 0)
+            elif mode == "random":
+                keep = torch.rand(x.shape, generator=generator).to(x.device) >= fraction
+                x.mul_(keep.to(x.dtype))
+            zeroed += int((x == 0).sum())
+            total += x.numel()
+    return zeroed / total if total else 0.0
+
+
+class ReLoRA(Method):
+    name, optimizer_name, warm_start = "relora", "AdamW", True
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.merges = 0              # merges done so far (the cycle)
+        self.lora_phase = cfg.method.warm_start_steps == 0
+
+    # steps whose update starts a new cycle (lr re-warms from 0 there)
+    def restarts(self) -> list[int]:
+        m, total = self.cfg.method, self.cfg.train.steps
+        ws = m.warm_start_steps
+        out = [ws] if ws > 0 else []
+        out += list(range(ws + m.reset_interval, total, m.reset_interval))
+        return out
+
+    def lr_factor(self, step: int) -> float:
+        t = self.cfg.train
+        return lr_factor(step, t.steps, self.cfg.warmup_steps, t.min_lr_ratio, self.restarts(),
+                         self.cfg.method.restart_warmup_steps)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if self.lora_phase and not lora_modules(model):
+            m = self.cfg.method
+            wrap(model, m.targets, m.rank, m.lora_alpha)
+            self._reinit(model)
+        return model
+
+    def _reinit(self, model: nn.Module) -> None:
+        # A is drawn from a generator seeded by (seed, cycle): reproducible across resumes
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.merges)
+        for mod in lora_modules(model):
+            mod.reset_factors(g)
+
+    def on_step_end(self, step, model, optimizer):
+        m = self.cfg.method
+        done = step + 1
+        if not self.lora_phase:
+            if done == m.warm_start_steps:
+                old = optimizer
+                self.lora_phase = True
+                model = self.prepare(model)
+                optimizer = self.optimizer(model)
+                for p in (q for g in optimizer.param_groups for q in g["params"]):
+                    if p in old.state:  # embeddings, norms, head keep their moments
+                        optimizer.state[p] = old.state[p]
+                return model, optimizer, {"event": "warm start ended: LoRA phase begins", "model_changed": True}
+            return model, optimizer, {}
+        if (done - m.warm_start_steps) % m.reset_interval or done >= self.cfg.train.steps:
+            return model, optimizer, {}
+        mods = lora_modules(model)
+        for mod in mods:
+            mod.merge()
+        self.merges += 1
+        self._reinit(model)
+        lora_params = [p for mod in mods for p in (mod.lora_A, mod.lora_B)]
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 104729 + self.merges)
+        frac = prune_moments(optimizer, lora_params, m.prune, m.prune_fraction, g)
+        return model, optimizer, {"event": f"merge {self.merges}", "pruned_fraction": round(frac, 4)}
+
+    def describe(self):
+        m = self.cfg.method
+        return {"rank": m.rank, "warm_start": f"{m.warm_start_steps} steps" if m.warm_start_steps else "no",
+                "optimizer": "AdamW"}
+
+    def state_dict(self):
+        return {"merges": self.merges, "lora_phase": self.lora_phase}
+
+    def load_state_dict(self, state):
+        self.merges, self.lora_phase = state["merges"], state["lora_phase"]

@@ -1,0 +1,282 @@
+"""The training loop: step, evaluate, log, checkpoint. Methods plug in through `Method`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import ConfigError, RunConfig, from_dict, validate
+from .data import Batches, prepare, val_batches
+from .methods import make_method
+from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
+from .model import LlamaForCausalLM, count_parameters
+from .schedule import set_lr
+
+# fields that may differ when resuming; anything else must match the saved run
+RESUMABLE_CHANGES = {("train", k) for k in ("stop_after", "device", "compile", "eval_every", "save_every",
+                                           "log_every")}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def resolve_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype]:
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={cfg.train.device!r} but no CUDA device is available; use cpu or auto")
+    device = torch.device(want)
+    dt = cfg.train.dtype
+    if dt == "auto":
+        dt = "bf16" if device.type == "cuda" else "fp32"
+    return device, torch.bfloat16 if dt == "bf16" else torch.float32
+
+
+def merge_resume_config(saved: RunConfig, requested: RunConfig | None, explicit: set[tuple[str, str]]) -> RunConfig:
+    """The saved config, with the few fields a resume may change taken from the request."""
+    if requested is None:
+        return saved
+    for section, key in explicit:
+        new = getattr(getattr(requested, section), key)
+        old = getattr(getattr(saved, section), key)
+        if new == old:
+            continue
+        if (section, key) not in RESUMABLE_CHANGES:
+            raise ConfigError(f"cannot resume with {section}.{key}={new!r}: the run was started with {old!r}. "
+                              f"A resume may change only: {', '.join(f'{s}.{k}' for s, k in sorted(RESUMABLE_CHANGES))}")
+        setattr(getattr(saved, section), key, new)
+    validate(saved)
+    return saved
+
+
+@torch.no_grad()
+def evaluate(model, batches, device) -> float:
+    was = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        total += float(model(x.to(device), y.to(device)))
+    model.train(was)
+    return total / len(batches)
+
+
+def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set | None = None,
+          show_progress: bool = True, log=print) -> dict:
+    """Train (or resume) a run in directory `out`; returns a summary dict."""
+    out = Path(out)
+    payload = None
+    if resume:
+        payload = checkpoint.load(out)
+        cfg = merge_resume_config(from_dict(payload["config"]), cfg, explicit or set())
+    elif (out / checkpoint.CKPT).exists():
+        raise ConfigError(f"{out} already holds a run (checkpoint.pt); resume it with --resume {out} "
+                          f"or choose another --out")
+    if cfg.method.layerwise and cfg.method.name == "relora":
+        raise ConfigError("method.layerwise is for full and galore methods, not relora")
+    device, dtype = resolve_device(cfg)
+
+    # data first: the cheap checks (missing files, empty corpus) fail before any model exists
+    data = prepare(cfg.data, cfg.model.vocab_size, log=log)
+    if data.vocab_size > cfg.model.vocab_size:
+        log(f"tokenizer has {data.vocab_size} tokens: model.vocab_size {cfg.model.vocab_size} -> {data.vocab_size}")
+        cfg.model.vocab_size = data.vocab_size
+    if payload is not None and payload.get("data_fingerprint") != data.fingerprint:
+        raise ConfigError("the data of this run changed since its checkpoint (corpus or tokenizer); "
+                          "resuming would not continue the same run")
+    seq, mb = cfg.seq_len, cfg.micro_batch
+    batches = Batches(data.train, seq, cfg.train.batch_size, cfg.train.seed)
+    vbatches = val_batches(data.val, seq, mb, cfg.train.eval_batches)
+
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg.model)
+    model.to(dtype)
+    method = make_method(cfg)
+    if payload is not None:
+        method.load_state_dict(payload.get("method", {}))
+    model = method.prepare(model)
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+    optimizer = method.optimizer(model)
+    step = 0
+    if payload is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+        step = payload["step"]
+        torch.set_rng_state(payload["rng"])
+        if device.type == "cuda" and payload.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(payload["cuda_rng"], device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.to_json())
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None)
+    if not resume:
+        metrics.path.write_text("")
+
+    use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+    fwd = _compiled(model, use_compile, log)
+    fpt = flops_per_token(cfg.model, seq)
+    peak = peak_flops(device)
+    tokens_per_step = cfg.train.batch_size * seq
+    stop_at = min(cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
+    n_params = count_parameters(model)
+    log(f"petra: {cfg.preset} ({n_params / 1e6:.2f}M parameters, {count_parameters(model, True) / 1e6:.2f}M "
+        f"trainable), method {method.name}, {cfg.train.steps} steps of {cfg.train.batch_size}x{seq} tokens, "
+        f"{batches.passes(cfg.train.steps):.2f} passes over {len(data.train) / 1e6:.2f}M training tokens, "
+        f"{device} {str(dtype).replace('torch.', '')}")
+    if batches.passes(cfg.train.steps) > 1:
+        log(f"warning: {batches.passes(cfg.train.steps):.1f} passes over the training data; validation "
+            f"perplexity will measure memorization as much as the method")
+
+    interrupted = {"sig": None}
+
+    def on_signal(signum, frame):
+        interrupted["sig"] = signum
+
+    def save(at_step: int) -> None:
+        checkpoint.save(out, {
+            "step": at_step, "config": cfg.to_dict(), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "data_fingerprint": data.fingerprint, "tokenizer_path": str(data.tokenizer.path),
+            "eos_id": data.tokenizer.eos_id})
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if _main_thread() else {}
+    bar = tqdm(total=stop_at, initial=step, disable=not show_progress, unit="step", dynamic_ncols=True)
+    window_t, window_steps, last_val, status = time.perf_counter(), 0, None, "finished"
+    tps_hist: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        while step < stop_at:
+            set_lr(optimizer, method.lr_factor(step))
+            lr = optimizer.param_groups[0]["lr"]
+            loss_sum = torch.zeros((), device=device)
+            for j in range(cfg.accum_steps):
+                x, y = batches.get(step, slice(j * mb, (j + 1) * mb))
+                method.before_backward(j == cfg.accum_steps - 1)
+                loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                (loss / cfg.accum_steps).backward()
+                loss_sum += loss.detach()
+            gnorm = method.step(model, optimizer)
+            loss_val = float(loss_sum) / cfg.accum_steps
+            if not math.isfinite(loss_val):
+                status = "diverged"
+                raise TrainingError(f"loss is {loss_val} at step {step}; stopping. The last good checkpoint "
+                                    f"in {out} is intact (lower train.lr or raise train.grad_clip)")
+            model, optimizer, info = method.on_step_end(step, model, optimizer)
+            if info.get("model_changed"):
+                fwd = _compiled(model, use_compile, log)
+            step += 1
+            window_steps += 1
+            bar.update(1)
+            record = {"step": step, "tokens": step * tokens_per_step}
+            if info:
+                metrics.write({**record, **{k: v for k, v in info.items() if k != "model_changed"}})
+                log(f"step {step}: {info.get('event', '')} {info.get('pruned_fraction', '')}".rstrip())
+            if step % cfg.train.log_every == 0 or step == stop_at:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - window_t
+                tps = window_steps * tokens_per_step / dt
+                tps_hist.append(tps)
+                rec = {**record, "loss": round(loss_val, 5), "lr": lr, "grad_norm": round(float(gnorm), 5),
+                       "tokens_per_s": round(tps, 1), "step_ms": round(1000 * dt / window_steps, 2),
+                       "peak_mem_gib": round(peak_memory_gib(device), 3)}
+                if peak:
+                    rec["mfu"] = round(tps * fpt / peak, 4)
+                metrics.write(rec)
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}")
+                window_t, window_steps = time.perf_counter(), 0
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                t0 = time.perf_counter()
+                vl = evaluate(model, vbatches, device)
+                last_val = vl
+                metrics.write({**record, "val_loss": round(vl, 5), "val_ppl": round(math.exp(min(vl, 50)), 3)})
+                bar.write(f"step {step}: val loss {vl:.4f}, ppl {math.exp(min(vl, 50)):.2f}")
+                window_t += time.perf_counter() - t0  # evaluation is not training throughput
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_at:
+                t0 = time.perf_counter()
+                save(step)
+                window_t += time.perf_counter() - t0
+            if interrupted["sig"] is not None:
+                save(step)
+                status = "interrupted"
+                break
+    finally:
+        bar.close()
+        metrics.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    if status == "interrupted" or step < cfg.train.steps:
+        status = "interrupted" if status == "interrupted" else "stopped"
+        log(f"{status} at step {step}; continue with: petra train --resume {out}")
+    summary = {"status": status, "step": step, "val_loss": last_val,
+               "val_ppl": math.exp(last_val) if last_val is not None else None,
+               "tokens": step * tokens_per_step, "params": n_params,
+               "trainable_params": count_parameters(model, True),
+               "tokens_per_s": _median(tps_hist[1:] or tps_hist), "peak_mem_gib": peak_memory_gib(device),
+               "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+               "passes": batches.passes(step), **method.describe()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    total = 0
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and k not in ("step", "moment_step"):
+                inner = getattr(v, "codes", None)  # torchao 8-bit: codes + scales
+                if inner is not None:
+                    total += inner.numel() * inner.element_size() + v.scale.numel() * v.scale.element_size()
+                else:
+                    total += v.numel() * v.element_size()
+    return total
+
+
+def _median(xs: list[float]) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[len(s) // 2]
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _compiled(model, use_compile: bool, log):
+    if not use_compile:
+        return model
+    compiled = torch.compile(model)
+    state = {"ok": None}
+
+    def fwd(x, y):
+        if state["ok"] is False:
+            return model(x, y)
+        if state["ok"] is None:
+            t0 = time.perf_counter()
+            try:
+                loss = compiled(x, y)
+            except Exception as e:  # compile problems must not end a run
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); running eagerly")
+                state["ok"] = False
+                return model(x, y)
+            state["ok"] = True
+            log(f"compiled the model forward in {time.perf_counter() - t0:.1f}s")
+            return loss
+        return compiled(x, y)
+    return fwd
