@@ -48,7 +48,7 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=176, num_attention_heads=4,
                  num_hidden_layers=2, max_position_embeddings=128),
-    "mini": dict(vocab_size=8192, hidden_size=192, intermediate_size=512, num_attention_heads=6,
+    "mini": dict(vocab_size=4096, hidden_size=128, intermediate_size=344, num_attention_heads=4,
                  num_hidden_layers=4, max_position_embeddings=256),
     "60m": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
     "130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12),
@@ -56,6 +56,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "1b": dict(hidden_size=2048, intermediate_size=5461, num_attention_heads=32, num_hidden_layers=24),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32),
 }
+
+# the rank each paper run used at that scale (GaLore Table 2); small ranks for the CPU presets
+PRESET_RANKS = {"tiny": 16, "mini": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 
 METHODS = ("full", "full8bit", "galore", "galore8bit", "galore-adafactor", "relora")
 PROJ_TYPES = ("std", "left", "right", "full")
@@ -107,7 +110,7 @@ class MethodConfig:
     name: str = "full"
     # low-rank targets: regex on parameter names (attention and MLP matrices by default)
     targets: str = r"(self_attn|mlp)\.\w+_proj"
-    rank: int = 128
+    rank: int = 0                 # 0 = the preset's paper rank (PRESET_RANKS)
     # GaLore
     update_proj_gap: int = 200
     scale: float = 0.25
@@ -223,6 +226,8 @@ def build_config(preset: str = "mini", overrides: dict[str, Any] | None = None,
         if section not in SECTIONS or not key:
             raise ConfigError(f"override {dotted!r} must look like section.key with section one of {', '.join(SECTIONS)}")
         setattr(getattr(cfg, section), key, _coerce(section, key, value))
+    if cfg.method.rank == 0:
+        cfg.method.rank = PRESET_RANKS[preset]
     validate(cfg)
     return cfg
 

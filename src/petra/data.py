@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -45,6 +46,9 @@ def split_of(key: str, val_fraction: float) -> str:
 
 # -- sources ---------------------------------------------------------------------------
 
+_VERSE_NUMBER = re.compile(r"^\d+\.\s*")  # "12. " before each verse; KJV's [italics] brackets go too
+
+
 def bible_documents(translation: str) -> Iterator[Document]:
     """One document per chapter, verse numbers removed; keyed by chapter, not translation."""
     try:
@@ -56,7 +60,8 @@ def bible_documents(translation: str) -> Iterator[Document]:
     content, starts, ends = bible.scripture_content, bible.verse_start_indices, bible.verse_end_indices
     chapters: dict[int, list[str]] = {}
     for vid in sorted(starts):
-        chapters.setdefault(vid // 1000, []).append(content[starts[vid]:ends[vid]].strip())
+        verse = _VERSE_NUMBER.sub("", content[starts[vid]:ends[vid]].strip())
+        chapters.setdefault(vid // 1000, []).append(verse.replace("[", "").replace("]", ""))
     for chap, verses in chapters.items():
         yield Document(f"bible:{chap}", " ".join(v for v in verses if v))
 
@@ -115,22 +120,30 @@ def user_files(spec: str) -> list[Path]:
     return files
 
 
-def load_documents(cfg: DataConfig) -> tuple[list[Document], str]:
-    """The corpus's documents and a fingerprint that changes when its content does."""
+def corpus_fingerprint(cfg: DataConfig) -> str:
+    """Changes when the corpus's content does; cheap (no text is read)."""
     if cfg.source == "bible":
-        docs = [d for t in DEFAULT_TRANSLATIONS for d in bible_documents(t)]
-        return docs, "bible:" + ",".join(DEFAULT_TRANSLATIONS) + ":v1"
+        return "bible:" + ",".join(DEFAULT_TRANSLATIONS) + ":v1"
     path = Path(cfg.source).expanduser()
     if path.is_dir() and (path / "manifest.json").is_file():  # built by `petra data build`
-        docs = list(jsonl_documents(path / "corpus.jsonl", "text"))
-        return docs, "built:" + json.loads((path / "manifest.json").read_text())["sha256"]
-    files = user_files(cfg.source)
-    docs, h = [], hashlib.sha256()
-    for f in files:
-        docs += list(jsonl_documents(f, cfg.jsonl_field) if f.suffix == ".jsonl" else text_file_documents(f))
+        return "built:" + json.loads((path / "manifest.json").read_text())["sha256"]
+    h = hashlib.sha256()
+    for f in user_files(cfg.source):
         st = f.stat()
-        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return docs, "files:" + h.hexdigest()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{cfg.jsonl_field}".encode())
+    return "files:" + h.hexdigest()
+
+
+def load_documents(cfg: DataConfig) -> list[Document]:
+    if cfg.source == "bible":
+        return [d for t in DEFAULT_TRANSLATIONS for d in bible_documents(t)]
+    path = Path(cfg.source).expanduser()
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return list(jsonl_documents(path / "corpus.jsonl", "text"))
+    docs: list[Document] = []
+    for f in user_files(cfg.source):
+        docs += list(jsonl_documents(f, cfg.jsonl_field) if f.suffix == ".jsonl" else text_file_documents(f))
+    return docs
 
 
 # -- `petra data build` -----------------------------------------------------------------
@@ -272,53 +285,67 @@ def _hash(*parts: str) -> str:
 
 
 def prepare(cfg: DataConfig, vocab_size: int, log=print) -> TokenData:
-    """Load or build the tokenizer and the token files for this corpus (cached by content)."""
+    """Load or build the tokenizer and the token files for this corpus (cached by content).
+
+    The cache is looked up first, so a prepared corpus loads in milliseconds and the
+    corpus text is read only when something must be built."""
     cache = Path(cfg.cache_dir).expanduser()
-    docs, corpus_fp = load_documents(cfg)
-    if not docs or not any(d.text.strip() for d in docs):
-        raise ConfigError(f"data.source {cfg.source!r} holds no text")
-    split_fp = _hash(corpus_fp, str(cfg.val_fraction))
+    corpus_fp = corpus_fingerprint(cfg)
+    docs: list[Document] | None = None
+
+    def documents() -> list[Document]:
+        nonlocal docs
+        if docs is None:
+            docs = load_documents(cfg)
+            if not any(d.text.strip() for d in docs):
+                raise ConfigError(f"data.source {cfg.source!r} holds no text")
+        return docs
+
     if cfg.tokenizer:
         tok_path = Path(cfg.tokenizer).expanduser()
         if not tok_path.is_file():
             raise ConfigError(f"data.tokenizer {str(tok_path)!r} does not exist")
         tok_fp = _hash(str(tok_path.resolve()), hashlib.sha256(tok_path.read_bytes()).hexdigest())
     else:
-        tok_path = cache / "tokenizers" / f"bpe-{_hash(corpus_fp, str(vocab_size))}.json"
+        tok_path = cache / "tokenizers" / f"bpe-{_hash(corpus_fp, str(cfg.val_fraction), str(vocab_size))}.json"
         if not tok_path.exists():
             tok_path.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
-            train_docs = [d for d in docs if split_of(d.key, cfg.val_fraction) == "train"]
-            train_tokenizer(train_docs, vocab_size, tok_path)
+            train_tokenizer([d for d in documents() if split_of(d.key, cfg.val_fraction) == "train"],
+                            vocab_size, tok_path)
             log(f"trained a {vocab_size}-token byte-level BPE in {time.time() - t0:.1f}s -> {tok_path}")
         tok_fp = _hash(tok_path.name)
     tokenizer = Tokenizer(tok_path)
-    fp = _hash(split_fp, tok_fp)
+    fp = _hash(corpus_fp, str(cfg.val_fraction), tok_fp)
     tdir = cache / "tokens" / fp
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     if not (tdir / "done").exists():
-        tdir.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        for split in ("train", "val"):
-            texts = [d.text for d in docs if split_of(d.key, cfg.val_fraction) == split]
-            if not texts:
-                raise ConfigError(f"the {split} split of {cfg.source!r} is empty: the corpus has too few "
-                                  f"documents ({len(docs)}) for data.val_fraction={cfg.val_fraction}")
-            ids = []
-            for s in range(0, len(texts), 1024):
-                for seq in tokenizer.encode_batch(texts[s:s + 1024]):
-                    ids.extend(seq)
-                    ids.append(tokenizer.eos_id)
-            arr = np.asarray(ids, dtype=dtype)
-            arr.tofile(tdir / f"{split}.bin")
-        (tdir / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "source": cfg.source,
-                                                     "tokenizer": str(tok_path)}))
-        (tdir / "done").touch()
-        log(f"tokenized {cfg.source!r} in {time.time() - t0:.1f}s -> {tdir}")
+        _tokenize(documents(), cfg, tokenizer, tdir, tok_path)
+        log(f"tokenized {cfg.source!r} -> {tdir}")
     dt = np.dtype(json.loads((tdir / "meta.json").read_text())["dtype"])
     train = np.memmap(tdir / "train.bin", dtype=dt, mode="r")
     val = np.memmap(tdir / "val.bin", dtype=dt, mode="r")
     return TokenData(train=train, val=val, tokenizer=tokenizer, fingerprint=fp)
+
+
+def _tokenize(docs: list[Document], cfg: DataConfig, tokenizer: Tokenizer, tdir: Path, tok_path: Path) -> None:
+    tdir.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    for split in ("train", "val"):
+        texts = [d.text for d in docs if split_of(d.key, cfg.val_fraction) == split]
+        if not texts:
+            raise ConfigError(f"the {split} split of {cfg.source!r} is empty: the corpus has too few "
+                              f"documents ({len(docs)}) for data.val_fraction={cfg.val_fraction}")
+        ids: list[int] = []
+        for s in range(0, len(texts), 1024):
+            for seq in tokenizer.encode_batch(texts[s:s + 1024]):
+                ids.extend(seq)
+                ids.append(tokenizer.eos_id)
+        tmp = tdir / f"{split}.bin.tmp"
+        np.asarray(ids, dtype=dtype).tofile(tmp)
+        os.replace(tmp, tdir / f"{split}.bin")
+    (tdir / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "source": cfg.source,
+                                                 "tokenizer": str(tok_path)}))
+    (tdir / "done").touch()
 
 
 class Batches:

@@ -108,14 +108,15 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
         n = h.shape[0]
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16/fp32, fp64 for fp64
         count = (targets != -100).sum().clamp(min=1)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        loss = torch.zeros((), dtype=acc, device=h.device)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for s in range(0, n, chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            logits = (hc @ weight.t()).float()  # (c, V)
+            logits = (hc @ weight.t()).to(acc)  # (c, V)
             lse = torch.logsumexp(logits, dim=-1)
             valid = tc != -100
             safe_t = tc.clamp(min=0)
@@ -129,7 +130,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s:s + chunk] = g @ weight
                 if need_w:
-                    grad_w += (g.t() @ hc).float()
+                    grad_w += (g.t() @ hc).to(acc)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return loss / count
 

@@ -44,6 +44,7 @@ def resolve_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype]:
 
 def merge_resume_config(saved: RunConfig, requested: RunConfig | None, explicit: set[tuple[str, str]]) -> RunConfig:
     """The saved config, with the few fields a resume may change taken from the request."""
+    saved.train.stop_after = 0  # a stop is one-shot: the resumed run goes on unless told again
     if requested is None:
         return saved
     for section, key in explicit:

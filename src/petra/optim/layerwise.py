@@ -6,7 +6,7 @@ accumulation, and never sees a global norm, which breaks clipping. Here:
 
 - accumulation: hooks act only while `armed` (the loop arms them for the last micro-batch);
   earlier micro-batches accumulate into .grad as usual;
-- clipping: the hook adds ||G||^2 to a running total and keeps only the *projected* gradient
+- clipping: the hook records ||G|| and keeps only the *projected* gradient
   (the size of one optimizer moment for low-rank parameters) before freeing G; `finish()`
   then knows the exact global norm and applies every update with the clip coefficient.
   Without clipping the update happens directly in the hook.
@@ -25,7 +25,7 @@ class LayerwiseStepper:
                             f"GaLoreAdafactor), got {type(optimizer).__name__}")
         self.optimizer, self.grad_clip = optimizer, grad_clip
         self.armed = False
-        self._sq: torch.Tensor | None = None
+        self._norms: list[torch.Tensor] = []
         self._pending: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
         self._handles = []
         for group in optimizer.param_groups:
@@ -36,8 +36,8 @@ class LayerwiseStepper:
         def hook(p: torch.Tensor) -> None:
             if not self.armed:
                 return
-            sq = p.grad.float().pow(2).sum()
-            self._sq = sq if self._sq is None else self._sq + sq
+            # per-tensor norms, combined as torch.nn.utils.clip_grad_norm_ does
+            self._norms.append(torch.linalg.vector_norm(p.grad))
             r = self.optimizer.project_grad(p, group)
             if self.grad_clip > 0:
                 self._pending.append((p, r, group))
@@ -48,12 +48,12 @@ class LayerwiseStepper:
 
     def finish(self) -> torch.Tensor:
         """Apply pending (clipped) updates; returns the global gradient norm."""
-        norm = self._sq.sqrt() if self._sq is not None else torch.zeros(())
+        norm = torch.linalg.vector_norm(torch.stack(self._norms)) if self._norms else torch.zeros(())
         if self._pending:
             coef = float((self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
             for p, r, group in self._pending:
                 self.optimizer.apply_update(p, r, group, coef)
-        self._pending, self._sq, self.armed = [], None, False
+        self._pending, self._norms, self.armed = [], [], False
         return norm
 
     def remove(self) -> None:

@@ -59,8 +59,29 @@ def captured_energy(g: torch.Tensor, basis: torch.Tensor) -> float:
     return float((basis.float().t() @ g).pow(2).sum() / total.clamp(min=1e-30))
 
 
+def align_signs(basis: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+    """Fix the arbitrary sign of each basis vector.
+
+    Singular vectors are defined up to sign. When optimizer moments are kept across a
+    refresh (the paper's default), a flipped vector turns the kept moment against the new
+    gradient coordinates. So each vector is signed to agree with the previous basis's vector
+    of the same index, or, on the first refresh, to make its largest entry positive.
+    """
+    if prev is not None and prev.shape == basis.shape:
+        s = torch.sign((prev.float() * basis).sum(0))
+    else:
+        idx = basis.abs().argmax(0)
+        s = torch.sign(basis.gather(0, idx[None]).squeeze(0))
+    return basis * torch.where(s == 0, torch.ones_like(s), s)
+
+
 def compute_basis(g: torch.Tensor, rank: int, method: str, prev: torch.Tensor | None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
+    return align_signs(_basis(g, rank, method, prev, generator), prev)
+
+
+def _basis(g: torch.Tensor, rank: int, method: str, prev: torch.Tensor | None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
     """The left basis of g by `method`; never raises for bad numerics.
 
     A non-finite gradient or a failing factorization keeps the previous basis (or falls

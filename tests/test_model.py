@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from petra.config import ModelConfig, PRESETS
+from petra.model import LlamaForCausalLM, fused_cross_entropy
+
+
+def test_fused_cross_entropy_matches_plain_loss_and_gradients():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    t[3] = -100  # ignored position
+    loss = fused_cross_entropy(h, w, t, chunk=8)
+    (loss * 2.5).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
+    (ref * 2.5).backward()
+    assert torch.allclose(loss, ref, rtol=1e-12)
+    assert torch.allclose(gh, h.grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(gw, w.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**PRESETS["tiny"]))
+    x = torch.randint(0, 2048, (2, 16))
+    y = torch.randint(0, 2048, (2, 16))
+    ref = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    assert torch.allclose(model(x, y), ref, atol=1e-5)
+
+
+def test_causality():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**PRESETS["tiny"]))
+    x = torch.randint(0, 2048, (1, 20))
+    x2 = x.clone()
+    x2[0, 10:] = (x2[0, 10:] + 7) % 2048
+    a, b = model(x), model(x2)
+    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
+    assert not torch.allclose(a[0, 10:], b[0, 10:], atol=1e-3)
+
+
+def test_init_std_and_parameter_names_match_hf():
+    model = LlamaForCausalLM(ModelConfig(**PRESETS["tiny"]))
+    names = set(dict(model.named_parameters()))
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    assert "model.layers.1.mlp.down_proj.weight" in names
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= names
+    std = model.model.layers[0].mlp.up_proj.weight.std().item()
+    assert abs(std - 0.02) < 0.002
+
+
+def test_same_logits_as_transformers_llama(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from petra.checkpoint import hf_config
+    cfg = ModelConfig(**PRESETS["tiny"])
+    torch.manual_seed(0)
+    ours = LlamaForCausalLM(cfg).eval()
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(cfg.__dict__, 0).items()
+                                         if k not in ("architectures", "model_type", "torch_dtype")})
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    missing = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing.missing_keys
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), hf(x).logits, atol=1e-4)

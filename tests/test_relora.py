@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from petra.config import ModelConfig, PRESETS, build_config
+from petra.model import LlamaForCausalLM
+from petra.methods import Method
+from petra.relora import ReLoRA, ReLoRALinear, lora_modules, merged_state_dict, prune_moments, wrap
+
+
+def _wrapped(rank=8, alpha=16.0):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**PRESETS["tiny"]))
+    wrap(model, r"(self_attn|mlp)\.\w+_proj", rank, alpha)
+    return model
+
+
+def test_wrapping_keeps_outputs_and_factors_learn_from_the_first_step():
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(ModelConfig(**PRESETS["tiny"]))
+    x = torch.randint(0, 2048, (2, 12))
+    before = plain(x)
+    wrap(plain, r"(self_attn|mlp)\.\w+_proj", 8, 16.0)
+    assert len(lora_modules(plain)) == 2 * 7
+    assert torch.allclose(plain(x), before, atol=1e-6)  # B = 0
+    plain(x, x).backward()
+    mod = lora_modules(plain)[0]
+    assert mod.weight.grad is None and not mod.weight.requires_grad  # frozen: no weight gradient
+    assert mod.lora_B.grad.abs().sum() > 0  # A is random, so B learns at once
+
+
+def test_merge_leaves_outputs_unchanged_and_restarts_factors():
+    model = _wrapped()
+    for m in lora_modules(model):
+        with torch.no_grad():
+            m.lora_B.normal_(std=0.05)
+    x = torch.randint(0, 2048, (2, 12))
+    before = model(x)
+    w_before = lora_modules(model)[0].weight.clone()
+    for m in lora_modules(model):
+        m.merge()
+        m.reset_factors(torch.Generator().manual_seed(1))
+    assert torch.allclose(model(x), before, atol=1e-5)
+    m0 = lora_modules(model)[0]
+    assert not torch.equal(m0.weight, w_before) and m0.lora_B.abs().sum() == 0
+
+
+def test_merged_state_dict_is_a_plain_llama():
+    model = _wrapped(rank=4, alpha=8.0)
+    for m in lora_modules(model):
+        with torch.no_grad():
+            m.lora_B.normal_(std=0.05)
+    x = torch.randint(0, 2048, (2, 12))
+    plain = LlamaForCausalLM(ModelConfig(**PRESETS["tiny"]))
+    plain.load_state_dict(merged_state_dict(model.state_dict(), 8.0 / 4))
+    assert torch.allclose(plain(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, frac, expected", [("magnitude", 0.9, 0.9), ("random", 0.5, 0.5), ("reset", 0.99, 1.0)])
+def test_optimizer_pruning_reports_what_it_zeroed(mode, frac, expected):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.randn(64, 64)
+    opt.step()
+    big = opt.state[p]["exp_avg"].abs().max()
+    zeroed = prune_moments(opt, [p], mode, frac, torch.Generator().manual_seed(0))
+    assert zeroed == pytest.approx(expected, abs=0.03)
+    if mode == "magnitude":  # the largest moments survive
+        assert opt.state[p]["exp_avg"].abs().max() == big
+
+
+def test_restart_steps_follow_warm_start_and_interval():
+    cfg = build_config(overrides={"preset": "tiny", "method.name": "relora", "train.steps": 100,
+                                  "method.warm_start_steps": 20, "method.reset_interval": 25,
+                                  "method.restart_warmup_steps": 5})
+    r = ReLoRA(cfg)
+    assert r.restarts() == [20, 45, 70, 95]
+    envelope = Method(cfg).lr_factor  # plain cosine
+    assert r.lr_factor(45) == 0.0
+    assert r.lr_factor(47) == pytest.approx(0.4 * envelope(47))
+    assert r.lr_factor(50) == envelope(50) and r.lr_factor(44) == envelope(44)
