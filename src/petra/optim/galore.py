@@ -25,7 +25,7 @@ PROJ_TYPES = ("std", "left", "right", "full")
 PROJECTORS = ("svd", "randomized", "subspace")
 SWITCH_STATES = ("keep", "reproject", "reset")
 LOWRANK_DEFAULTS: dict[str, Any] = dict(update_proj_gap=200, scale=0.25, proj_type="std",
-                                        projector="svd", switch_state="keep", proj_dtype="float32")
+                                        projector="svd", switch_state="keep", proj_dtype="param")
 GROUP_EXTRAS = ("params", "name", "initial_lr", "rank")
 
 
@@ -42,7 +42,7 @@ def _validate_group(group: dict, allowed: Iterable[str]) -> None:
     if not isinstance(gap, int) or gap < 1:
         raise ValueError(f"update_proj_gap={gap!r} must be an integer >= 1")
     for key, allowed_vals in (("proj_type", PROJ_TYPES), ("projector", PROJECTORS),
-                              ("switch_state", SWITCH_STATES), ("proj_dtype", ("float32", "bfloat16"))):
+                              ("switch_state", SWITCH_STATES), ("proj_dtype", ("param", "float32", "bfloat16"))):
         v = group.get(key, LOWRANK_DEFAULTS[key])
         if v not in allowed_vals:
             raise ValueError(f"{key}={v!r} is not allowed; choose one of {', '.join(allowed_vals)}")
@@ -79,7 +79,8 @@ class GaLoreOptimizer(Optimizer):
     def _refresh(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
         left, right = sides(g.shape, group["proj_type"])
         r = group["rank"]
-        dtype = torch.float32 if group["proj_dtype"] == "float32" else torch.bfloat16
+        # "param": the parameter's dtype (bf16 in bf16 training, as galore-torch keeps it)
+        dtype = {"param": p.dtype, "float32": torch.float32, "bfloat16": torch.bfloat16}[group["proj_dtype"]]
         # a deterministic per-(parameter, step) seed keeps randomized refreshes resumable
         seed = (int(state["step"]) * 1_000_003 + state["index"]) % (2**62)
         gen = torch.Generator(device=g.device).manual_seed(seed)
@@ -120,14 +121,6 @@ class GaLoreOptimizer(Optimizer):
             g = g @ state["Q"].to(dt)
         return g
 
-    def project_back(self, n: torch.Tensor, state: dict, dtype: torch.dtype) -> torch.Tensor:
-        n = n.to(dtype)
-        if "P" in state:
-            n = state["P"].to(dtype) @ n
-        if "Q" in state:
-            n = n @ state["Q"].to(dtype).t()
-        return n
-
     def _lowrank(self, p: torch.Tensor, group: dict) -> bool:
         return group.get("rank") is not None and p.dim() == 2
 
@@ -157,22 +150,58 @@ class GaLoreOptimizer(Optimizer):
     @torch.no_grad()
     def apply_update(self, p: torch.Tensor, r: torch.Tensor, group: dict, coef: float = 1.0) -> None:
         """One optimizer update of p from its (projected) gradient r, scaled by coef (clipping)."""
-        state = self._state(p)
-        state["step"] += 1
-        state["moment_step"] += 1
-        r = r.float()
+        self.apply_updates([p], [r], group, coef)
+
+    @torch.no_grad()
+    def apply_updates(self, params: list[torch.Tensor], rs: list[torch.Tensor], group: dict,
+                      coef: float = 1.0) -> None:
+        """Update a list of parameters of one group from their (projected) gradients.
+
+        The element-wise math runs as a few multi-tensor (foreach) kernels for the whole
+        list; each low-rank parameter then costs one fused `addmm_` (back-projection + add).
+        """
+        if not params:
+            return
+        states = [self._state(p) for p in params]
+        for st in states:
+            st["step"] += 1
+            st["moment_step"] += 1
+        rs = [r.float() for r in rs]
         if coef != 1.0:
-            r = r * coef
-        num, den, div = self._inner(r, state, group)
+            torch._foreach_mul_(rs, coef)
+        nums, dens, divs = self._inner(rs, states, group)
+        lr = group["lr"]
         if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        if self._lowrank(p, group):
-            direction = (num / den if den is not None else num) / div
-            p.add_(self.project_back(direction, state, p.dtype), alpha=-group["lr"] * group["scale"])
-        elif den is not None:
-            p.addcdiv_(num.to(p.dtype), den.to(p.dtype), value=-group["lr"] / div)
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        low = [i for i, p in enumerate(params) if self._lowrank(p, group)]
+        dense = [i for i, p in enumerate(params) if not self._lowrank(p, group)]
+        if dense:
+            ps = [params[i] for i in dense]
+            ns = [nums[i].to(params[i].dtype) for i in dense]
+            if dens is not None:  # exactly torch.optim.AdamW's addcdiv
+                ds = [dens[i].to(params[i].dtype) for i in dense]
+                torch._foreach_addcdiv_(ps, ns, ds, [-lr / divs[i] for i in dense])
+            else:
+                torch._foreach_mul_(ns, [-lr / divs[i] for i in dense])
+                torch._foreach_add_(ps, ns)
+        if low:
+            dirs = [nums[i] for i in low]
+            dirs = torch._foreach_div([nums[i] for i in low], [dens[i] for i in low]) if dens is not None \
+                else [d.clone() for d in dirs]
+            torch._foreach_mul_(dirs, [-lr * group["scale"] / divs[i] for i in low])
+            for d, i in zip(dirs, low):
+                self._add_back(params[i], d, states[i])
+
+    def _add_back(self, p: torch.Tensor, d: torch.Tensor, state: dict) -> None:
+        """p += back-projection of the low-rank update d (one fused addmm where possible)."""
+        d = d.to(p.dtype)
+        P, Q = state.get("P"), state.get("Q")
+        if P is not None and Q is not None:
+            p.addmm_(P.to(p.dtype) @ d, Q.to(p.dtype).t())
+        elif P is not None:
+            p.addmm_(P.to(p.dtype), d)
         else:
-            p.add_(num.to(p.dtype), alpha=-group["lr"] / div)
+            p.addmm_(d, Q.to(p.dtype).t())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -181,9 +210,8 @@ class GaLoreOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.apply_update(p, self.project_grad(p, group), group)
+            params = [p for p in group["params"] if p.grad is not None]
+            self.apply_updates(params, [self.project_grad(p, group) for p in params], group)
         return loss
 
     # -- state storage (fp32 here; 8-bit in GaLoreAdamW8bit) --------------------------------
@@ -199,9 +227,9 @@ class GaLoreOptimizer(Optimizer):
             if k in state:
                 self._store(state, k, torch.zeros_like(self._dequant(state, k)))
 
-    def _inner(self, r: torch.Tensor, state: dict, group: dict
-               ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        """(numerator, denominator or None, divisor): the direction is num / den / divisor."""
+    def _inner(self, rs: list[torch.Tensor], states: list[dict], group: dict
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[float]]:
+        """(numerators, denominators or None, divisors): direction_i = num_i / den_i / div_i."""
         raise NotImplementedError
 
 
@@ -217,19 +245,26 @@ class GaLoreAdamW(GaLoreOptimizer):
                              f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    def _inner(self, r, state, group):
+    def _inner(self, rs, states, group):
         b1, b2 = group["betas"]
-        if "exp_avg" not in state:
-            self._store(state, "exp_avg", torch.zeros_like(r))
-            self._store(state, "exp_avg_sq", torch.zeros_like(r))
-        m = self._dequant(state, "exp_avg").lerp_(r, 1 - b1)
-        v = self._dequant(state, "exp_avg_sq").mul_(b2).addcmul_(r, r, value=1 - b2)
-        self._store(state, "exp_avg", m)
-        self._store(state, "exp_avg_sq", v)
-        t = float(state["moment_step"])
-        # same operations as torch.optim.AdamW, so groups without rank match it exactly
-        denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(group["eps"])
-        return m, denom, 1 - b1 ** t
+        for st, r in zip(states, rs):
+            if "exp_avg" not in st:
+                self._store(st, "exp_avg", torch.zeros_like(r))
+                self._store(st, "exp_avg_sq", torch.zeros_like(r))
+        ms = [self._dequant(st, "exp_avg") for st in states]
+        vs = [self._dequant(st, "exp_avg_sq") for st in states]
+        torch._foreach_lerp_(ms, rs, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, rs, rs, value=1 - b2)
+        for st, m, v in zip(states, ms, vs):
+            self._store(st, "exp_avg", m)
+            self._store(st, "exp_avg_sq", v)
+        ts = [float(st["moment_step"]) for st in states]
+        # the same operations as torch.optim.AdamW, so groups without rank match it exactly
+        den = torch._foreach_sqrt(vs)
+        torch._foreach_div_(den, [math.sqrt(1 - b2 ** t) for t in ts])
+        torch._foreach_add_(den, group["eps"])
+        return ms, den, [1 - b1 ** t for t in ts]
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
@@ -283,7 +318,10 @@ class GaLoreAdafactor(GaLoreOptimizer):
         super().__init__(params, dict(lr=lr, beta1=beta1, eps=eps, clip_threshold=clip_threshold,
                                       decay_rate=decay_rate, weight_decay=weight_decay))
 
-    def _inner(self, r, state, group):
+    def _inner(self, rs, states, group):
+        return [self._one(r, st, group) for r, st in zip(rs, states)], None, [1.0] * len(rs)
+
+    def _one(self, r, state, group):
         t = float(state["moment_step"])
         beta2t = 1.0 - t ** group["decay_rate"]
         sq = r * r + group["eps"][0]
@@ -305,4 +343,4 @@ class GaLoreAdafactor(GaLoreOptimizer):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(u)
             u = state["exp_avg"].lerp_(u, 1 - group["beta1"]).clone()
-        return u, None, 1.0
+        return u

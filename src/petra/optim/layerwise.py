@@ -51,8 +51,13 @@ class LayerwiseStepper:
         norm = torch.linalg.vector_norm(torch.stack(self._norms)) if self._norms else torch.zeros(())
         if self._pending:
             coef = float((self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+            by_group: dict[int, tuple[dict, list, list]] = {}
             for p, r, group in self._pending:
-                self.optimizer.apply_update(p, r, group, coef)
+                entry = by_group.setdefault(id(group), (group, [], []))
+                entry[1].append(p)
+                entry[2].append(r)
+            for group, ps, rs in by_group.values():  # one batched update per group
+                self.optimizer.apply_updates(ps, rs, group, coef)
         self._pending, self._norms, self.armed = [], [], False
         return norm
 
