@@ -38,3 +38,33 @@ def test_estimate_prints_seed_figure_next_to_ours(capsys):
 def test_console_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "petra", "presets"], capture_output=True, text=True)
     assert r.returncode == 0 and "58.07M" in r.stdout
+
+
+def test_compare_writes_table_plots_report_and_skips_finished_runs(tmp_path, cache_dir, capsys, monkeypatch):
+    argv = ["compare", "--preset", "tiny", "--methods", "full,galore,relora", "--steps", "8", "--batch-size", "4",
+            "--seq-len", "64", "--eval-every", "4", "--out", str(tmp_path / "cmp"), "--no-progress",
+            "--set", f"data.cache_dir={cache_dir}", "--set", "train.eval_batches=2"]
+    assert main(argv) == 0
+    out = tmp_path / "cmp"
+    import json
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["method"] for r in rows] == ["full", "galore", "relora"]
+    assert all(r["status"] == "finished" and r["val_ppl"] > 0 for r in rows)
+    assert rows[0]["gap"] == 0 and rows[2]["warm_start"] == "2 steps"
+    for f in ("comparison.md", "comparison.csv", "val_loss.png", "lr.png", "memory.png", "throughput.png"):
+        assert (out / f).stat().st_size > 0
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    # repeating the command reruns nothing; a failing method becomes a row, the others finish
+    import petra.train as tr
+    real = tr.train
+
+    def flaky(cfg, run_dir, **kw):
+        if "galore8bit" in str(run_dir):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(cfg, run_dir, **kw)
+    monkeypatch.setattr(tr, "train", flaky)
+    argv[4] = "full,galore,galore8bit"
+    assert main(argv) == 0
+    rows = json.loads((out / "comparison.json").read_text())
+    assert rows[2]["status"] == "failed" and "out of memory" in rows[2]["reason"]
+    assert "finished earlier, not rerun" in capsys.readouterr().out

@@ -297,6 +297,60 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         v = state[key]
         return v.dequantize() if isinstance(v, self._q) else v
 
+    def _inner(self, rs, states, group):
+        b1, b2 = group["betas"]
+        for st, r in zip(states, rs):
+            if "exp_avg" not in st:
+                self._store(st, "exp_avg", torch.zeros_like(r))
+                self._store(st, "exp_avg_sq", torch.zeros_like(r))
+        quant = [i for i, st in enumerate(states) if isinstance(st["exp_avg"], self._q)]
+        plain = [i for i in range(len(states)) if i not in set(quant)]
+        nums: list = [None] * len(rs)
+        dens: list = [None] * len(rs)
+        divs: list = [None] * len(rs)
+        if plain:  # small tensors keep fp32 moments: the foreach path of GaLoreAdamW
+            n, d, v = super()._inner([rs[i] for i in plain], [states[i] for i in plain], group)
+            for j, i in enumerate(plain):
+                nums[i], dens[i], divs[i] = n[j], d[j], v[j]
+        for i in quant:
+            st = states[i]
+            t = float(st["moment_step"])
+            fn = _update_8bit_compiled if rs[i].is_cuda else _update_8bit
+            nums[i] = fn(st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, group["eps"],
+                         math.sqrt(1 - b2 ** t))
+            dens[i] = torch.ones((), device=rs[i].device)  # the direction is complete but for 1 / bc1
+            divs[i] = 1 - b1 ** t
+        return nums, dens, divs
+
+
+def _update_8bit(m, v, r, b1: float, b2: float, eps: float, bc2_sqrt: float) -> torch.Tensor:
+    """Adam moments held in 8-bit: dequantize, update, quantize again (torchao's tensor
+    subclass does both); returns m / (sqrt(v) / bc2_sqrt + eps). Under torch.compile on
+    CUDA the whole thing becomes one fused kernel per tensor shape, as in torchao's own
+    AdamW8bit."""
+    m32 = m.dequantize().lerp(r, 1 - b1)
+    v32 = v.dequantize().mul(b2).addcmul(r, r, value=1 - b2)
+    m.copy_(m32)
+    v.copy_(v32)
+    return m32 / (v32.sqrt() / bc2_sqrt + eps)
+
+
+_compiled_8bit = {"fn": None, "ok": True}
+
+
+def _update_8bit_compiled(*args):
+    """The compiled update; if compiling fails, the eager one, with a warning, once."""
+    if _compiled_8bit["ok"]:
+        try:
+            if _compiled_8bit["fn"] is None:
+                _compiled_8bit["fn"] = torch.compile(_update_8bit, dynamic=False)
+            return _compiled_8bit["fn"](*args)
+        except Exception as e:  # compile trouble must not stop training
+            import warnings
+            warnings.warn(f"compiling the 8-bit Adam update failed ({type(e).__name__}: {e}); running it eagerly")
+            _compiled_8bit["ok"] = False
+    return _update_8bit(*args)
+
 
 def _optim_state_8bit():
     try:

@@ -1,0 +1,233 @@
+"""`petra compare`: train several methods on the same data, seed, token budget and schedule
+shape, then write the seed article's comparison table, measured: comparison.md/.csv/.json,
+PNG plots and a self-contained report.html.
+
+Each method runs in out/<method>/. A finished method is not rerun; an interrupted one
+resumes from its checkpoint; a failed one (out of memory, divergence) is a row marked
+failed with the reason, and the other methods still run.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import gc
+import html
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import ConfigError, RunConfig, replace
+from .memory import SEED_FIGURES, breakdown_gib, paper_estimate_gib
+from .metrics import read_metrics
+
+COLUMNS = [("method", "method"), ("status", "status"), ("val_ppl", "val ppl"), ("gap", "gap to full"),
+           ("tokens", "tokens"), ("passes", "passes"), ("rank", "rank"), ("trainable_params", "trainable params"),
+           ("optimizer_state_mib", "opt. state MiB (measured)"), ("paper_estimate_gib", "memory GiB (papers' conv.)"),
+           ("seed_gib", "seed GiB (1B)"), ("peak_mem_gib", "peak memory GiB"), ("examples_per_s", "examples/s"),
+           ("tokens_per_s", "tokens/s"), ("warm_start", "warm start"), ("optimizer", "optimizer")]
+
+
+def parse_tokens(text: str | None) -> int | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMbB]?)\s*", str(text))
+    if not m:
+        raise ConfigError(f"--tokens {text!r} must be a number with an optional k, M or B suffix (e.g. 20M)")
+    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()])
+
+
+def method_config(base: RunConfig, method: str, steps: int) -> RunConfig:
+    """The base config with this method; ReLoRA gets the paper's shape scaled to the run:
+    a quarter of the steps full-rank, then three merge-and-restart cycles."""
+    changes: dict = {"name": method}
+    if method == "relora" and base.method.warm_start_steps == 0 and base.method.reset_interval >= steps:
+        warm = steps // 4
+        interval = max(4, (steps - warm) // 3)
+        changes.update(warm_start_steps=warm, reset_interval=interval,
+                       restart_warmup_steps=max(1, min(base.method.restart_warmup_steps, interval // 5)))
+    return replace(base, method=changes, train={"steps": steps})
+
+
+def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
+    from .train import train
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        done = json.loads(summary_path.read_text())
+        if done.get("status") == "finished":
+            log(f"{cfg.method.name}: finished earlier, not rerun")
+            return done
+    resume = (run_dir / checkpoint.CKPT).exists()
+    log(f"== {cfg.method.name}: {'resuming' if resume else 'training'} in {run_dir}")
+    try:
+        return train(None if resume else cfg, run_dir, resume=resume, show_progress=show_progress, log=log)
+    except ConfigError:
+        raise  # bad input is the user's to fix, for every method alike
+    except Exception as e:  # out of memory, divergence, ...: a failed row, the others go on
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        log(f"{cfg.method.name} failed: {reason}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        failed = {"status": "failed", "reason": reason}
+        summary_path.write_text(json.dumps(failed))
+        return failed
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def compare(base: RunConfig, methods: list[str], out: Path, tokens: str | None = None,
+            show_progress: bool = True, log=print) -> list[dict]:
+    if not methods:
+        raise ConfigError("--methods is empty; name at least one of full, galore, galore8bit, relora, ...")
+    budget = parse_tokens(tokens)
+    per_step = base.train.batch_size * base.seq_len
+    steps = max(1, math.ceil(budget / per_step)) if budget else base.train.steps
+    cfgs = {m: method_config(base, m, steps) for m in methods}  # validates every method first
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"compare: {', '.join(methods)} on preset {base.preset}, {steps} steps x {per_step} tokens "
+        f"= {steps * per_step / 1e6:.2f}M tokens each")
+    rows = []
+    for m in methods:
+        s = run_one(cfgs[m], out / m, show_progress, log)
+        rows.append(make_row(m, cfgs[m], s))
+    full = next((r for r in rows if r["method"] == "full" and r["status"] == "finished"), None)
+    for r in rows:
+        if full and r.get("val_ppl") is not None:
+            r["gap"] = round(r["val_ppl"] - full["val_ppl"], 3)
+    passes = max((r.get("passes") or 0) for r in rows)
+    if passes > 1:
+        log(f"warning: the budget is {passes:.1f} passes over the training data; perplexity then measures "
+            f"memorization more than the method. Use a larger corpus (petra data build) or fewer tokens.")
+    write_tables(rows, out, base, passes)
+    write_plots(rows, cfgs, out)
+    write_report(rows, out, base)
+    print((out / "comparison.md").read_text())
+    return rows
+
+
+def make_row(method: str, cfg: RunConfig, s: dict) -> dict:
+    seed = SEED_FIGURES.get((cfg.preset, method))
+    row = {"method": method, "status": s.get("status", "failed"), "reason": s.get("reason", ""),
+           "paper_estimate_gib": round(paper_estimate_gib(cfg), 3), "seed_gib": seed,
+           "rank": s.get("rank", "full" if method.startswith("full") else cfg.method.rank),
+           "warm_start": s.get("warm_start"), "optimizer": s.get("optimizer"), "gap": None}
+    if "val_ppl" in s:
+        row.update(val_ppl=round(s["val_ppl"], 3) if s["val_ppl"] else None, tokens=s["tokens"],
+                   passes=round(s["passes"], 3), trainable_params=s["trainable_params"],
+                   optimizer_state_mib=round(s["optimizer_state_bytes"] / 2**20, 2),
+                   peak_mem_gib=round(s["peak_mem_gib"], 3),
+                   tokens_per_s=round(s["tokens_per_s"] or 0), examples_per_s=round((s["tokens_per_s"] or 0) / cfg.seq_len, 2))
+    return row
+
+
+def _cell(r: dict, key: str) -> str:
+    v = r.get(key)
+    if key == "status" and v == "failed":
+        return f"failed: {r.get('reason', '')}"
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int) and key != "rank":
+        return f"{v:,}"
+    return str(v)
+
+
+def write_tables(rows: list[dict], out: Path, base: RunConfig, passes: float) -> None:
+    (out / "comparison.json").write_text(json.dumps(rows, indent=2))
+    with (out / "comparison.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS] + ["reason"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in w.fieldnames})
+    dev = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    lines = [f"# petra compare: preset {base.preset}, batch {base.train.batch_size} x {base.seq_len}, "
+             f"data {base.data.source!r}, {dev}", "",
+             "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+    lines += ["", "gap to full: validation perplexity minus the full-rank run's (the seed quotes 0.08 for GaLore "
+              "at 1B and 0.44 for ReLoRA at 1.3B). memory (papers' conv.): bf16 weights + optimizer states "
+              "(+ GaLore projectors), as the GaLore paper's Table 2 counts; peak memory: measured (device "
+              "memory on CUDA, process RSS on CPU)."]
+    if passes > 1:
+        lines += ["", f"**warning**: {passes:.1f} passes over the training data: perplexity measures "
+                  "memorization more than the method."]
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+
+
+def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = {r["method"]: read_metrics(out / r["method"] / "metrics.jsonl") for r in rows}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m, recs in metrics.items():
+        v = [(x["tokens"], x["val_loss"]) for x in recs if "val_loss" in x]
+        if v:
+            ax.plot([t / 1e6 for t, _ in v], [l for _, l in v], marker="o", ms=3, label=m)
+    ax.set(xlabel="tokens (M)", ylabel="validation loss", title="validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "val_loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for m, recs in metrics.items():
+        v = [(x["step"], x["lr"]) for x in recs if "lr" in x]
+        if v:
+            ax.plot([s for s, _ in v], [l for _, l in v], label=m)
+    ax.set(xlabel="step", ylabel="learning rate", title="learning-rate schedules")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "lr.png", dpi=110)
+    plt.close(fig)
+
+    parts = ["weights", "gradients", "optimizer_state", "projectors", "activations"]
+    cuda = torch.cuda.is_available()  # bf16 there; fp32 on CPU, where RSS is no device memory
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [r["method"] for r in rows]
+    bottom = [0.0] * len(rows)
+    for part in parts:
+        vals = [breakdown_gib(cfgs[m], weight_bytes=2 if cuda else 4)[part] for m in names]
+        ax.bar(names, vals, bottom=bottom, label=part.replace("_", " "))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    measured = [r.get("peak_mem_gib") for r in rows]
+    if cuda and any(m is not None for m in measured):
+        ax.scatter(names, [m if m is not None else float("nan") for m in measured], color="black",
+                   marker="_", s=400, label="measured peak", zorder=3)
+    ax.set(ylabel="GiB", title="memory: estimate by part" + (", measured peak" if cuda else " (fp32, CPU)"))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.bar(names, [r.get("tokens_per_s") or 0 for r in rows], color="tab:green")
+    ax.set(ylabel="tokens/s", title="training throughput")
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], out: Path, base: RunConfig) -> None:
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in COLUMNS) + "</tr>"
+                   for r in rows)
+    imgs = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode((out / name).read_bytes()).decode()}">'
+        f"</figure>" for name in ("val_loss.png", "lr.png", "memory.png", "throughput.png"))
+    note = html.escape((out / "comparison.md").read_text().split("\n\n", 2)[-1])
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>petra compare</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}th{{background:#f3f3f3}}
+figure{{display:inline-block;margin:8px}}img{{max-width:560px}}</style></head><body>
+<h1>petra compare: preset {html.escape(base.preset)}</h1>
+<table><tr>{head}</tr>{body}</table><p>{note}</p>{imgs}</body></html>"""
+    (out / "report.html").write_text(page)
