@@ -343,6 +343,11 @@ def _update_8bit_compiled(*args):
     if _compiled_8bit["ok"]:
         try:
             if _compiled_8bit["fn"] is None:
+                # one specialization per moment shape; a model has a few dozen at most
+                import torch._dynamo.config as dc
+                for knob in ("recompile_limit", "cache_size_limit"):
+                    if hasattr(dc, knob):
+                        setattr(dc, knob, max(getattr(dc, knob), 64))
                 _compiled_8bit["fn"] = torch.compile(_update_8bit, dynamic=False)
             return _compiled_8bit["fn"](*args)
         except Exception as e:  # compile trouble must not stop training
