@@ -1,4 +1,5 @@
 import copy
+import io
 import math
 
 import pytest
@@ -278,3 +279,30 @@ def test_layerwise_equals_standard_step_with_accumulation_and_clipping(clip):
         unclipped, _ = _run_galore(True, 0.0, data)
         far = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), unclipped.parameters()))
         assert far > 10 * diff and far > 2e-5
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_resume_of_a_bf16_model_keeps_fp32_moments_and_step_counts(cls):
+    """torch's load_state_dict casts state to the parameter dtype; ours must not."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 128).bfloat16())
+    n = torch.nn.Parameter(torch.ones(64).bfloat16())
+    make = lambda ps: cls([{"params": [ps[0]], "rank": 32}, {"params": [ps[1]]}], lr=1e-3)
+    opt = make([w, n])
+    grads = [(torch.randn(64, 128).bfloat16(), torch.randn(64).bfloat16()) for _ in range(6)]
+    for g, gn in grads[:3]:
+        w.grad, n.grad = g.clone(), gn.clone()
+        opt.step()
+    w2, n2 = torch.nn.Parameter(w.detach().clone()), torch.nn.Parameter(n.detach().clone())
+    opt2 = make([w2, n2])
+    buf = io.BytesIO()  # through serialization, as a checkpoint goes
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=False))
+    st = opt2.state[n2]
+    assert st["exp_avg"].dtype == torch.float32 and st["moment_step"].dtype == torch.float32
+    for g, gn in grads[3:]:
+        w.grad, n.grad, w2.grad, n2.grad = g.clone(), gn.clone(), g.clone(), gn.clone()
+        opt.step()
+        opt2.step()
+    assert torch.equal(w, w2) and torch.equal(n, n2)

@@ -94,9 +94,11 @@ def cmd_train(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import compare
-    cfg = build_config(overrides=overrides_from(args), file=args.config)
+    ov = overrides_from(args)
+    cfg = build_config(overrides=ov, file=args.config)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    compare(cfg, methods, Path(args.out), tokens=args.tokens, show_progress=not args.no_progress)
+    compare(cfg, methods, Path(args.out), tokens=args.tokens, lrs=args.lrs, explicit=set(ov),
+            show_progress=not args.no_progress)
     return 0
 
 
@@ -178,6 +180,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default="full,galore,galore8bit,relora", help="comma-separated methods")
     c.add_argument("--tokens", type=str, default=None,
                    help="token budget per method, e.g. 20M (default: --steps x batch x seq)")
+    c.add_argument("--lrs", default=None, help="peak learning rate per method, e.g. full=1e-3,galore=1e-2 "
+                   "(others use --lr)")
     c.add_argument("--out", required=True, help="directory for the runs and the report")
     _add_run_flags(c)
     c.set_defaults(func=cmd_compare)

@@ -28,7 +28,7 @@ COLUMNS = [("method", "method"), ("status", "status"), ("val_ppl", "val ppl"), (
            ("tokens", "tokens"), ("passes", "passes"), ("rank", "rank"), ("trainable_params", "trainable params"),
            ("optimizer_state_mib", "opt. state MiB (measured)"), ("paper_estimate_gib", "memory GiB (papers' conv.)"),
            ("seed_gib", "seed GiB (1B)"), ("peak_mem_gib", "peak memory GiB"), ("examples_per_s", "examples/s"),
-           ("tokens_per_s", "tokens/s"), ("warm_start", "warm start"), ("optimizer", "optimizer")]
+           ("tokens_per_s", "tokens/s"), ("lr", "peak lr"), ("warm_start", "warm start"), ("optimizer", "optimizer")]
 
 
 def parse_tokens(text: str | None) -> int | None:
@@ -40,16 +40,37 @@ def parse_tokens(text: str | None) -> int | None:
     return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()])
 
 
-def method_config(base: RunConfig, method: str, steps: int) -> RunConfig:
-    """The base config with this method; ReLoRA gets the paper's shape scaled to the run:
-    a quarter of the steps full-rank, then three merge-and-restart cycles."""
+def parse_lrs(text: str | None, methods: list[str]) -> dict[str, float]:
+    """--lrs full=1e-3,galore=1e-2: a peak learning rate per method (the papers tune each)."""
+    out: dict[str, float] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq or name not in methods:
+            raise ConfigError(f"--lrs item {item!r} must be METHOD=LR with METHOD one of {', '.join(methods)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--lrs item {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def method_config(base: RunConfig, method: str, steps: int, lr: float | None = None,
+                  explicit: set[str] = frozenset()) -> RunConfig:
+    """The base config with this method. Unless set explicitly, ReLoRA gets the paper's
+    shape scaled to the run: a quarter of the steps full-rank, then three cycles."""
     changes: dict = {"name": method}
-    if method == "relora" and base.method.warm_start_steps == 0 and base.method.reset_interval >= steps:
-        warm = steps // 4
-        interval = max(4, (steps - warm) // 3)
-        changes.update(warm_start_steps=warm, reset_interval=interval,
-                       restart_warmup_steps=max(1, min(base.method.restart_warmup_steps, interval // 5)))
-    return replace(base, method=changes, train={"steps": steps})
+    if method == "relora":
+        warm = base.method.warm_start_steps if "method.warm_start_steps" in explicit else steps // 4
+        interval = base.method.reset_interval if "method.reset_interval" in explicit \
+            else max(4, (steps - warm) // 3)
+        rw = base.method.restart_warmup_steps if "method.restart_warmup_steps" in explicit \
+            else max(1, min(base.method.restart_warmup_steps, interval // 5))
+        changes.update(warm_start_steps=warm, reset_interval=interval, restart_warmup_steps=rw)
+    train = {"steps": steps, **({"lr": lr} if lr else {})}
+    return replace(base, method=changes, train=train)
 
 
 def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
@@ -80,13 +101,15 @@ def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
 
 
 def compare(base: RunConfig, methods: list[str], out: Path, tokens: str | None = None,
-            show_progress: bool = True, log=print) -> list[dict]:
+            lrs: str | None = None, explicit: set[str] = frozenset(), show_progress: bool = True,
+            log=print) -> list[dict]:
     if not methods:
         raise ConfigError("--methods is empty; name at least one of full, galore, galore8bit, relora, ...")
     budget = parse_tokens(tokens)
     per_step = base.train.batch_size * base.seq_len
     steps = max(1, math.ceil(budget / per_step)) if budget else base.train.steps
-    cfgs = {m: method_config(base, m, steps) for m in methods}  # validates every method first
+    lr_of = parse_lrs(lrs, methods)
+    cfgs = {m: method_config(base, m, steps, lr_of.get(m), explicit) for m in methods}  # validates all first
     out.mkdir(parents=True, exist_ok=True)
     log(f"compare: {', '.join(methods)} on preset {base.preset}, {steps} steps x {per_step} tokens "
         f"= {steps * per_step / 1e6:.2f}M tokens each")
@@ -114,7 +137,7 @@ def make_row(method: str, cfg: RunConfig, s: dict) -> dict:
     row = {"method": method, "status": s.get("status", "failed"), "reason": s.get("reason", ""),
            "paper_estimate_gib": round(paper_estimate_gib(cfg), 3), "seed_gib": seed,
            "rank": s.get("rank", "full" if method.startswith("full") else cfg.method.rank),
-           "warm_start": s.get("warm_start"), "optimizer": s.get("optimizer"), "gap": None}
+           "warm_start": s.get("warm_start"), "optimizer": s.get("optimizer"), "gap": None, "lr": cfg.train.lr}
     if "val_ppl" in s:
         row.update(val_ppl=round(s["val_ppl"], 3) if s["val_ppl"] else None, tokens=s["tokens"],
                    passes=round(s["passes"], 3), trainable_params=s["trainable_params"],

@@ -75,6 +75,18 @@ class GaLoreOptimizer(Optimizer):
                 param_group.setdefault(k, v)
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but each state tensor keeps its saved dtype and the step counters
+        stay on the CPU: torch casts floating state to the parameter's dtype, which would
+        turn fp32 moments and step counts of a bf16 model into bf16 on resume."""
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, saved in state_dict["state"].items():
+            p = params[idx]
+            for k, v in saved.items():
+                if torch.is_tensor(v):
+                    self.state[p][k] = v.clone() if k in ("step", "moment_step") else v.to(device=p.device)
+
     # -- projection --------------------------------------------------------------------
     def _refresh(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
         left, right = sides(g.shape, group["proj_type"])
