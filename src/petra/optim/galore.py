@@ -328,14 +328,16 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             st = states[i]
             t = float(st["moment_step"])
             fn = _update_8bit_compiled if rs[i].is_cuda else _update_8bit
-            nums[i] = fn(st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, group["eps"],
-                         math.sqrt(1 - b2 ** t))
+            # the step-dependent scalar goes in as a tensor: as a Python float, the compiled
+            # function would be specialized (recompiled) for every step
+            bc2 = torch.full((), math.sqrt(1 - b2 ** t), device=rs[i].device)
+            nums[i] = fn(st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, group["eps"], bc2)
             dens[i] = torch.ones((), device=rs[i].device)  # the direction is complete but for 1 / bc1
             divs[i] = 1 - b1 ** t
         return nums, dens, divs
 
 
-def _update_8bit(m, v, r, b1: float, b2: float, eps: float, bc2_sqrt: float) -> torch.Tensor:
+def _update_8bit(m, v, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor) -> torch.Tensor:
     """Adam moments held in 8-bit: dequantize, update, quantize again (torchao's tensor
     subclass does both); returns m / (sqrt(v) / bc2_sqrt + eps). Under torch.compile on
     CUDA the whole thing becomes one fused kernel per tensor shape, as in torchao's own
