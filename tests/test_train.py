@@ -100,3 +100,25 @@ def test_export_loads_in_transformers_with_matching_logits(tmp_path, tiny_cfg):
         assert torch.allclose(hf(x).logits, ours(x), atol=1e-4)
     with pytest.raises(checkpoint.CheckpointError, match="not empty"):
         checkpoint.export_hf(run, tmp_path / "hf")
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, cache_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "petra", "train", "--preset", "tiny", "--steps", "100000", "--batch-size", "2",
+           "--seq-len", "32", "--out", str(run), "--no-progress", "--log-every", "1", "--save-every", "0",
+           "--eval-every", "100000", "--set", f"data.cache_dir={cache_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(read_metrics(run / "metrics.jsonl")) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "interrupted at step" in out and "petra train --resume" in out
+    step = checkpoint.load(run)["step"]
+    assert step >= 3
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"

@@ -30,7 +30,11 @@ EOS = "<|endoftext|>"
 
 # pythonbible translation packages (all public domain); kjv and asv come with petra itself.
 DEFAULT_TRANSLATIONS = ("kjv", "asv")
-BUILD_TRANSLATIONS = ("kjv", "asv", "web", "ylt", "bbe", "dr", "rwebster", "wbs", "akjv", "nheb")
+# every pythonbible translation in modern or early-modern English spelling (Wycliffe's and
+# Tyndale's are left out); several cover only the New or the Old Testament
+BUILD_TRANSLATIONS = ("kjv", "asv", "web", "ylt", "bbe", "dr", "rwebster", "wbs", "akjv", "nheb", "dar", "gb",
+                      "leeser", "roth", "ukjv", "bwe", "diaglot", "etheridge", "lont", "mont", "oeb", "rylt",
+                      "wesley", "wmth")
 
 
 @dataclass(frozen=True)

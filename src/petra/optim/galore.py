@@ -25,7 +25,7 @@ PROJ_TYPES = ("std", "left", "right", "full")
 PROJECTORS = ("svd", "randomized", "subspace")
 SWITCH_STATES = ("keep", "reproject", "reset")
 LOWRANK_DEFAULTS: dict[str, Any] = dict(update_proj_gap=200, scale=0.25, proj_type="std",
-                                        projector="svd", switch_state="keep", proj_dtype="param")
+                                        projector="subspace", switch_state="keep", proj_dtype="param")
 GROUP_EXTRAS = ("params", "name", "initial_lr", "rank")
 
 

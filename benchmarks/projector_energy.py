@@ -1,0 +1,93 @@
+"""Which projector refresh should be the default? Measured on real gradients (CPU is enough).
+
+1. Train the mini preset with GaLore (exact SVD refresh). At every refresh, for each low-rank
+   matrix, compare the share of the gradient's energy ||P^T G||^2 / ||G||^2 captured by
+   the exact SVD basis, a randomized range finder, and one warm-started subspace iteration
+   from the basis in use until then.
+2. Train the same run with each projector and compare the validation loss.
+
+    python benchmarks/projector_energy.py --steps 150 --out docs/projector_energy.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from petra.config import build_config  # noqa: E402
+from petra.optim.projector import captured_energy, randomized_basis, subspace_basis, svd_basis  # noqa: E402
+from petra.optim.galore import sides  # noqa: E402
+from petra.train import train  # noqa: E402
+
+
+def energy_study(args) -> dict:
+    from petra.data import Batches, prepare
+    from petra.methods import make_method
+    from petra.model import LlamaForCausalLM
+    cfg = build_config(overrides={"preset": "mini", "method.name": "galore", "method.rank": args.rank,
+                                  "method.update_proj_gap": args.gap, "train.batch_size": args.batch,
+                                  "train.steps": args.steps, "train.lr": args.lr})
+    data = prepare(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
+    batches = Batches(data.train, cfg.seq_len, cfg.train.batch_size, 0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg.model)
+    method = make_method(cfg)
+    opt = method.optimizer(model)
+    ratios = {"randomized": [], "subspace": []}
+    for step in range(args.steps):
+        x, y = batches.get(step)
+        model(x, y).backward()
+        if step % args.gap == 0 and step > 0:
+            for group in opt.param_groups:
+                if group.get("rank") is None:
+                    continue
+                for p in group["params"]:
+                    st = opt.state[p]
+                    left, _ = sides(p.shape, group["proj_type"])
+                    g = p.grad if left else p.grad.t()
+                    prev = st["P"] if left else st["Q"]
+                    exact = captured_energy(g, svd_basis(g, prev.shape[1]))
+                    ratios["randomized"].append(captured_energy(g, randomized_basis(g, prev.shape[1])) / exact)
+                    ratios["subspace"].append(captured_energy(g, subspace_basis(g, prev)) / exact)
+        method.step(model, opt)
+    return {k: {"mean": statistics.mean(v), "min": min(v), "n": len(v)} for k, v in ratios.items()}
+
+
+def loss_study(args, out_dir: Path) -> dict:
+    res = {}
+    for proj in ("svd", "randomized", "subspace"):
+        cfg = build_config(overrides={"preset": "mini", "method.name": "galore", "method.rank": args.rank,
+                                      "method.update_proj_gap": args.gap, "method.projector": proj,
+                                      "train.batch_size": args.batch, "train.steps": args.steps,
+                                      "train.lr": args.lr, "train.eval_every": args.steps})
+        t0 = time.time()
+        s = train(cfg, out_dir / proj, show_progress=False, log=lambda *a: None)
+        res[proj] = {"val_loss": s["val_loss"], "seconds": round(time.time() - t0, 1)}
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--gap", type=int, default=25)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--runs", default="/tmp/petra-projector-runs")
+    ap.add_argument("--out", default="docs/projector_energy.json")
+    a = ap.parse_args()
+    import shutil
+    shutil.rmtree(a.runs, ignore_errors=True)
+    result = {"setup": vars(a), "energy_vs_svd": energy_study(a), "val_loss": loss_study(a, Path(a.runs))}
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
