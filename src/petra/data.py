@@ -30,11 +30,11 @@ EOS = "<|endoftext|>"
 
 # pythonbible translation packages (all public domain); kjv and asv come with petra itself.
 DEFAULT_TRANSLATIONS = ("kjv", "asv")
-# every pythonbible translation in modern or early-modern English spelling (Wycliffe's and
-# Tyndale's are left out); several cover only the New or the Old Testament
+# every English pythonbible translation (Tyndale's and Wycliffe's in their own early
+# spelling); several cover only the New or the Old Testament
 BUILD_TRANSLATIONS = ("kjv", "asv", "web", "ylt", "bbe", "dr", "rwebster", "wbs", "akjv", "nheb", "dar", "gb",
                       "leeser", "roth", "ukjv", "bwe", "diaglot", "etheridge", "lont", "mont", "oeb", "rylt",
-                      "wesley", "wmth")
+                      "wesley", "wmth", "tyn", "wyc")
 
 
 @dataclass(frozen=True)
