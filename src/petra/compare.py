@@ -188,29 +188,8 @@ def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path) -> None
     import matplotlib.pyplot as plt
 
     metrics = {r["method"]: read_metrics(out / r["method"] / "metrics.jsonl") for r in rows}
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for m, recs in metrics.items():
-        v = [(x["tokens"], x["val_loss"]) for x in recs if "val_loss" in x]
-        if v:
-            ax.plot([t / 1e6 for t, _ in v], [l for _, l in v], marker="o", ms=3, label=m)
-    ax.set(xlabel="tokens (M)", ylabel="validation loss", title="validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "val_loss.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for m, recs in metrics.items():
-        v = [(x["step"], x["lr"]) for x in recs if "lr" in x]
-        if v:
-            ax.plot([s for s, _ in v], [l for _, l in v], label=m)
-    ax.set(xlabel="step", ylabel="learning rate", title="learning-rate schedules")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "lr.png", dpi=110)
-    plt.close(fig)
+    _line_plot(plt, metrics, "tokens", "val_loss", 1e6, "tokens (M)", "validation loss", out / "val_loss.png")
+    _line_plot(plt, metrics, "step", "lr", 1, "step", "learning rate", out / "lr.png")
 
     parts = ["weights", "gradients", "optimizer_state", "projectors", "activations"]
     cuda = torch.cuda.is_available()  # bf16 there; fp32 on CPU, where RSS is no device memory
@@ -236,6 +215,22 @@ def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path) -> None
     ax.set(ylabel="tokens/s", title="training throughput")
     fig.tight_layout()
     fig.savefig(out / "throughput.png", dpi=110)
+    plt.close(fig)
+
+
+def _line_plot(plt, metrics: dict[str, list[dict]], x: str, y: str, x_unit: float, xlabel: str, ylabel: str,
+               path: Path) -> None:
+    """One line per method of metric y against x, from the runs' metrics.jsonl."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m, recs in metrics.items():
+        v = [(r[x] / x_unit, r[y]) for r in recs if y in r]
+        if v:
+            ax.plot([a for a, _ in v], [b for _, b in v], marker="o" if y == "val_loss" else None, ms=3, label=m)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -257,12 +257,15 @@ class GaLoreAdamW(GaLoreOptimizer):
                              f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    def _inner(self, rs, states, group):
-        b1, b2 = group["betas"]
+    def _init_moments(self, rs, states) -> None:
         for st, r in zip(states, rs):
             if "exp_avg" not in st:
                 self._store(st, "exp_avg", torch.zeros_like(r))
                 self._store(st, "exp_avg_sq", torch.zeros_like(r))
+
+    def _inner(self, rs, states, group):
+        b1, b2 = group["betas"]
+        self._init_moments(rs, states)
         ms = [self._dequant(st, "exp_avg") for st in states]
         vs = [self._dequant(st, "exp_avg_sq") for st in states]
         torch._foreach_lerp_(ms, rs, 1 - b1)
@@ -311,10 +314,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     def _inner(self, rs, states, group):
         b1, b2 = group["betas"]
-        for st, r in zip(states, rs):
-            if "exp_avg" not in st:
-                self._store(st, "exp_avg", torch.zeros_like(r))
-                self._store(st, "exp_avg_sq", torch.zeros_like(r))
+        self._init_moments(rs, states)
         quant = [i for i, st in enumerate(states) if isinstance(st["exp_avg"], self._q)]
         plain = [i for i in range(len(states)) if i not in set(quant)]
         nums: list = [None] * len(rs)
