@@ -68,3 +68,12 @@ def test_compare_writes_table_plots_report_and_skips_finished_runs(tmp_path, cac
     rows = json.loads((out / "comparison.json").read_text())
     assert rows[2]["status"] == "failed" and "out of memory" in rows[2]["reason"]
     assert "finished earlier, not rerun" in capsys.readouterr().out
+
+
+def test_resume_with_a_different_preset_is_refused(tmp_path, cache_dir, capsys):
+    run = str(tmp_path / "r")
+    common = ["--no-progress", "--set", f"data.cache_dir={cache_dir}", "--batch-size", "2", "--seq-len", "32"]
+    assert main(["train", "--preset", "tiny", "--steps", "4", "--stop-after", "2", "--out", run, *common]) == 0
+    assert main(["train", "--resume", run, "--preset", "mini"]) == 2
+    assert "uses preset tiny (a different model config)" in capsys.readouterr().err
+    assert main(["train", "--resume", run, "--no-progress"]) == 0

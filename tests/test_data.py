@@ -88,3 +88,18 @@ def test_validation_batches_fixed_and_error_when_too_short():
     assert len(v1) == 3 and all((a[0] == b[0]).all() for a, b in zip(v1, v2))
     with pytest.raises(ConfigError, match="fewer than one sequence"):
         val_batches(tokens[:5], 10, 4, 3)
+
+
+def test_sentencepiece_tokenizer_is_used_and_model_vocab_follows(tmp_path, cache_dir):
+    spm = pytest.importorskip("sentencepiece")
+    from petra.data import bible_documents
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(d.text for d in list(bible_documents("kjv"))[:200]))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=500,
+                                   model_type="bpe", minloglevel=2)
+    cfg = DataConfig(source="bible", tokenizer=str(tmp_path / "sp.model"), cache_dir=cache_dir)
+    data = prepare(cfg, vocab_size=256, log=lambda *_: None)
+    assert data.vocab_size == 500
+    assert "beginning" in data.tokenizer.decode([int(t) for t in data.train[:20]])
+    with pytest.raises(ConfigError, match="does not exist"):
+        prepare(DataConfig(source="bible", tokenizer=str(tmp_path / "none.model"), cache_dir=cache_dir), 256)
