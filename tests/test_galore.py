@@ -1,6 +1,5 @@
 import copy
 import io
-import math
 
 import pytest
 import torch

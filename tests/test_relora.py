@@ -4,7 +4,7 @@ import torch
 from petra.config import ModelConfig, PRESETS, build_config
 from petra.model import LlamaForCausalLM
 from petra.methods import Method
-from petra.relora import ReLoRA, ReLoRALinear, lora_modules, merged_state_dict, prune_moments, wrap
+from petra.relora import ReLoRA, lora_modules, merged_state_dict, prune_moments, wrap
 
 
 def _wrapped(rank=8, alpha=16.0):

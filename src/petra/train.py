@@ -1,7 +1,6 @@
 """The training loop: step, evaluate, log, checkpoint. Methods plug in through `Method`."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
