@@ -190,6 +190,22 @@ def main():
             torch.cuda.empty_cache()
             Path(a.out).write_text(json.dumps(rows, indent=1))
     print(table(rows))
+    print(ratios(rows))
+
+
+def ratios(rows):
+    """Amortized tokens/s of each petra impl over each peer of the same preset (>1: petra
+    faster), with the peak-memory ratio (<1: petra smaller)."""
+    ok = [r for r in rows if "error" not in r]
+    out = ["| preset | petra impl | peer | speed ratio | memory ratio |", "|---|---|---|---|---|"]
+    for r in ok:
+        if not r["impl"].startswith("petra"):
+            continue
+        for q in ok:
+            if q["preset"] == r["preset"] and not q["impl"].startswith("petra"):
+                out.append(f"| {r['preset']} | {r['impl']} | {q['impl']} | {r['tokens_per_s'] / q['tokens_per_s']:.2f}x"
+                           f" | {r['peak_gib'] / q['peak_gib']:.2f} |")
+    return "\n".join(out)
 
 
 def table(rows):
