@@ -197,9 +197,9 @@ class GaLoreOptimizer(Optimizer):
                 torch._foreach_mul_(ns, [-lr / divs[i] for i in dense])
                 torch._foreach_add_(ps, ns)
         if low:
-            dirs = [nums[i] for i in low]
-            dirs = torch._foreach_div([nums[i] for i in low], [dens[i] for i in low]) if dens is not None \
-                else [d.clone() for d in dirs]
+            low_nums = [nums[i] for i in low]
+            dirs = torch._foreach_div(low_nums, [dens[i] for i in low]) if dens is not None \
+                else [n.clone() for n in low_nums]
             torch._foreach_mul_(dirs, [-lr * group["scale"] / divs[i] for i in low])
             for d, i in zip(dirs, low):
                 self._add_back(params[i], d, states[i])
@@ -316,7 +316,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         b1, b2 = group["betas"]
         self._init_moments(rs, states)
         quant = [i for i, st in enumerate(states) if isinstance(st["exp_avg"], self._q)]
-        plain = [i for i in range(len(states)) if i not in set(quant)]
+        plain = [i for i, st in enumerate(states) if not isinstance(st["exp_avg"], self._q)]
         nums: list = [None] * len(rs)
         dens: list = [None] * len(rs)
         divs: list = [None] * len(rs)
