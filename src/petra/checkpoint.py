@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 CKPT = "checkpoint.pt"
+SHARDED = "checkpoint-sharded"  # FSDP2 runs: one file per process, rank00000.pt ...
 FORMAT_VERSION = 1
 
 
@@ -30,8 +31,76 @@ def save(run_dir: Path, payload: dict) -> Path:
     return path
 
 
-def load(run_dir: Path, map_location="cpu") -> dict:
-    path = Path(run_dir) / CKPT
+def exists(run_dir: Path) -> bool:
+    return (Path(run_dir) / CKPT).is_file() or _sharded_dir(run_dir) is not None
+
+
+def _sharded_dir(run_dir: Path) -> Path | None:
+    """The sharded checkpoint, or the previous one if a save died between its two renames."""
+    for name in (SHARDED, SHARDED + ".old"):
+        d = Path(run_dir) / name
+        if d.is_dir() and any(d.glob("rank*.pt")):
+            return d
+    return None
+
+
+def save_sharded(run_dir: Path, payload: dict, d) -> Path:
+    """Every process writes its shard into a fresh directory, which then replaces the old
+    one by renames, so a kill at any moment leaves a complete checkpoint (new or old)."""
+    run_dir = Path(run_dir)
+    final, tmp, old = run_dir / SHARDED, run_dir / (SHARDED + ".tmp"), run_dir / (SHARDED + ".old")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    torch.save({"format_version": FORMAT_VERSION, "world": d.world, **payload}, tmp / f"rank{d.rank:05d}.pt")
+    d.barrier()
+    if d.main:
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+    return final
+
+
+def load(run_dir: Path, map_location="cpu", rank: int = 0, world: int = 1, sharded: bool = False) -> dict:
+    """The checkpoint this process resumes from: checkpoint.pt, or its own FSDP2 shard."""
+    run_dir = Path(run_dir)
+    path, sdir = run_dir / CKPT, _sharded_dir(run_dir)
+    if sharded:
+        if sdir is None:
+            raise CheckpointError(f"no FSDP2 checkpoint in {run_dir}" + (
+                "; it holds one saved without FSDP2: resume it with train.parallel ddp or none"
+                if path.is_file() else ""))
+        n = len(list(sdir.glob("rank*.pt")))
+        if n != world:
+            raise CheckpointError(f"the checkpoint in {sdir} was saved by {n} FSDP2 processes; resume it with "
+                                  f"torchrun --nproc_per_node {n} (this launch has {world})")
+        return _read(sdir / f"rank{rank:05d}.pt", map_location)
+    if not path.is_file() and sdir is not None:
+        n = len(list(sdir.glob("rank*.pt")))
+        raise CheckpointError(f"{run_dir} holds an FSDP2 checkpoint of {n} shards; resume it with torchrun "
+                              f"--nproc_per_node {n} and train.parallel=fsdp (petra export consolidates it)")
+    return _read(path, map_location)
+
+
+def load_consolidated(run_dir: Path) -> dict:
+    """The checkpoint with the whole model (FSDP2 shards concatenated), without optimizer state."""
+    run_dir = Path(run_dir)
+    sdir = _sharded_dir(run_dir)
+    if (run_dir / CKPT).is_file() or sdir is None:
+        return load(run_dir)
+    parts = [_read(f, "cpu") for f in sorted(sdir.glob("rank*.pt"))]
+    sharded = set(parts[0].get("sharded_keys", ()))
+    payload = parts[0]
+    payload["model"] = {k: torch.cat([q["model"][k] for q in parts]) if k in sharded else v
+                        for k, v in parts[0]["model"].items()}
+    payload.pop("optimizer", None)
+    return payload
+
+
+def _read(path: Path, map_location) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; a run directory to resume must hold {CKPT}")
     try:
@@ -74,7 +143,7 @@ def hf_config(model_cfg: dict, eos_id: int | None) -> dict:
 def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32") -> Path:
     """config.json + model.safetensors (+ tokenizer.json) loadable by LlamaForCausalLM."""
     from safetensors.torch import save_file
-    payload = load(run_dir)
+    payload = load_consolidated(run_dir)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"export directory {out_dir} is not empty; choose a new one")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,7 +77,8 @@ def cmd_train(args) -> int:
         cfg = build_config(overrides=ov, file=args.config) if (ov or args.config) else None
         if cfg is not None and "preset" in ov:
             from .checkpoint import load
-            saved = load(out)["config"]
+            saved_cfg = out / "config.json"
+            saved = json.loads(saved_cfg.read_text()) if saved_cfg.is_file() else load(out)["config"]
             if saved["preset"] != cfg.preset:
                 raise ConfigError(f"cannot resume with --preset {cfg.preset}: the run in {out} uses "
                                   f"preset {saved['preset']} (a different model config)")
@@ -86,7 +89,7 @@ def cmd_train(args) -> int:
             raise ConfigError("petra train needs --out RUN_DIR (or --resume RUN_DIR)")
         cfg = build_config(overrides=ov, file=args.config)
         summary = train(cfg, args.out, show_progress=not args.no_progress)
-    if summary["val_ppl"] is not None:
+    if summary["val_ppl"] is not None and os.environ.get("RANK", "0") == "0":
         print(f"done: step {summary['step']}, validation loss {summary['val_loss']:.4f}, "
               f"perplexity {summary['val_ppl']:.2f}")
     return 0
@@ -217,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.func(args)
+        return _run(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"petra: error: {e}", file=sys.stderr)
         return 2
@@ -228,6 +231,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"petra: error: {e}", file=sys.stderr)
             return 1
         raise
+
+
+def _run(args) -> int:
+    try:
+        return args.func(args)
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():  # launched by torchrun
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import gc
 import html
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
         if done.get("status") == "finished":
             log(f"{cfg.method.name}: finished earlier, not rerun")
             return done
-    resume = (run_dir / checkpoint.CKPT).exists()
+    resume = checkpoint.exists(run_dir)
     log(f"== {cfg.method.name}: {'resuming' if resume else 'training'} in {run_dir}")
     try:
         return train(None if resume else cfg, run_dir, resume=resume, show_progress=show_progress, log=log)
@@ -90,9 +91,10 @@ def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
     except Exception as e:  # out of memory, divergence, ...: a failed row, the others go on
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         log(f"{cfg.method.name} failed: {reason}")
-        run_dir.mkdir(parents=True, exist_ok=True)
         failed = {"status": "failed", "reason": reason}
-        summary_path.write_text(json.dumps(failed))
+        if _main_process():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            summary_path.write_text(json.dumps(failed))
         return failed
     finally:
         gc.collect()
@@ -110,6 +112,8 @@ def compare(base: RunConfig, methods: list[str], out: Path, tokens: str | None =
     steps = max(1, math.ceil(budget / per_step)) if budget else base.train.steps
     lr_of = parse_lrs(lrs, methods)
     cfgs = {m: method_config(base, m, steps, lr_of.get(m), explicit) for m in methods}  # validates all first
+    if not _main_process():  # under torchrun every process trains; rank 0 alone reports
+        log = lambda *a, **k: None  # noqa: E731
     out.mkdir(parents=True, exist_ok=True)
     log(f"compare: {', '.join(methods)} on preset {base.preset}, {steps} steps x {per_step} tokens "
         f"= {steps * per_step / 1e6:.2f}M tokens each")
@@ -125,11 +129,16 @@ def compare(base: RunConfig, methods: list[str], out: Path, tokens: str | None =
     if passes > 1:
         log(f"warning: the budget is {passes:.1f} passes over the training data; perplexity then measures "
             f"memorization more than the method. Use a larger corpus (petra data build) or fewer tokens.")
-    write_tables(rows, out, base, passes)
-    write_plots(rows, cfgs, out)
-    write_report(rows, out, base)
-    print((out / "comparison.md").read_text())
+    if _main_process():
+        write_tables(rows, out, base, passes)
+        write_plots(rows, cfgs, out)
+        write_report(rows, out, base)
+        print((out / "comparison.md").read_text())
     return rows
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def make_row(method: str, cfg: RunConfig, s: dict) -> dict:

@@ -83,8 +83,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 200
-    batch_size: int = 32          # sequences per optimizer step (the total batch)
-    micro_batch_size: int = 0     # sequences per forward; 0 = batch_size (no accumulation)
+    batch_size: int = 32          # sequences per optimizer step (the total batch, all processes)
+    micro_batch_size: int = 0     # sequences per forward and process; 0 = all of its share
     seq_len: int = 0              # 0 = the model's max_position_embeddings
     lr: float = 1e-3
     min_lr_ratio: float = 0.1     # cosine decays to lr * min_lr_ratio
@@ -103,6 +103,7 @@ class TrainConfig:
     dtype: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: str = "auto"         # auto (on for CUDA) | on | off
     stop_after: int = 0           # end the run at this step as if interrupted (0 = off)
+    parallel: str = "auto"        # under torchrun: auto (= ddp) | ddp | fsdp; none = one process
 
 
 @dataclass
@@ -270,6 +271,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.eval_batches={t.eval_batches} must be at least 1")
     _choice("train.dtype", t.dtype, ("auto", "bf16", "fp32"))
     _choice("train.compile", t.compile, ("auto", "on", "off"))
+    _choice("train.parallel", t.parallel, ("auto", "none", "ddp", "fsdp"))
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
     _choice("method.name", me.name, METHODS)

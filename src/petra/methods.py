@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .config import RunConfig
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseStepper, galore_param_groups
@@ -21,6 +22,12 @@ class Method:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.layerwise: LayerwiseStepper | None = None
+        self.parallel = "none"  # set by the loop: none | ddp | fsdp
+
+    def _layerwise(self, opt) -> LayerwiseStepper:
+        # under DDP a hook would see the gradient before its all-reduce
+        self.layerwise = LayerwiseStepper(opt, self.cfg.train.grad_clip, after_backward=self.parallel == "ddp")
+        return self.layerwise
 
     # -- model and optimizer -------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -31,7 +38,7 @@ class Method:
         params = [p for p in model.parameters() if p.requires_grad]
         if self.cfg.method.layerwise:  # petra's AdamW matches torch's and can step in backward
             opt = GaLoreAdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-            self.layerwise = LayerwiseStepper(opt, t.grad_clip)
+            self._layerwise(opt)
             return opt
         fused = all(p.is_cuda for p in params)
         return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
@@ -52,7 +59,11 @@ class Method:
             return self.layerwise.finish()
         clip = self.cfg.train.grad_clip
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(norm, DTensor):  # FSDP2: the norm of sharded gradients, summed over ranks
+            norm = norm.full_tensor()
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
@@ -103,7 +114,7 @@ class GaLore(Method):
         else:
             opt = self.cls(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
         if m.layerwise:
-            self.layerwise = LayerwiseStepper(opt, t.grad_clip)
+            self._layerwise(opt)
         return opt
 
     def describe(self):

@@ -6,7 +6,10 @@ B starts at zero so the model is unchanged by wrapping, and A is random so B get
 gradient from the very first step (the reference code zeroes both, and nothing learns until
 the first merge). Every `reset_interval` steps: W += scale * B @ A in fp32, A re-drawn, B
 zeroed, the factors' optimizer moments pruned, and the learning rate re-warmed from 0.
-An optional full-rank warm start trains the plain model first, in the same run.
+An optional full-rank warm start trains W itself first, in the same run: the factors are
+there from the start but frozen and skipped, so the model's structure (its parameter names,
+its FSDP2 sharding, its compiled graph's modules) never changes; the switch only flips
+which parameters require gradients. Merges, re-draws and pruning work on FSDP2 shards too.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import RunConfig
+from .distributed import full, local, local_part
 from .methods import Method
 from .schedule import lr_factor
 
@@ -35,23 +39,35 @@ class ReLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_f, device=self.weight.device, dtype=self.weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=self.weight.device, dtype=self.weight.dtype))
         self.rank, self.scale = rank, alpha / rank
+        self.active = True  # False during a full-rank warm start: W trains, the factors wait
         self.reset_factors()
+
+    def set_lora_phase(self, lora: bool) -> None:
+        self.active = lora
+        self.weight.requires_grad_(not lora)
+        self.lora_A.requires_grad_(lora)
+        self.lora_B.requires_grad_(lora)
 
     @torch.no_grad()
     def reset_factors(self, generator: torch.Generator | None = None) -> None:
         # kaiming_uniform_(a=sqrt(5)) as nn.Linear and LoRA use: bound = 1/sqrt(fan_in)
         bound = 1.0 / math.sqrt(self.lora_A.shape[1])
         a = torch.rand(self.lora_A.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
-        self.lora_A.copy_(a)
-        self.lora_B.zero_()
+        local(self.lora_A).copy_(local_part(a, self.lora_A))  # every rank draws all of A, keeps its rows
+        local(self.lora_B).zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        y = F.linear(x, self.weight)
+        if self.active:
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return y
 
     @torch.no_grad()
     def merge(self) -> None:
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        # FSDP2 splits W and B by the same output rows; A (r x in) is small and gathered
+        w = local(self.weight)
+        delta = (local(self.lora_B).float() @ full(self.lora_A).float()) * self.scale
+        w.copy_((w.float() + delta).to(w.dtype))
 
 
 def wrap(model: nn.Module, targets: str, rank: int, alpha: float) -> list[str]:
@@ -99,18 +115,21 @@ def prune_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], 
             x = state.get(key)
             if x is None:
                 continue
+            # under FSDP2 the moments are row shards: thresholds and masks come from the whole
+            # moment (every rank computes the same), each rank edits its rows
+            whole, mine = full(x), local(x)
             if mode == "reset" or fraction >= 1.0:
-                x.zero_()
+                mine.zero_()
             elif mode == "magnitude":
-                k = int(fraction * x.numel())
+                k = int(fraction * whole.numel())
                 if k > 0:
-                    thresh = x.abs().flatten().float().kthvalue(k).values
-                    x.masked_fill_(x.abs() <= thresh, 0)
+                    thresh = whole.abs().flatten().float().kthvalue(k).values
+                    mine.masked_fill_(mine.abs() <= thresh, 0)
             elif mode == "random":
-                keep = torch.rand(x.shape, generator=generator).to(x.device) >= fraction
-                x.mul_(keep.to(x.dtype))
-            zeroed += int((x == 0).sum())
-            total += x.numel()
+                keep = torch.rand(whole.shape, generator=generator).to(whole.device) >= fraction
+                mine.mul_(local_part(keep, x).to(mine.dtype))
+            zeroed += int((full(x) == 0).sum())
+            total += whole.numel()
     return zeroed / total if total else 0.0
 
 
@@ -136,10 +155,12 @@ class ReLoRA(Method):
                          self.cfg.method.restart_warmup_steps)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        if self.lora_phase and not lora_modules(model):
+        if not lora_modules(model):
             m = self.cfg.method
             wrap(model, m.targets, m.rank, m.lora_alpha)
             self._reinit(model)
+        for mod in lora_modules(model):
+            mod.set_lora_phase(self.lora_phase)
         return model
 
     def _reinit(self, model: nn.Module) -> None:
@@ -155,12 +176,13 @@ class ReLoRA(Method):
             if done == m.warm_start_steps:
                 old = optimizer
                 self.lora_phase = True
-                model = self.prepare(model)
+                for mod in lora_modules(model):
+                    mod.set_lora_phase(True)
                 optimizer = self.optimizer(model)
                 for p in (q for g in optimizer.param_groups for q in g["params"]):
                     if p in old.state:  # embeddings, norms, head keep their moments
                         optimizer.state[p] = old.state[p]
-                return model, optimizer, {"event": "warm start ended: LoRA phase begins", "model_changed": True}
+                return model, optimizer, {"event": "warm start ended: LoRA phase begins", "params_changed": True}
             return model, optimizer, {}
         if (done - m.warm_start_steps) % m.reset_interval or done >= self.cfg.train.steps:
             return model, optimizer, {}

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
+from . import distributed as distr
 from .config import ConfigError, RunConfig, from_dict, validate
 from .data import Batches, prepare, val_batches
 from .methods import make_method
@@ -21,19 +22,21 @@ from .schedule import set_lr
 
 # fields that may differ when resuming; anything else must match the saved run
 RESUMABLE_CHANGES = {("train", k) for k in ("stop_after", "device", "compile", "eval_every", "save_every",
-                                           "log_every")}
+                                           "log_every", "parallel")}
 
 
 class TrainingError(RuntimeError):
     pass
 
 
-def resolve_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype]:
+def resolve_device(cfg: RunConfig, local_rank: int | None = None) -> tuple[torch.device, torch.dtype]:
     want = cfg.train.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={cfg.train.device!r} but no CUDA device is available; use cpu or auto")
+    if want == "cuda" and local_rank is not None:  # torchrun: one GPU per process
+        want = f"cuda:{local_rank}"
     device = torch.device(want)
     dt = cfg.train.dtype
     if dt == "auto":
@@ -60,79 +63,126 @@ def merge_resume_config(saved: RunConfig, requested: RunConfig | None, explicit:
 
 
 @torch.no_grad()
-def evaluate(model, batches, device) -> float:
+def evaluate(model, batches, device, d: distr.Dist | None = None, micro_batch: int = 0) -> float:
+    """Mean validation loss over every row of `batches`; with several processes each
+    evaluates its share of the rows of every batch, `micro_batch` rows per forward."""
+    d = d or distr.Dist()
     was = model.training
     model.eval()
-    total = 0.0
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of row losses, rows)
     for x, y in batches:
-        total += float(model(x.to(device), y.to(device)))
+        xs, ys = x.tensor_split(d.world)[d.rank], y.tensor_split(d.world)[d.rank]
+        mb = micro_batch or len(xs)
+        for xc, yc in zip(xs.split(mb), ys.split(mb)):
+            total[0] += model(xc.to(device), yc.to(device)).double() * len(xc)
+            total[1] += len(xc)
+    d.all_reduce(total)
     model.train(was)
-    return total / len(batches)
+    return float(total[0] / total[1])
 
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set | None = None,
           show_progress: bool = True, log=print) -> dict:
-    """Train (or resume) a run in directory `out`; returns a summary dict."""
+    """Train (or resume) a run in directory `out`; returns a summary dict.
+
+    Launched by torchrun, every process runs this function: each takes its rows of every
+    global batch, DDP or FSDP2 combines the gradients, and only rank 0 writes and prints.
+    """
     out = Path(out)
+    explicit = explicit or set()
+    # the process group comes first (a sharded checkpoint is read per process); on resume its
+    # mode and device come from the run's config.json as the request amends it
+    pre = cfg
+    if resume and (out / "config.json").is_file():
+        pre = merge_resume_config(from_dict(json.loads((out / "config.json").read_text())), cfg, explicit)
+    d = distr.setup(pre.train.parallel, resolve_device(pre)[0].type) if pre is not None else distr.Dist()
+    if not d.main:
+        log, show_progress = (lambda *a, **k: None), False
     payload = None
     if resume:
-        payload = checkpoint.load(out)
-        cfg = merge_resume_config(from_dict(payload["config"]), cfg, explicit or set())
-    elif (out / checkpoint.CKPT).exists():
-        raise ConfigError(f"{out} already holds a run (checkpoint.pt); resume it with --resume {out} "
+        payload = checkpoint.load(out, rank=d.rank, world=d.world, sharded=d.mode == "fsdp")
+        cfg = merge_resume_config(from_dict(payload["config"]), cfg, explicit)
+    elif checkpoint.exists(out):
+        raise ConfigError(f"{out} already holds a run (a checkpoint); resume it with --resume {out} "
                           f"or choose another --out")
     if cfg.method.layerwise and cfg.method.name == "relora":
         raise ConfigError("method.layerwise is for full and galore methods, not relora")
-    device, dtype = resolve_device(cfg)
+    if d.mode == "fsdp" and cfg.method.name == "galore-adafactor":
+        raise ConfigError("galore-adafactor does not run under FSDP2 (its factored second moment needs whole "
+                          "rows and columns); use train.parallel=ddp")
+    B = cfg.train.batch_size
+    if B % d.world or (B // d.world) % (cfg.train.micro_batch_size or B // d.world):
+        raise ConfigError(f"train.batch_size={B} must split into {d.world} processes x a whole number of "
+                          f"micro-batches of train.micro_batch_size={cfg.train.micro_batch_size}")
+    device, dtype = resolve_device(cfg, d.local_rank if d.active else None)
 
-    # data first: the cheap checks (missing files, empty corpus) fail before any model exists
+    # data first: the cheap checks (missing files, empty corpus) fail before any model exists.
+    # Rank 0 fills the token cache while the others wait, then they read it.
+    if not d.main:
+        d.barrier()
     data = prepare(cfg.data, cfg.model.vocab_size, log=log)
+    if d.main:
+        d.barrier()
     if data.vocab_size > cfg.model.vocab_size:
         log(f"tokenizer has {data.vocab_size} tokens: model.vocab_size {cfg.model.vocab_size} -> {data.vocab_size}")
         cfg.model.vocab_size = data.vocab_size
     if payload is not None and payload.get("data_fingerprint") != data.fingerprint:
         raise ConfigError("the data of this run changed since its checkpoint (corpus or tokenizer); "
                           "resuming would not continue the same run")
-    seq, mb = cfg.seq_len, cfg.micro_batch
-    batches = Batches(data.train, seq, cfg.train.batch_size, cfg.train.seed)
-    vbatches = val_batches(data.val, seq, mb, cfg.train.eval_batches)
+    seq = cfg.seq_len
+    rows = B // d.world                      # this process's rows of each global batch
+    mb = cfg.train.micro_batch_size or rows  # rows per forward
+    accum = rows // mb
+    batches = Batches(data.train, seq, B, cfg.train.seed)
+    # the validation set: eval_batches global batches, whatever the micro-batch or process count
+    vbatches = val_batches(data.val, seq, B, cfg.train.eval_batches)
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial model on every process
     with torch.device(device):
         model = LlamaForCausalLM(cfg.model)
     model.to(dtype)
     method = make_method(cfg)
+    method.parallel = d.mode
     if payload is not None:
         method.load_state_dict(payload.get("method", {}))
     model = method.prepare(model)
+    wrapped = distr.wrap(model, d, device)  # FSDP2 shards `model` itself, in place
     if payload is not None:
-        model.load_state_dict(payload["model"])
+        if d.mode == "fsdp":
+            distr.load_local_model_state(model, payload["model"])
+        else:
+            model.load_state_dict(payload["model"])
     optimizer = method.optimizer(model)
     step = 0
     if payload is not None:
         optimizer.load_state_dict(payload["optimizer"])
+        distr.restore_dtensor_state(optimizer)
         step = payload["step"]
         torch.set_rng_state(payload["rng"])
         if device.type == "cuda" and payload.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(payload["cuda_rng"], device)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.to_json())
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None)
-    if not resume:
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.to_json())
+    d.barrier()
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None) if d.main else None
+    if metrics is not None and not resume:
         metrics.path.write_text("")
+    write = metrics.write if metrics is not None else (lambda rec: None)
 
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    fwd = _compiled(model, use_compile, log)
+    fwd = _compiled(wrapped, use_compile, log)
     fpt = flops_per_token(cfg.model, seq)
     peak = peak_flops(device)
-    tokens_per_step = cfg.train.batch_size * seq
+    tokens_per_step = B * seq
     stop_at = min(cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
     n_params = count_parameters(model)
     log(f"petra: {cfg.preset} ({n_params / 1e6:.2f}M parameters, {count_parameters(model, True) / 1e6:.2f}M "
-        f"trainable), method {method.name}, {cfg.train.steps} steps of {cfg.train.batch_size}x{seq} tokens, "
+        f"trainable), method {method.name}, {cfg.train.steps} steps of {B}x{seq} tokens, "
         f"{batches.passes(cfg.train.steps):.2f} passes over {len(data.train) / 1e6:.2f}M training tokens, "
-        f"{device} {str(dtype).replace('torch.', '')}")
+        f"{device} {str(dtype).replace('torch.', '')}"
+        + (f", {d.mode} on {d.world} processes" if d.active else ""))
     if batches.passes(cfg.train.steps) > 1:
         log(f"warning: {batches.passes(cfg.train.steps):.1f} passes over the training data; validation "
             f"perplexity will measure memorization as much as the method")
@@ -143,13 +193,20 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
         interrupted["sig"] = signum
 
     def save(at_step: int) -> None:
-        checkpoint.save(out, {
+        state = {
             "step": at_step, "config": cfg.to_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "method": method.state_dict(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "data_fingerprint": data.fingerprint, "tokenizer_path": str(data.tokenizer.path),
-            "eos_id": data.tokenizer.eos_id})
+            "eos_id": data.tokenizer.eos_id}
+        if d.mode == "fsdp":
+            state["sharded_keys"] = [k for k, v in state["model"].items() if distr.is_sharded(v)]
+            checkpoint.save_sharded(out, distr.local_state(state), d)
+        else:  # replicated: one process writes for all
+            if d.main:
+                checkpoint.save(out, state)
+            d.barrier()
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
         if _main_thread() else {}
@@ -163,27 +220,35 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
             set_lr(optimizer, method.lr_factor(step))
             lr = optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), device=device)
-            for j in range(cfg.accum_steps):
-                x, y = batches.get(step, slice(j * mb, (j + 1) * mb))
-                method.before_backward(j == cfg.accum_steps - 1)
-                loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                (loss / cfg.accum_steps).backward()
+            for j in range(accum):
+                lo = d.rank * rows + j * mb
+                x, y = batches.get(step, slice(lo, lo + mb))
+                last = j == accum - 1
+                method.before_backward(last)
+                with distr.grad_sync(wrapped, d, last):
+                    loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    (loss / accum).backward()
                 loss_sum += loss.detach()
             gnorm = method.step(model, optimizer)
-            loss_val = float(loss_sum) / cfg.accum_steps
+            # one all-reduce carries the loss and whether any process was told to stop
+            shared = d.all_reduce(torch.stack([loss_sum.float() / accum,
+                                               torch.tensor(float(interrupted["sig"] is not None), device=device)]))
+            loss_val, stop_now = float(shared[0]) / d.world, bool(shared[1] > 0)
             if not math.isfinite(loss_val):
                 status = "diverged"
                 raise TrainingError(f"loss is {loss_val} at step {step}; stopping. The last good checkpoint "
                                     f"in {out} is intact (lower train.lr or raise train.grad_clip)")
             model, optimizer, info = method.on_step_end(step, model, optimizer)
-            if info.get("model_changed"):
-                fwd = _compiled(model, use_compile, log)
+            if info.get("params_changed"):  # DDP tracks a fixed set of trainable parameters
+                if d.mode == "ddp":
+                    wrapped = distr.wrap(model, d, device)
+                    fwd = _compiled(wrapped, use_compile, log)
             step += 1
             window_steps += 1
             bar.update(1)
             record = {"step": step, "tokens": step * tokens_per_step}
             if info:
-                metrics.write({**record, **{k: v for k, v in info.items() if k != "model_changed"}})
+                write({**record, **{k: v for k, v in info.items() if k != "params_changed"}})
                 log(f"step {step}: {info.get('event', '')} {info.get('pruned_fraction', '')}".rstrip())
             if step % cfg.train.log_every == 0 or step == stop_at:
                 if device.type == "cuda":
@@ -195,28 +260,30 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
                        "tokens_per_s": round(tps, 1), "step_ms": round(1000 * dt / window_steps, 2),
                        "peak_mem_gib": round(peak_memory_gib(device), 3)}
                 if peak:
-                    rec["mfu"] = round(tps * fpt / peak, 4)
-                metrics.write(rec)
+                    rec["mfu"] = round(tps * fpt / (peak * d.world), 4)
+                write(rec)
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}")
                 window_t, window_steps = time.perf_counter(), 0
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 t0 = time.perf_counter()
-                vl = evaluate(model, vbatches, device)
+                vl = evaluate(wrapped, vbatches, device, d, mb)
                 last_val = vl
-                metrics.write({**record, "val_loss": round(vl, 5), "val_ppl": round(math.exp(min(vl, 50)), 3)})
-                bar.write(f"step {step}: val loss {vl:.4f}, ppl {math.exp(min(vl, 50)):.2f}")
+                write({**record, "val_loss": round(vl, 5), "val_ppl": round(math.exp(min(vl, 50)), 3)})
+                if d.main:
+                    bar.write(f"step {step}: val loss {vl:.4f}, ppl {math.exp(min(vl, 50)):.2f}")
                 window_t += time.perf_counter() - t0  # evaluation is not training throughput
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_at:
                 t0 = time.perf_counter()
                 save(step)
                 window_t += time.perf_counter() - t0
-            if interrupted["sig"] is not None:
+            if stop_now:
                 save(step)
                 status = "interrupted"
                 break
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
     if status == "interrupted" or step < cfg.train.steps:
@@ -229,7 +296,11 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
                "tokens_per_s": _median(tps_hist[1:] or tps_hist), "peak_mem_gib": peak_memory_gib(device),
                "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                "passes": batches.passes(step), **method.describe()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if d.active:
+        summary.update(parallel=d.mode, processes=d.world)
+    if d.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    d.barrier()
     return summary
 
 
@@ -237,6 +308,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     total = 0
     for st in optimizer.state.values():
         for k, v in st.items():
+            v = distr.local(v)  # FSDP2: this process's share
             if torch.is_tensor(v) and k not in ("step", "moment_step"):
                 inner = getattr(v, "codes", None)  # torchao 8-bit: codes + scales
                 if inner is not None:

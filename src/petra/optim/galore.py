@@ -10,6 +10,14 @@ for its 2-D parameters; every other parameter gets the plain optimizer. Per-step
 
 State holds tensors only (bases included), so state_dict() round-trips exactly. The split
 into `project_grad` and `apply_update` is what layer-wise training uses to clip exactly.
+
+Under FSDP2 a parameter is a DTensor whose rows are split over processes, and so is its
+gradient G. The optimizer works on the local rows and no process holds a whole moment:
+- right projection (Q, n x r, held by every rank): R_i = G_i Q and W_i += D_i Q^T are local;
+- left projection (P, m x r, held by every rank): R = sum_i P_i^T G_i is one all-reduce of
+  an (r, n) matrix; each rank keeps the moments of its share of R's columns and the updates
+  are all-gathered before W_i += P_i D;
+- a refresh runs the projector on `distributed.RowSharded`: only thin matrices travel.
 """
 from __future__ import annotations
 
@@ -19,7 +27,8 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
-from .projector import compute_basis
+from ..distributed import RowSharded, local, row_shards
+from .projector import Dense, compute_basis
 
 PROJ_TYPES = ("std", "left", "right", "full")
 PROJECTORS = ("svd", "randomized", "subspace")
@@ -88,8 +97,8 @@ class GaLoreOptimizer(Optimizer):
                     self.state[p][k] = v.clone() if k in ("step", "moment_step") else v.to(device=p.device)
 
     # -- projection --------------------------------------------------------------------
-    def _refresh(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
-        left, right = sides(g.shape, group["proj_type"])
+    def _refresh(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, shards) -> None:
+        left, right = sides(p.shape, group["proj_type"])
         r = group["rank"]
         # "param": the parameter's dtype (bf16 in bf16 training, as galore-torch keeps it)
         dtype = {"param": p.dtype, "float32": torch.float32, "bfloat16": torch.bfloat16}[group["proj_dtype"]]
@@ -97,10 +106,11 @@ class GaLoreOptimizer(Optimizer):
         seed = (int(state["step"]) * 1_000_003 + state["index"]) % (2**62)
         gen = torch.Generator(device=g.device).manual_seed(seed)
         old = {k: state[k] for k in ("P", "Q") if k in state}
+        op = Dense(g) if shards is None else RowSharded(g, shards, p.shape[1])
         if left:
-            state["P"] = compute_basis(g, min(r, g.shape[0]), group["projector"], old.get("P"), gen).to(dtype)
+            state["P"] = compute_basis(op, min(r, p.shape[0]), group["projector"], old.get("P"), gen).to(dtype)
         if right:
-            state["Q"] = compute_basis(g.t(), min(r, g.shape[1]), group["projector"], old.get("Q"), gen).to(dtype)
+            state["Q"] = compute_basis(op.t(), min(r, p.shape[1]), group["projector"], old.get("Q"), gen).to(dtype)
         if old and any(k in state for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row")):
             self._switch_state(state, old, group["switch_state"])
 
@@ -125,12 +135,15 @@ class GaLoreOptimizer(Optimizer):
                 x = x @ (c * c if square else c).t()
             self._store(state, key, x)
 
-    def project(self, g: torch.Tensor, state: dict) -> torch.Tensor:
+    def project(self, g: torch.Tensor, state: dict, shards=None) -> torch.Tensor:
         dt = g.dtype
         if "P" in state:
-            g = state["P"].to(dt).t() @ g
+            P = state["P"].to(dt)
+            g = P.t() @ g if shards is None else shards.sum(shards.rows(P).t() @ g)
         if "Q" in state:
             g = g @ state["Q"].to(dt)
+        if shards is not None and "P" in state:  # this rank's columns of the summed R
+            g = g[:, shards.columns(g.shape[1])]
         return g
 
     def _lowrank(self, p: torch.Tensor, group: dict) -> bool:
@@ -152,12 +165,14 @@ class GaLoreOptimizer(Optimizer):
         g = p.grad
         if g.is_sparse:
             raise RuntimeError("GaLore optimizers do not support sparse gradients")
+        g = local(g)
         if not self._lowrank(p, group):
             return g
         state = self._state(p)
+        shards = row_shards(p)
         if int(state["step"]) % group["update_proj_gap"] == 0:
-            self._refresh(p, g, state, group)
-        return self.project(g, state)
+            self._refresh(p, g, state, group, shards)
+        return self.project(g, state, shards)
 
     @torch.no_grad()
     def apply_update(self, p: torch.Tensor, r: torch.Tensor, group: dict, coef: float = 1.0) -> None:
@@ -183,6 +198,7 @@ class GaLoreOptimizer(Optimizer):
             torch._foreach_mul_(rs, coef)
         nums, dens, divs = self._inner(rs, states, group)
         lr = group["lr"]
+        owners, params = params, [local(p) for p in params]  # FSDP2: update this rank's rows
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         low = [i for i, p in enumerate(params) if self._lowrank(p, group)]
@@ -202,12 +218,15 @@ class GaLoreOptimizer(Optimizer):
                 else [n.clone() for n in low_nums]
             torch._foreach_mul_(dirs, [-lr * group["scale"] / divs[i] for i in low])
             for d, i in zip(dirs, low):
-                self._add_back(params[i], d, states[i])
+                self._add_back(params[i], d, states[i], row_shards(owners[i]))
 
-    def _add_back(self, p: torch.Tensor, d: torch.Tensor, state: dict) -> None:
+    def _add_back(self, p: torch.Tensor, d: torch.Tensor, state: dict, shards=None) -> None:
         """p += back-projection of the low-rank update d (one fused addmm where possible)."""
         d = d.to(p.dtype)
         P, Q = state.get("P"), state.get("Q")
+        if shards is not None and P is not None:  # gather the column shares; this rank's rows of P
+            d = shards.gather_columns(d, Q.shape[1] if Q is not None else p.shape[1])
+            P = shards.rows(P)
         if P is not None and Q is not None:
             p.addmm_(P.to(p.dtype) @ d, Q.to(p.dtype).t())
         elif P is not None:
@@ -390,6 +409,13 @@ class GaLoreAdafactor(GaLoreOptimizer):
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, beta1=beta1, eps=eps, clip_threshold=clip_threshold,
                                       decay_rate=decay_rate, weight_decay=weight_decay))
+
+    def add_param_group(self, param_group: dict) -> None:
+        from ..distributed import is_sharded
+        if any(is_sharded(p) for p in param_group["params"]):
+            raise NotImplementedError("GaLoreAdafactor does not run on FSDP2-sharded parameters: its "
+                                      "factored second moment needs whole rows and columns; use DDP")
+        super().add_param_group(param_group)
 
     def _inner(self, rs, states, group):
         return [self._one(r, st, group) for r, st in zip(rs, states)], None, [1.0] * len(rs)

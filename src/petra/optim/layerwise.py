@@ -10,20 +10,29 @@ accumulation, and never sees a global norm, which breaks clipping. Here:
   (the size of one optimizer moment for low-rank parameters) before freeing G; `finish()`
   then knows the exact global norm and applies every update with the clip coefficient.
   Without clipping the update happens directly in the hook.
+
+Under FSDP2 the hook fires on each parameter's reduced gradient shard as soon as FSDP2 has
+it, so layer-wise updates keep their memory saving there; the global norm sums the shards'
+squares over processes. Under DDP a hook would see the gradient before the all-reduce, and
+DDP's buckets already hold a full gradient copy, so `after_backward=True` runs the same
+updates once backward (and the all-reduce) is done.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed
 
+from ..distributed import is_sharded, local
 from .galore import GaLoreOptimizer
 
 
 class LayerwiseStepper:
-    def __init__(self, optimizer: GaLoreOptimizer, grad_clip: float = 0.0):
+    def __init__(self, optimizer: GaLoreOptimizer, grad_clip: float = 0.0, after_backward: bool = False):
         if not isinstance(optimizer, GaLoreOptimizer):
             raise TypeError("layer-wise updates need a petra optimizer (GaLoreAdamW, GaLoreAdamW8bit, "
                             f"GaLoreAdafactor), got {type(optimizer).__name__}")
         self.optimizer, self.grad_clip = optimizer, grad_clip
+        self.after_backward = after_backward
         self.armed = False
         self._norms: list[torch.Tensor] = []
         self._pending: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
@@ -34,21 +43,35 @@ class LayerwiseStepper:
 
     def _hook(self, group: dict):
         def hook(p: torch.Tensor) -> None:
-            if not self.armed:
-                return
-            # per-tensor norms, combined as torch.nn.utils.clip_grad_norm_ does
-            self._norms.append(torch.linalg.vector_norm(p.grad))
-            r = self.optimizer.project_grad(p, group)
-            if self.grad_clip > 0:
-                self._pending.append((p, r, group))
-            else:
-                self.optimizer.apply_update(p, r, group)
-            p.grad = None
+            if self.armed and not self.after_backward:
+                self._take(p, group)
         return hook
+
+    def _take(self, p: torch.Tensor, group: dict) -> None:
+        # per-tensor norms, combined as torch.nn.utils.clip_grad_norm_ does
+        self._norms.append(torch.linalg.vector_norm(local(p.grad)))
+        self._sharded = self._sharded or is_sharded(p)
+        r = self.optimizer.project_grad(p, group)
+        if self.grad_clip > 0:
+            self._pending.append((p, r, group))
+        else:
+            self.optimizer.apply_update(p, r, group)
+        p.grad = None
+
+    _sharded = False
 
     def finish(self) -> torch.Tensor:
         """Apply pending (clipped) updates; returns the global gradient norm."""
+        if self.after_backward:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._take(p, group)
         norm = torch.linalg.vector_norm(torch.stack(self._norms)) if self._norms else torch.zeros(())
+        if self._sharded:  # FSDP2: every process holds some rows of every gradient
+            sq = norm.float().square()
+            torch.distributed.all_reduce(sq)
+            norm = sq.sqrt()
         if self._pending:
             coef = float((self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
             by_group: dict[int, tuple[dict, list, list]] = {}

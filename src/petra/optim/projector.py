@@ -9,7 +9,10 @@ Every function returns an orthonormal basis of shape (m, r) for the column space
   is two matmuls and a QR; it keeps the new basis close to the old one, which also keeps
   optimizer moments that live in the old coordinates meaningful.
 
-All work happens in fp32 (SVD/QR in bf16 are unstable) and the result is cast to `dtype`.
+All work happens in fp32 (SVD/QR in bf16 are unstable). The gradient enters as an operator
+with products G X and G^T Y (`Dense` here; `distributed.RowSharded` for an FSDP2 shard),
+so the same code runs on a gradient whose rows are spread over processes: only thin
+(m, k) and (n, k) matrices ever travel, never the (m, n) gradient.
 """
 from __future__ import annotations
 
@@ -20,35 +23,92 @@ import torch
 log = logging.getLogger("petra.projector")
 
 
+class Dense:
+    """A gradient held whole by this process."""
+
+    def __init__(self, g: torch.Tensor):
+        self.g = g.float()
+        self.shape = tuple(g.shape)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.g @ x
+
+    def tmm(self, y: torch.Tensor) -> torch.Tensor:
+        return self.g.t() @ y
+
+    def full(self) -> torch.Tensor:
+        return self.g
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.g).all())
+
+    def t(self) -> "Dense":
+        return Dense(self.g.t())
+
+    @property
+    def device(self) -> torch.device:
+        return self.g.device
+
+
+class Transposed:
+    """G^T of an operator G."""
+
+    def __init__(self, a):
+        self.a, self.shape = a, (a.shape[1], a.shape[0])
+
+    def mm(self, x):
+        return self.a.tmm(x)
+
+    def tmm(self, y):
+        return self.a.mm(y)
+
+    def full(self):
+        return self.a.full().t()
+
+    def finite(self):
+        return self.a.finite()
+
+    def t(self):
+        return self.a
+
+    @property
+    def device(self):
+        return self.a.device
+
+
+def _as_op(g):
+    return Dense(g) if torch.is_tensor(g) else g
+
+
 def _orth(y: torch.Tensor) -> torch.Tensor:
     q, _ = torch.linalg.qr(y, mode="reduced")
     return q
 
 
-def svd_basis(g: torch.Tensor, rank: int) -> torch.Tensor:
-    u, _, _ = torch.linalg.svd(g.float(), full_matrices=False)
+def svd_basis(g, rank: int) -> torch.Tensor:
+    u, _, _ = torch.linalg.svd(_as_op(g).full(), full_matrices=False)
     return u[:, :rank]
 
 
-def randomized_basis(g: torch.Tensor, rank: int, oversample: int = 8, power_iters: int = 2,
+def randomized_basis(g, rank: int, oversample: int = 8, power_iters: int = 2,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    g = g.float()
+    g = _as_op(g)
     m, n = g.shape
     k = min(rank + oversample, m, n)
-    omega = torch.randn(n, k, device=g.device, dtype=g.dtype, generator=generator)
-    q = _orth(g @ omega)
+    omega = torch.randn(n, k, device=g.device, dtype=torch.float32, generator=generator)
+    q = _orth(g.mm(omega))
     for _ in range(power_iters):
-        q = _orth(g @ (g.t() @ q))
-    # rotate onto the top-r directions inside the range: a small (k, n) SVD
-    ub, _, _ = torch.linalg.svd(q.t() @ g, full_matrices=False)
+        q = _orth(g.mm(g.tmm(q)))
+    # rotate onto the top-r directions inside the range: a small (k, n) SVD of Q^T G
+    ub, _, _ = torch.linalg.svd(g.tmm(q).t(), full_matrices=False)
     return q @ ub[:, :rank]
 
 
-def subspace_basis(g: torch.Tensor, prev: torch.Tensor, iters: int = 1) -> torch.Tensor:
-    g = g.float()
+def subspace_basis(g, prev: torch.Tensor, iters: int = 1) -> torch.Tensor:
+    g = _as_op(g)
     q = prev.float()
     for _ in range(iters):
-        q = _orth(g @ (g.t() @ q))
+        q = _orth(g.mm(g.tmm(q)))
     return q
 
 
@@ -75,19 +135,20 @@ def align_signs(basis: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
     return basis * torch.where(s == 0, torch.ones_like(s), s)
 
 
-def compute_basis(g: torch.Tensor, rank: int, method: str, prev: torch.Tensor | None,
+def compute_basis(g, rank: int, method: str, prev: torch.Tensor | None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    return align_signs(_basis(g, rank, method, prev, generator), prev)
+    """The sign-aligned left basis of g (a tensor or an operator such as Dense)."""
+    return align_signs(_basis(_as_op(g), rank, method, prev, generator), prev)
 
 
-def _basis(g: torch.Tensor, rank: int, method: str, prev: torch.Tensor | None,
+def _basis(g, rank: int, method: str, prev: torch.Tensor | None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """The left basis of g by `method`; never raises for bad numerics.
 
     A non-finite gradient or a failing factorization keeps the previous basis (or falls
     back to exact SVD / a random orthonormal basis on the first refresh) and logs why.
     """
-    if not torch.isfinite(g).all():
+    if not g.finite():
         log.warning("gradient of shape %s is not finite; keeping the previous projector", tuple(g.shape))
         return prev if prev is not None else _random_basis(g, rank, generator)
     try:
@@ -103,10 +164,11 @@ def _basis(g: torch.Tensor, rank: int, method: str, prev: torch.Tensor | None,
     except torch.linalg.LinAlgError as e:
         log.warning("projector refresh (%s) failed for shape %s: %s; falling back", method, tuple(g.shape), e)
         try:
-            return randomized_basis(g + 1e-6 * torch.randn_like(g.float()), rank, generator=generator)
+            # a fresh random start with more oversampling and power iterations
+            return randomized_basis(g, rank, oversample=16, power_iters=4, generator=generator)
         except torch.linalg.LinAlgError:
             return prev if prev is not None else _random_basis(g, rank, generator)
 
 
-def _random_basis(g: torch.Tensor, rank: int, generator: torch.Generator | None) -> torch.Tensor:
+def _random_basis(g, rank: int, generator: torch.Generator | None) -> torch.Tensor:
     return _orth(torch.randn(g.shape[0], rank, device=g.device, generator=generator))

@@ -1,0 +1,15 @@
+"""Run under torchrun by test_distributed.py: the training jobs listed in a JSON file, in order,
+in one process group (one launch, several runs)."""
+import json
+import sys
+
+import torch.distributed as dist
+
+from petra.config import build_config
+from petra.train import train
+
+for job in json.loads(open(sys.argv[1]).read()):
+    cfg = None if job.get("resume") else build_config(overrides=job["overrides"])
+    train(cfg, job["out"], resume=job.get("resume", False), show_progress=False, log=lambda *a: None)
+if dist.is_initialized():
+    dist.destroy_process_group()
