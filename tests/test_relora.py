@@ -79,3 +79,65 @@ def test_restart_steps_follow_warm_start_and_interval():
     assert r.lr_factor(45) == 0.0
     assert r.lr_factor(47) == pytest.approx(0.4 * envelope(47))
     assert r.lr_factor(50) == envelope(50) and r.lr_factor(44) == envelope(44)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantized_frozen_weight_merge_dequantizes_adds_and_requantizes(kind):
+    pytest.importorskip("bitsandbytes")
+    from petra.relora import dequantize_weight, quantize_weight
+    model = _wrapped()
+    mod = lora_modules(model)[4]  # an MLP projection, 176 x 64
+    w = mod.weight.detach().clone()
+    mod.quantize(kind)
+    assert "weight" not in dict(mod.named_parameters()) and mod.weight_q.dtype in (torch.int8, torch.uint8)
+    deq = mod.frozen_weight()
+    step = (w.abs().max() / (127 if kind == "int8" else 7)).item()  # a coarse bound on one code step
+    assert (deq - w).abs().max() <= step and not torch.equal(deq, w)
+    with torch.no_grad():
+        mod.lora_B.normal_(std=0.05)
+    x = torch.randn(3, w.shape[1], requires_grad=True)
+    before = mod(x)
+    # backward: the input gradient of the dequantized weight, no gradient for the codes
+    before.sum().backward()
+    lora = mod.lora_B @ mod.lora_A * mod.scale
+    torch.testing.assert_close(x.grad, torch.ones(3, w.shape[0]) @ (deq + lora), rtol=1e-4, atol=1e-5)
+    expect = quantize_weight((deq.float() + (mod.lora_B.float() @ mod.lora_A.float()) * mod.scale).to(w.dtype), kind)
+    mod.merge()
+    assert torch.equal(mod.weight_q, expect[0]) and torch.equal(mod.weight_scale, expect[1])
+    mod.reset_factors(torch.Generator().manual_seed(1))
+    after = mod(x)
+    # the merge moved the function by at most the rounding of the requantized delta
+    merged = dequantize_weight(mod.weight_q, mod.weight_scale, kind, w.shape, w.dtype)
+    torch.testing.assert_close(after, x @ merged.t())
+    target = deq + lora
+    new_step = (target.abs().max() / (127 if kind == "int8" else 7)).item()
+    assert (merged - target).abs().max() <= new_step
+    assert (after - before).abs().max() <= new_step * x.abs().sum(1).max()
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantized_relora_trains_resumes_and_exports(tmp_path, tiny_cfg, kind):
+    pytest.importorskip("bitsandbytes")
+    from petra import checkpoint
+    from petra.metrics import read_metrics
+    from petra.train import train
+    quiet = dict(show_progress=False, log=lambda *a: None)
+    ov = {"method.name": "relora", "method.rank": 8, "method.reset_interval": 3, "method.warm_start_steps": 3,
+          "method.restart_warmup_steps": 1, "method.quantize": kind}
+    s = train(tiny_cfg(**ov), tmp_path / "a", **quiet)
+    assert s["status"] == "finished" and kind in s["optimizer"]
+    train(tiny_cfg(**ov, **{"train.stop_after": 7}), tmp_path / "b", **quiet)
+    train(None, tmp_path / "b", resume=True, **quiet)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / r / "metrics.jsonl") if "loss" in r] for r in "ab"]
+    assert losses[0] == losses[1] and all(v == v for v in losses[0])
+    state = checkpoint.load(tmp_path / "a")["model"]
+    assert any(k.endswith("weight_q") for k in state)
+    plain = checkpoint.plain_state_dict(checkpoint.load(tmp_path / "a"))
+    model = LlamaForCausalLM(ModelConfig(**PRESETS["tiny"]))
+    model.load_state_dict(plain)  # a plain LLaMA: every weight dequantized with its factors merged
+
+
+def test_quantize_needs_relora():
+    from petra.config import ConfigError
+    with pytest.raises(ConfigError, match="needs method.name=relora"):
+        build_config(overrides={"preset": "tiny", "method.name": "galore", "method.quantize": "nf4"})

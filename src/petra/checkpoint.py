@@ -122,7 +122,7 @@ def plain_state_dict(payload: dict) -> dict[str, torch.Tensor]:
     """The model's weights as a plain LLaMA state dict (ReLoRA factors merged)."""
     from .relora import merged_state_dict
     m = payload["config"]["method"]
-    return merged_state_dict(payload["model"], m["lora_alpha"] / m["rank"])
+    return merged_state_dict(payload["model"], m["lora_alpha"] / m["rank"], m.get("quantize", "none"))
 
 
 def hf_config(model_cfg: dict, eos_id: int | None) -> dict:

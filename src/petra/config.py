@@ -295,6 +295,9 @@ def validate(cfg: RunConfig) -> None:
         if me.rank > short and me.proj_type != "full":
             raise ConfigError(f"method.rank={me.rank} is larger than the smallest side ({short}) of the "
                               f"{cfg.preset} matrices; use rank <= {short} or method.proj_type=full")
+    if me.quantize != "none" and me.name != "relora":
+        raise ConfigError(f"method.quantize={me.quantize} holds ReLoRA's frozen weights quantized; "
+                          f"it needs method.name=relora (got {me.name})")
     if me.name == "relora" and me.rank > min(m.hidden_size, m.intermediate_size):
         raise ConfigError(f"method.rank={me.rank} is larger than the smallest side "
                           f"({min(m.hidden_size, m.intermediate_size)}) of the {cfg.preset} matrices")

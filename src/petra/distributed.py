@@ -90,9 +90,15 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     follows later `requires_grad` changes by itself.
     """
     if d.mode == "ddp":
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel as DDP
+        # buffers (RoPE tables, ReLoRA's quantized weights) are equal on every process by
+        # construction: no broadcast before every forward
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                   gradient_as_bucket_view=True)
+                   gradient_as_bucket_view=True, **no_sync)
     if d.mode == "fsdp":
         from torch.distributed.fsdp import FSDPModule, fully_shard
         if not isinstance(model, FSDPModule):

@@ -10,6 +10,10 @@ An optional full-rank warm start trains W itself first, in the same run: the fac
 there from the start but frozen and skipped, so the model's structure (its parameter names,
 its FSDP2 sharding, its compiled graph's modules) never changes; the switch only flips
 which parameters require gradients. Merges, re-draws and pruning work on FSDP2 shards too.
+
+With `quantize` (int8 row-wise or NF4 blocks of 64, both by bitsandbytes), the frozen W of
+the LoRA phase is held as codes plus scales: a merge dequantizes, adds B @ A in fp32 and
+quantizes again. Forward and backward dequantize on the fly and keep only the codes.
 """
 from __future__ import annotations
 
@@ -24,6 +28,51 @@ from .config import RunConfig
 from .distributed import full, local, local_part
 from .methods import Method
 from .schedule import lr_factor
+
+
+NF4_BLOCK = 64
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as bf
+    except ImportError:
+        raise ImportError("method.quantize needs bitsandbytes: pip install bitsandbytes") from None
+    return bf
+
+
+def quantize_weight(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of w: int8 with one absmax per row, or NF4 with one per 64 values."""
+    bf = _bnb()
+    if kind == "int8":
+        codes, scales, _ = bf.int8_vectorwise_quant(w.half())
+        return codes, scales
+    codes, state = bf.quantize_4bit(w, blocksize=NF4_BLOCK, quant_type="nf4")
+    return codes, state.absmax
+
+
+def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, kind: str, shape, dtype) -> torch.Tensor:
+    bf = _bnb()
+    if kind == "int8":
+        return bf.int8_vectorwise_dequant(codes, scales).to(dtype)
+    state = bf.QuantState(absmax=scales, shape=torch.Size(shape), code=bf.get_4bit_type("nf4", device=codes.device),
+                          blocksize=NF4_BLOCK, quant_type="nf4", dtype=dtype)
+    return bf.dequantize_4bit(codes, state)
+
+
+class _QuantizedLinear(torch.autograd.Function):
+    """y = x W^T for a quantized frozen W; saves the codes, never the dequantized W."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, info):
+        ctx.save_for_backward(codes, scales)
+        ctx.info = info
+        return F.linear(x, dequantize_weight(codes, scales, *info))
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, scales = ctx.saved_tensors
+        return grad @ dequantize_weight(codes, scales, *ctx.info), None, None, None
 
 
 class ReLoRALinear(nn.Module):
@@ -42,9 +91,26 @@ class ReLoRALinear(nn.Module):
         self.active = True  # False during a full-rank warm start: W trains, the factors wait
         self.reset_factors()
 
+    quantized: tuple | None = None  # (kind, shape, dtype) once W is held quantized
+
+    def quantize(self, kind: str) -> None:
+        """Hold the frozen W as int8 / NF4 codes from now on (the LoRA phase only)."""
+        w = self.weight.detach()
+        codes, scales = quantize_weight(w, kind)
+        self.quantized = (kind, tuple(w.shape), w.dtype)
+        del self.weight
+        self.register_buffer("weight_q", codes)
+        self.register_buffer("weight_scale", scales)
+
+    def frozen_weight(self) -> torch.Tensor:
+        if self.quantized is None:
+            return self.weight
+        return dequantize_weight(self.weight_q, self.weight_scale, *self.quantized)
+
     def set_lora_phase(self, lora: bool) -> None:
         self.active = lora
-        self.weight.requires_grad_(not lora)
+        if self.quantized is None:
+            self.weight.requires_grad_(not lora)
         self.lora_A.requires_grad_(lora)
         self.lora_B.requires_grad_(lora)
 
@@ -57,7 +123,10 @@ class ReLoRALinear(nn.Module):
         local(self.lora_B).zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        if self.quantized is None:
+            y = F.linear(x, self.weight)
+        else:
+            y = _QuantizedLinear.apply(x, self.weight_q, self.weight_scale, self.quantized)
         if self.active:
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
         return y
@@ -65,8 +134,14 @@ class ReLoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         # FSDP2 splits W and B by the same output rows; A (r x in) is small and gathered
-        w = local(self.weight)
         delta = (local(self.lora_B).float() @ full(self.lora_A).float()) * self.scale
+        if self.quantized is not None:  # dequantize, add, quantize again
+            kind, _, dtype = self.quantized
+            codes, scales = quantize_weight((self.frozen_weight().float() + delta).to(dtype), kind)
+            self.weight_q.copy_(codes)
+            self.weight_scale.copy_(scales)
+            return
+        w = local(self.weight)
         w.copy_((w.float() + delta).to(w.dtype))
 
 
@@ -87,8 +162,17 @@ def lora_modules(model: nn.Module) -> list[ReLoRALinear]:
     return [m for m in model.modules() if isinstance(m, ReLoRALinear)]
 
 
-def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """A plain LLaMA state dict from a ReLoRA one: W + scale * B @ A, factors dropped."""
+def merged_state_dict(state: dict[str, torch.Tensor], scale: float, quantize: str = "none"
+                      ) -> dict[str, torch.Tensor]:
+    """A plain LLaMA state dict from a ReLoRA one: W + scale * B @ A, factors dropped
+    (a quantized W is dequantized first)."""
+    state = dict(state)
+    for k in [k for k in state if k.endswith(".weight_q")]:
+        prefix = k[: -len("weight_q")]
+        a = state[prefix + "lora_A"]
+        shape = (state[prefix + "lora_B"].shape[0], a.shape[1])
+        state[prefix + "weight"] = dequantize_weight(state.pop(k), state.pop(prefix + "weight_scale"), quantize,
+                                                     shape, a.dtype)
     out = {}
     for k, v in state.items():
         if k.endswith((".lora_A", ".lora_B")):
@@ -161,7 +245,14 @@ class ReLoRA(Method):
             self._reinit(model)
         for mod in lora_modules(model):
             mod.set_lora_phase(self.lora_phase)
+            if self.lora_phase:
+                self._quantize(mod)
         return model
+
+    def _quantize(self, mod: ReLoRALinear) -> None:
+        kind = self.cfg.method.quantize
+        if kind != "none" and mod.quantized is None:
+            mod.quantize(kind)
 
     def _reinit(self, model: nn.Module) -> None:
         # A is drawn from a generator seeded by (seed, cycle): reproducible across resumes
@@ -178,6 +269,7 @@ class ReLoRA(Method):
                 self.lora_phase = True
                 for mod in lora_modules(model):
                     mod.set_lora_phase(True)
+                    self._quantize(mod)
                 optimizer = self.optimizer(model)
                 for p in (q for g in optimizer.param_groups for q in g["params"]):
                     if p in old.state:  # embeddings, norms, head keep their moments
@@ -199,7 +291,7 @@ class ReLoRA(Method):
     def describe(self):
         m = self.cfg.method
         return {"rank": m.rank, "warm_start": f"{m.warm_start_steps} steps" if m.warm_start_steps else "no",
-                "optimizer": "AdamW"}
+                "optimizer": "AdamW" + (f", {m.quantize} frozen weights" if m.quantize != "none" else "")}
 
     def state_dict(self):
         return {"merges": self.merges, "lora_phase": self.lora_phase}

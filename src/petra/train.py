@@ -107,6 +107,9 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
                           f"or choose another --out")
     if cfg.method.layerwise and cfg.method.name == "relora":
         raise ConfigError("method.layerwise is for full and galore methods, not relora")
+    if d.mode == "fsdp" and cfg.method.quantize != "none":
+        raise ConfigError("method.quantize does not run under FSDP2 (bitsandbytes codes are not sharded); "
+                          "use train.parallel=ddp")
     if d.mode == "fsdp" and cfg.method.name == "galore-adafactor":
         raise ConfigError("galore-adafactor does not run under FSDP2 (its factored second moment needs whole "
                           "rows and columns); use train.parallel=ddp")
@@ -141,6 +144,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     with torch.device(device):
         model = LlamaForCausalLM(cfg.model)
     model.to(dtype)
+    n_params = count_parameters(model)  # the LLaMA's own, before LoRA factors or quantization
     method = make_method(cfg)
     method.parallel = d.mode
     if payload is not None:
@@ -177,7 +181,6 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     peak = peak_flops(device)
     tokens_per_step = B * seq
     stop_at = min(cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
-    n_params = count_parameters(model)
     log(f"petra: {cfg.preset} ({n_params / 1e6:.2f}M parameters, {count_parameters(model, True) / 1e6:.2f}M "
         f"trainable), method {method.name}, {cfg.train.steps} steps of {B}x{seq} tokens, "
         f"{batches.passes(cfg.train.steps):.2f} passes over {len(data.train) / 1e6:.2f}M training tokens, "
