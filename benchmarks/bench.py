@@ -6,8 +6,11 @@ Each implementation trains the same preset at the same batch (random tokens, bf1
 --steps steps after --warmup; we report the median step time, the amortized step time with
 the projector refresh (GaLore) included, tokens/s, MFU and peak memory, then ratios of each
 petra implementation to each peer. Peers: Hugging Face LlamaForCausalLM (sdpa) with fused
-torch AdamW, galore-torch 1.0 (GaLoreAdamW / GaLoreAdamW8bit), peft LoRA. Suffix an impl
-with ':compile' to torch.compile its model.
+torch AdamW (hf-full) or bitsandbytes AdamW8bit (hf-adamw8bit), galore-torch 1.0
+(GaLoreAdamW / GaLoreAdamW8bit), APOLLO (apollo-torch 1.0.3, APOLLOAdamW) and peft LoRA.
+Suffix an impl with ':compile' to torch.compile its model, with '+pad' to pad the MLP width
+to a multiple of 128 (both models). petra-relora-int8 / -nf4 hold ReLoRA's frozen weights
+quantized by bitsandbytes.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from petra.config import build_config  # noqa: E402
 from petra.methods import make_method  # noqa: E402
 from petra.metrics import flops_per_token  # noqa: E402
-from petra.model import LlamaForCausalLM  # noqa: E402
+from petra.model import build_model  # noqa: E402
 
 GAP = 200
 
@@ -37,8 +40,15 @@ def hf_model(cfg):
     c = hf_config(cfg.model.__dict__, 0)
     c = {k: v for k, v in c.items() if k not in ("architectures", "model_type", "torch_dtype")}
     hc = transformers.LlamaConfig(**c, attn_implementation="sdpa")
-    with torch.device("cuda"):
-        m = transformers.LlamaForCausalLM(hc)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # created in bf16, as petra's: no fp32 copy at 7b
+    try:
+        with torch.device("cuda"):
+            m = transformers.LlamaForCausalLM(hc)
+    finally:
+        torch.set_default_dtype(old)
+    if cfg.model.activation_checkpointing:
+        m.gradient_checkpointing_enable()
     return m.to(torch.bfloat16)
 
 
@@ -48,27 +58,32 @@ def hf_loss(model):
     return f
 
 
-def build(impl: str, preset: str, rank: int, micro: int):
-    """Returns (step_fn(x, y) -> None, refresh_every or None, description)."""
+def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: int = GAP, ckpt: bool = False):
+    """Returns (step_fn(batches) -> None, refresh_every or None, config)."""
     name, _, mode = impl.partition(":")
+    name, _, pad = name.partition("+")
     compile_ = mode == "compile"
     method = {"petra-full": "full", "petra-galore": "galore", "petra-galore8bit": "galore8bit",
               "petra-galore8bit-lw": "galore8bit", "petra-relora": "relora", "petra-galore-sub": "galore",
-              "petra-galore8bit-lw-sub": "galore8bit"}.get(name, "full")
-    ov = {"preset": preset, "method.name": method, "method.rank": rank, "train.batch_size": 64,
-          "train.micro_batch_size": micro, "method.update_proj_gap": GAP}
+              "petra-galore8bit-lw-sub": "galore8bit", "petra-relora-int8": "relora",
+              "petra-relora-nf4": "relora"}.get(name, "full")
+    ov = {"preset": preset, "method.name": method, "method.rank": rank, "train.batch_size": batch,
+          "train.micro_batch_size": micro, "method.update_proj_gap": gap,
+          "model.activation_checkpointing": ckpt}
+    if pad:
+        ov["model.pad_intermediate_to"] = 128
+    if name.startswith("petra-relora-"):
+        ov["method.quantize"] = name.rsplit("-", 1)[1]
     if name.endswith("-lw") or name.endswith("-lw-sub"):
         ov["method.layerwise"] = True
     if name.endswith("-sub"):
         ov["method.projector"] = "subspace"
     cfg = build_config(overrides=ov)
-    accum = 64 // micro
+    accum = batch // micro
 
     if name.startswith("petra"):
         torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg.model)
-        model.to(torch.bfloat16)
+        model = build_model(cfg.model, "cuda", torch.bfloat16)
         m = make_method(cfg)
         if method == "relora":
             m.lora_phase = True
@@ -81,7 +96,7 @@ def build(impl: str, preset: str, rank: int, micro: int):
                 m.before_backward(j == accum - 1)
                 (fwd(x, y) / accum).backward()
             m.step(model, opt)
-        return step, GAP if method.startswith("galore") else None, cfg
+        return step, gap if method.startswith("galore") else None, cfg
 
     model = hf_model(cfg)
     if name == "hf-lora":
@@ -104,11 +119,20 @@ def build(impl: str, preset: str, rank: int, micro: int):
         low = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
         ids = {id(p) for p in low}
         rest = [p for p in params if id(p) not in ids]
-        groups = [{"params": rest}, {"params": low, "rank": rank, "update_proj_gap": GAP, "scale": 0.25,
+        groups = [{"params": rest}, {"params": low, "rank": rank, "update_proj_gap": gap, "scale": 0.25,
                                      "proj_type": "std"}]
         cls = galore_torch.GaLoreAdamW8bit if "8bit" in name else galore_torch.GaLoreAdamW
         opt = cls(groups, lr=1e-3)
-        refresh = GAP
+        refresh = gap
+    elif name == "apollo":  # APOLLO's recommended setting: random projection, channel-wise scaling
+        import apollo_torch
+        low = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
+        ids = {id(p) for p in low}
+        rest = [p for p in params if id(p) not in ids]
+        groups = [{"params": rest}, {"params": low, "rank": rank, "proj": "random", "scale_type": "channel",
+                                     "scale": 1, "update_proj_gap": gap, "proj_type": "std"}]
+        opt = apollo_torch.APOLLOAdamW(groups, lr=1e-3)
+        refresh = gap
     else:
         raise ValueError(f"unknown impl {impl}")
     fwd = torch.compile(model) if compile_ else model
@@ -122,13 +146,13 @@ def build(impl: str, preset: str, rank: int, micro: int):
     return step, refresh, cfg
 
 
-def measure(impl, preset, rank, micro, steps, warmup):
+def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t_build = time.perf_counter()
-    step, refresh, cfg = build(impl, preset, rank, micro)
+    step, refresh, cfg = build(impl, preset, rank, micro, batch, gap, ckpt)
     g = torch.Generator(device="cuda").manual_seed(0)
-    accum = 64 // micro
+    accum = batch // micro
     T = cfg.seq_len
     batches = [(torch.randint(0, cfg.model.vocab_size, (micro, T), device="cuda", generator=g),
                 torch.randint(0, cfg.model.vocab_size, (micro, T), device="cuda", generator=g)) for _ in range(accum)]
@@ -156,9 +180,10 @@ def measure(impl, preset, rank, micro, steps, warmup):
         torch.cuda.synchronize()
         refresh_s = time.perf_counter() - t0 - med
     amort = med + (refresh_s / refresh if refresh_s else 0.0)
-    tokens = 64 * T
+    tokens = batch * T
     flops = flops_per_token(cfg.model, T) * tokens
-    return {"impl": impl, "preset": preset, "rank": rank, "micro_batch": micro, "median_ms": 1000 * med,
+    return {"impl": impl, "preset": preset, "rank": rank, "batch": batch, "micro_batch": micro,
+            "activation_checkpointing": ckpt, "median_ms": 1000 * med,
             "amortized_ms": 1000 * amort, "refresh_s": refresh_s, "first_step_s": first,
             "tokens_per_s": tokens / amort, "mfu": flops / amort / 989e12,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "setup_s": time.perf_counter() - t_build}
@@ -172,6 +197,9 @@ def main():
     ap.add_argument("--micro", default="60m=64,130m=64,350m=64,1b=32,7b=1")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64, help="sequences per step (the papers' tables: 64)")
+    ap.add_argument("--gap", type=int, default=GAP, help="projector refresh interval (update_proj_gap)")
+    ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
     ap.add_argument("--out", default="bench.json")
     a = ap.parse_args()
     ranks = dict(kv.split("=") for kv in a.ranks.split(","))
@@ -180,7 +208,8 @@ def main():
     for preset in a.presets.split(","):
         for impl in a.impls.split(","):
             try:
-                r = measure(impl, preset, int(ranks[preset]), int(micro[preset]), a.steps, a.warmup)
+                r = measure(impl, preset, int(ranks[preset]), int(micro[preset]), a.steps, a.warmup,
+                            a.batch, a.gap, a.ckpt)
             except Exception as e:
                 traceback.print_exc()
                 r = {"impl": impl, "preset": preset, "error": f"{type(e).__name__}: {str(e)[:200]}"}

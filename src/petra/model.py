@@ -190,3 +190,15 @@ class LlamaForCausalLM(nn.Module):
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> LlamaForCausalLM:
+    """The model created in `dtype` on `device` directly: a 7b never exists in fp32 (27 GB)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(dtype)  # RoPE tables are computed in fp32, then stored like the weights

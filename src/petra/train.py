@@ -17,7 +17,7 @@ from .config import ConfigError, RunConfig, from_dict, validate
 from .data import Batches, prepare, val_batches
 from .methods import make_method
 from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
-from .model import LlamaForCausalLM, count_parameters
+from .model import build_model, count_parameters
 from .schedule import set_lr
 
 # fields that may differ when resuming; anything else must match the saved run
@@ -141,9 +141,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     vbatches = val_batches(data.val, seq, B, cfg.train.eval_batches)
 
     torch.manual_seed(cfg.train.seed)  # the same initial model on every process
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg.model)
-    model.to(dtype)
+    model = build_model(cfg.model, device, dtype)
     n_params = count_parameters(model)  # the LLaMA's own, before LoRA factors or quantization
     method = make_method(cfg)
     method.parallel = d.mode
