@@ -66,7 +66,7 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
     method = {"petra-full": "full", "petra-galore": "galore", "petra-galore8bit": "galore8bit",
               "petra-galore8bit-lw": "galore8bit", "petra-relora": "relora", "petra-galore-sub": "galore",
               "petra-galore8bit-lw-sub": "galore8bit", "petra-relora-int8": "relora",
-              "petra-relora-nf4": "relora"}.get(name, "full")
+              "petra-relora-nf4": "relora", "petra-full8bit": "full8bit"}.get(name, "full")
     ov = {"preset": preset, "method.name": method, "method.rank": rank, "train.batch_size": batch,
           "train.micro_batch_size": micro, "method.update_proj_gap": gap,
           "model.activation_checkpointing": ckpt}

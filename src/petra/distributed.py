@@ -78,7 +78,9 @@ def setup(parallel: str, device_type: str) -> Dist:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")
     return Dist(mode, rank, world, local_rank)
 
 

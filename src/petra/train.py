@@ -174,7 +174,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     write = metrics.write if metrics is not None else (lambda rec: None)
 
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    fwd = _compiled(wrapped, use_compile, log)
+    fwd = _compiled(wrapped, use_compile, log, blocks=model.model.layers if d.active else None)
     fpt = flops_per_token(cfg.model, seq)
     peak = peak_flops(device)
     tokens_per_step = B * seq
@@ -243,7 +243,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
             if info.get("params_changed"):  # DDP tracks a fixed set of trainable parameters
                 if d.mode == "ddp":
                     wrapped = distr.wrap(model, d, device)
-                    fwd = _compiled(wrapped, use_compile, log)
+                    fwd = _compiled(wrapped, use_compile, log, blocks=model.model.layers)
             step += 1
             window_steps += 1
             bar.update(1)
@@ -331,10 +331,20 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _compiled(model, use_compile: bool, log):
+def _compiled(model, use_compile: bool, log, blocks=None):
+    """The forward to train with: the model compiled whole, or with `blocks` (under DDP and
+    FSDP2) each decoder layer compiled on its own, as torchtitan does, so that FSDP2's
+    per-layer gathers and DDP's bucketed all-reduces run between compiled graphs instead of
+    splitting one. Compile failures fall back to eager with a warning."""
     if not use_compile:
         return model
-    compiled = torch.compile(model)
+    if blocks is not None:
+        for b in blocks:
+            if getattr(b, "_compiled_call_impl", None) is None:
+                b.compile()
+        compiled = model
+    else:
+        compiled = torch.compile(model)
     state = {"ok": None}
 
     def fwd(x, y):
@@ -347,6 +357,8 @@ def _compiled(model, use_compile: bool, log):
             except Exception as e:  # compile problems must not end a run
                 warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); running eagerly")
                 state["ok"] = False
+                for b in blocks or ():
+                    b._compiled_call_impl = None
                 return model(x, y)
             state["ok"] = True
             log(f"compiled the model forward in {time.perf_counter() - t0:.1f}s")
