@@ -174,7 +174,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     write = metrics.write if metrics is not None else (lambda rec: None)
 
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    fwd = _compiled(wrapped, use_compile, log, blocks=model.model.layers if d.active else None)
+    fwd = _compiled(wrapped, use_compile, log, blocks=model.model.layers if d.mode == "fsdp" else None)
     fpt = flops_per_token(cfg.model, seq)
     peak = peak_flops(device)
     tokens_per_step = B * seq
@@ -243,7 +243,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
             if info.get("params_changed"):  # DDP tracks a fixed set of trainable parameters
                 if d.mode == "ddp":
                     wrapped = distr.wrap(model, d, device)
-                    fwd = _compiled(wrapped, use_compile, log, blocks=model.model.layers)
+                    fwd = _compiled(wrapped, use_compile, log)
             step += 1
             window_steps += 1
             bar.update(1)
@@ -332,10 +332,11 @@ def _main_thread() -> bool:
 
 
 def _compiled(model, use_compile: bool, log, blocks=None):
-    """The forward to train with: the model compiled whole, or with `blocks` (under DDP and
-    FSDP2) each decoder layer compiled on its own, as torchtitan does, so that FSDP2's
-    per-layer gathers and DDP's bucketed all-reduces run between compiled graphs instead of
-    splitting one. Compile failures fall back to eager with a warning."""
+    """The forward to train with: the model compiled whole, or with `blocks` (under FSDP2)
+    each decoder layer compiled on its own, as torchtitan does, so that FSDP2's per-layer
+    gathers run between compiled graphs. (Under DDP, per-layer graphs measured 0.50x of the
+    plain path at 60m against 0.85x for the whole model compiled, DDP splitting it at
+    bucket boundaries.) Compile failures fall back to eager with a warning."""
     if not use_compile:
         return model
     if blocks is not None:
