@@ -308,3 +308,23 @@ def test_resume_of_a_bf16_model_keeps_fp32_moments_and_step_counts(cls):
         opt.step()
         opt2.step()
     assert torch.equal(w, w2) and torch.equal(n, n2)
+
+
+def test_updates_in_chunks_equal_one_batched_update(monkeypatch):
+    from petra.optim import GaLoreAdamW8bit
+    torch.manual_seed(0)
+    shapes = [(64, 96), (96, 64), (80, 80), (128,)]
+    results = []
+    for chunk in (1 << 26, 1000):  # everything at once, or one or two parameters per chunk
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+        opt = GaLoreAdamW8bit([{"params": ps[:3], "rank": 8, "update_proj_gap": 3}, {"params": ps[3:]}], lr=1e-2)
+        monkeypatch.setattr(opt, "chunk_elements", chunk)
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results.append([p.detach().clone() for p in ps])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

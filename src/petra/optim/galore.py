@@ -73,6 +73,7 @@ class GaLoreOptimizer(Optimizer):
     """Shared low-rank machinery; subclasses give the inner update in the projected space."""
 
     inner_keys: tuple[str, ...] = ()
+    chunk_elements = 1 << 26  # parameters updated together hold at most this many gradient elements
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, defaults)
@@ -188,6 +189,18 @@ class GaLoreOptimizer(Optimizer):
         list; each low-rank parameter then costs one fused `addmm_` (back-projection + add).
         """
         if not params:
+            return
+        if len(params) > 1 and sum(r.numel() for r in rs) > self.chunk_elements:
+            # bounded working memory: the fp32 copies of gradients and (8-bit) moments exist
+            # for one chunk at a time (all at once they were 25 GB at 7b in layer-wise mode)
+            i = 0
+            while i < len(params):
+                j, n = i, 0
+                while j < len(params) and (j == i or n + rs[j].numel() <= self.chunk_elements):
+                    n += rs[j].numel()
+                    j += 1
+                self.apply_updates(params[i:j], rs[i:j], group, coef)
+                i = j
             return
         states = [self._state(p) for p in params]
         for st in states:
