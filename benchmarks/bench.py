@@ -58,7 +58,8 @@ def hf_loss(model):
     return f
 
 
-def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: int = GAP, ckpt: bool = False):
+def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: int = GAP, ckpt: bool = False,
+          extra: dict | None = None):
     """Returns (step_fn(batches) -> None, refresh_every or None, config)."""
     name, _, mode = impl.partition(":")
     name, _, pad = name.partition("+")
@@ -72,6 +73,7 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
           "model.activation_checkpointing": ckpt}
     if pad:
         ov["model.pad_intermediate_to"] = 128
+    ov.update(extra or {})
     if name.startswith("petra-relora-"):
         ov["method.quantize"] = name.rsplit("-", 1)[1]
     if name.endswith("-lw") or name.endswith("-lw-sub"):
@@ -146,11 +148,11 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
     return step, refresh, cfg
 
 
-def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=False):
+def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=False, extra=None):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t_build = time.perf_counter()
-    step, refresh, cfg = build(impl, preset, rank, micro, batch, gap, ckpt)
+    step, refresh, cfg = build(impl, preset, rank, micro, batch, gap, ckpt, extra)
     g = torch.Generator(device="cuda").manual_seed(0)
     accum = batch // micro
     T = cfg.seq_len
@@ -183,7 +185,7 @@ def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=Fa
     tokens = batch * T
     flops = flops_per_token(cfg.model, T) * tokens
     return {"impl": impl, "preset": preset, "rank": rank, "batch": batch, "micro_batch": micro,
-            "activation_checkpointing": ckpt, "median_ms": 1000 * med,
+            "activation_checkpointing": ckpt, "overrides": extra or {}, "median_ms": 1000 * med,
             "amortized_ms": 1000 * amort, "refresh_s": refresh_s, "first_step_s": first,
             "tokens_per_s": tokens / amort, "mfu": flops / amort / 989e12,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "setup_s": time.perf_counter() - t_build}
@@ -200,8 +202,11 @@ def main():
     ap.add_argument("--batch", type=int, default=64, help="sequences per step (the papers' tables: 64)")
     ap.add_argument("--gap", type=int, default=GAP, help="projector refresh interval (update_proj_gap)")
     ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override for petra impls, e.g. train.grad_clip=0")
     ap.add_argument("--out", default="bench.json")
     a = ap.parse_args()
+    extra = dict(kv.split("=", 1) for kv in a.set)  # strings, cast by build_config as for the CLI
     ranks = dict(kv.split("=") for kv in a.ranks.split(","))
     micro = dict(kv.split("=") for kv in a.micro.split(","))
     rows = []
@@ -209,7 +214,7 @@ def main():
         for impl in a.impls.split(","):
             try:
                 r = measure(impl, preset, int(ranks[preset]), int(micro[preset]), a.steps, a.warmup,
-                            a.batch, a.gap, a.ckpt)
+                            a.batch, a.gap, a.ckpt, extra)
             except Exception as e:
                 traceback.print_exc()
                 r = {"impl": impl, "preset": preset, "error": f"{type(e).__name__}: {str(e)[:200]}"}
