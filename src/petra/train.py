@@ -270,8 +270,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
                 vl = evaluate(wrapped, vbatches, device, d, mb)
                 last_val = vl
                 write({**record, "val_loss": round(vl, 5), "val_ppl": round(math.exp(min(vl, 50)), 3)})
-                if d.main:
-                    bar.write(f"step {step}: val loss {vl:.4f}, ppl {math.exp(min(vl, 50)):.2f}")
+                (bar.write if show_progress else log)(f"step {step}: val loss {vl:.4f}, ppl {math.exp(min(vl, 50)):.2f}")
                 window_t += time.perf_counter() - t0  # evaluation is not training throughput
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_at:
                 t0 = time.perf_counter()
