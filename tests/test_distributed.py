@@ -116,3 +116,25 @@ def test_ddp_checkpoint_resumes_on_one_process(runs, tmp_path):
     shutil.copytree(runs / "ddp" / "galore-resumed", run)
     payload = checkpoint.load(run)
     assert payload["step"] == 12 and payload["config"]["train"]["parallel"] == "ddp"
+
+
+def test_a_save_killed_between_its_renames_leaves_the_old_shards(runs, tmp_path):
+    import shutil
+    run = tmp_path / "r"
+    shutil.copytree(runs / "fsdp" / "galore", run)
+    (run / checkpoint.SHARDED).rename(run / (checkpoint.SHARDED + ".old"))  # as if killed mid-save
+    assert checkpoint.exists(run)
+    assert checkpoint.load(run, rank=1, world=2, sharded=True)["step"] == 12
+    with pytest.raises(checkpoint.CheckpointError, match="saved by 2 FSDP2 processes"):
+        checkpoint.load(run, rank=0, world=4, sharded=True)
+
+
+def test_parallel_modes_need_torchrun(tiny_cfg, tmp_path, monkeypatch):
+    from petra.config import ConfigError
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match="needs a launch by torchrun"):
+        train(tiny_cfg(**{"train.parallel": "fsdp"}), tmp_path / "r", show_progress=False, log=lambda *a: None)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="train.parallel='zero'"):
+        tiny_cfg(**{"train.parallel": "zero"})
