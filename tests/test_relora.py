@@ -141,3 +141,30 @@ def test_quantize_needs_relora():
     from petra.config import ConfigError
     with pytest.raises(ConfigError, match="needs method.name=relora"):
         build_config(overrides={"preset": "tiny", "method.name": "galore", "method.quantize": "nf4"})
+
+
+def test_warm_start_from_a_full_rank_run(tmp_path, tiny_cfg):
+    from petra import checkpoint
+    from petra.config import ConfigError
+    from petra.data import Batches, prepare
+    from petra.metrics import read_metrics
+    from petra.train import train
+    quiet = dict(show_progress=False, log=lambda *a: None)
+    cfg = tiny_cfg(**{"train.steps": 6})
+    train(cfg, tmp_path / "full", **quiet)
+    ov = {"method.name": "relora", "method.rank": 8, "method.reset_interval": 3,
+          "train.init_from": str(tmp_path / "full")}
+    train(tiny_cfg(**ov), tmp_path / "r", **quiet)
+    # the first ReLoRA step's loss is the full-rank run's final model on that batch (B = 0)
+    model = LlamaForCausalLM(cfg.model)
+    model.load_state_dict(checkpoint.load(tmp_path / "full")["model"])
+    data = prepare(cfg.data, cfg.model.vocab_size)
+    x, y = Batches(data.train, cfg.seq_len, cfg.train.batch_size, cfg.train.seed).get(0)
+    first = next(r["loss"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "loss" in r)
+    with torch.no_grad():
+        assert first == pytest.approx(float(model(x, y)), abs=1e-4)
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        train(tiny_cfg(**{**ov, "model.hidden_size": 128}), tmp_path / "bad", **quiet)
+    from petra.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="neither a petra run directory"):
+        train(tiny_cfg(**{**ov, "train.init_from": str(tmp_path / "nothing")}), tmp_path / "bad2", **quiet)

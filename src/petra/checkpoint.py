@@ -125,6 +125,21 @@ def plain_state_dict(payload: dict) -> dict[str, torch.Tensor]:
     return merged_state_dict(payload["model"], m["lora_alpha"] / m["rank"], m.get("quantize", "none"))
 
 
+def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
+    """Plain LLaMA weights to start a run from: a petra run directory (any method; ReLoRA
+    factors merged, FSDP2 shards joined) or a directory with model.safetensors (petra export,
+    or a Hugging Face LlamaForCausalLM with the same shapes)."""
+    path = Path(source).expanduser()
+    if exists(path):
+        return plain_state_dict(load_consolidated(path))
+    st = path / "model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+        return load_file(str(st))
+    raise CheckpointError(f"train.init_from={str(source)!r} is neither a petra run directory (with {CKPT}) "
+                          f"nor a directory holding model.safetensors")
+
+
 def hf_config(model_cfg: dict, eos_id: int | None) -> dict:
     from .config import ModelConfig
     mc = ModelConfig(**model_cfg)

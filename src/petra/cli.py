@@ -31,6 +31,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "projector": ("method.projector", str, "GaLore projector refresh: svd, randomized, subspace"),
     "reset_interval": ("method.reset_interval", int, "ReLoRA: steps between merge-and-restart"),
     "warm_start_steps": ("method.warm_start_steps", int, "ReLoRA: full-rank steps before LoRA"),
+    "init_from": ("train.init_from", str, "start from the weights of a run directory or a model.safetensors "
+                  "export (e.g. ReLoRA after a full-rank run)"),
     "data": ("data.source", str, "'bible', a directory from `petra data build`, or .txt/.jsonl files/dirs"),
     "tokenizer": ("data.tokenizer", str, "tokenizer.json or SentencePiece .model (default: train a BPE)"),
 }

@@ -104,6 +104,7 @@ class TrainConfig:
     compile: str = "auto"         # auto (on for CUDA) | on | off
     stop_after: int = 0           # end the run at this step as if interrupted (0 = off)
     parallel: str = "auto"        # under torchrun: auto (= ddp) | ddp | fsdp; none = one process
+    init_from: str = ""           # a run directory or HF-format export: its weights start this run
 
 
 @dataclass

@@ -118,6 +118,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
         raise ConfigError(f"train.batch_size={B} must split into {d.world} processes x a whole number of "
                           f"micro-batches of train.micro_batch_size={cfg.train.micro_batch_size}")
     device, dtype = resolve_device(cfg, d.local_rank if d.active else None)
+    init = checkpoint.initial_weights(cfg.train.init_from) if cfg.train.init_from and payload is None else None
 
     # data first: the cheap checks (missing files, empty corpus) fail before any model exists.
     # Rank 0 fills the token cache while the others wait, then they read it.
@@ -143,6 +144,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     torch.manual_seed(cfg.train.seed)  # the same initial model on every process
     model = build_model(cfg.model, device, dtype)
     n_params = count_parameters(model)  # the LLaMA's own, before LoRA factors or quantization
+    if init is not None:  # e.g. ReLoRA's full-rank warm start taken from an earlier run
+        _load_initial(model, init, cfg.train.init_from)
     method = make_method(cfg)
     method.parallel = d.mode
     if payload is not None:
@@ -302,6 +305,21 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     d.barrier()
     return summary
+
+
+def _load_initial(model, weights: dict, source: str) -> None:
+    own = model.state_dict()
+    bad = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
+    extra = sorted(set(weights) - set(own))
+    if bad or extra:
+        k = (bad or extra)[0]
+        raise ConfigError(f"train.init_from={source!r} does not fit this model: {k} "
+                          + (f"has shape {tuple(weights[k].shape)}, the model's is {tuple(own[k].shape)}"
+                             if k in weights and k in own else "is missing on one side")
+                          + " (use the same preset and vocabulary)")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(weights[k])
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
