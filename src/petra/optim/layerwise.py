@@ -34,6 +34,7 @@ class LayerwiseStepper:
         self.optimizer, self.grad_clip = optimizer, grad_clip
         self.after_backward = after_backward
         self.armed = False
+        self._sharded = False  # seen an FSDP2 (DTensor) parameter: norms need a sum over ranks
         self._norms: list[torch.Tensor] = []
         self._pending: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
         self._handles = []
@@ -57,8 +58,6 @@ class LayerwiseStepper:
         else:
             self.optimizer.apply_update(p, r, group)
         p.grad = None
-
-    _sharded = False
 
     def finish(self) -> torch.Tensor:
         """Apply pending (clipped) updates; returns the global gradient norm."""
