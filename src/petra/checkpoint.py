@@ -68,18 +68,17 @@ def load(run_dir: Path, map_location="cpu", rank: int = 0, world: int = 1, shard
     """The checkpoint this process resumes from: checkpoint.pt, or its own FSDP2 shard."""
     run_dir = Path(run_dir)
     path, sdir = run_dir / CKPT, _sharded_dir(run_dir)
+    n = len(list(sdir.glob("rank*.pt"))) if sdir is not None else 0  # processes that saved it
     if sharded:
         if sdir is None:
             raise CheckpointError(f"no FSDP2 checkpoint in {run_dir}" + (
                 "; it holds one saved without FSDP2: resume it with train.parallel ddp or none"
                 if path.is_file() else ""))
-        n = len(list(sdir.glob("rank*.pt")))
         if n != world:
             raise CheckpointError(f"the checkpoint in {sdir} was saved by {n} FSDP2 processes; resume it with "
                                   f"torchrun --nproc_per_node {n} (this launch has {world})")
         return _read(sdir / f"rank{rank:05d}.pt", map_location)
     if not path.is_file() and sdir is not None:
-        n = len(list(sdir.glob("rank*.pt")))
         raise CheckpointError(f"{run_dir} holds an FSDP2 checkpoint of {n} shards; resume it with torchrun "
                               f"--nproc_per_node {n} and train.parallel=fsdp (petra export consolidates it)")
     return _read(path, map_location)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -91,7 +90,8 @@ def cmd_train(args) -> int:
             raise ConfigError("petra train needs --out RUN_DIR (or --resume RUN_DIR)")
         cfg = build_config(overrides=ov, file=args.config)
         summary = train(cfg, args.out, show_progress=not args.no_progress)
-    if summary["val_ppl"] is not None and os.environ.get("RANK", "0") == "0":
+    from .distributed import main_process
+    if summary["val_ppl"] is not None and main_process():
         print(f"done: step {summary['step']}, validation loss {summary['val_loss']:.4f}, "
               f"perplexity {summary['val_ppl']:.2f}")
     return 0

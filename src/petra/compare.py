@@ -14,7 +14,6 @@ import gc
 import html
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from . import checkpoint
 from .config import ConfigError, RunConfig, replace
+from .distributed import main_process
 from .memory import SEED_FIGURES, breakdown_gib, paper_estimate_gib
 from .metrics import read_metrics
 
@@ -92,7 +92,7 @@ def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         log(f"{cfg.method.name} failed: {reason}")
         failed = {"status": "failed", "reason": reason}
-        if _main_process():
+        if main_process():
             run_dir.mkdir(parents=True, exist_ok=True)
             summary_path.write_text(json.dumps(failed))
         return failed
@@ -112,7 +112,7 @@ def compare(base: RunConfig, methods: list[str], out: Path, tokens: str | None =
     steps = max(1, math.ceil(budget / per_step)) if budget else base.train.steps
     lr_of = parse_lrs(lrs, methods)
     cfgs = {m: method_config(base, m, steps, lr_of.get(m), explicit) for m in methods}  # validates all first
-    if not _main_process():  # under torchrun every process trains; rank 0 alone reports
+    if not main_process():  # under torchrun every process trains; rank 0 alone reports
         log = lambda *a, **k: None  # noqa: E731
     out.mkdir(parents=True, exist_ok=True)
     log(f"compare: {', '.join(methods)} on preset {base.preset}, {steps} steps x {per_step} tokens "
@@ -129,16 +129,13 @@ def compare(base: RunConfig, methods: list[str], out: Path, tokens: str | None =
     if passes > 1:
         log(f"warning: the budget is {passes:.1f} passes over the training data; perplexity then measures "
             f"memorization more than the method. Use a larger corpus (petra data build) or fewer tokens.")
-    if _main_process():
+    if main_process():
         write_tables(rows, out, base, passes)
         write_plots(rows, cfgs, out)
         write_report(rows, out, base)
         print((out / "comparison.md").read_text())
     return rows
 
-
-def _main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def make_row(method: str, cfg: RunConfig, s: dict) -> dict:

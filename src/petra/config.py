@@ -150,10 +150,6 @@ class RunConfig:
         return self.train.micro_batch_size or self.train.batch_size
 
     @property
-    def accum_steps(self) -> int:
-        return self.train.batch_size // self.micro_batch
-
-    @property
     def warmup_steps(self) -> int:
         w = self.train.warmup_steps
         return max(1, self.train.steps // 10) if w < 0 else w

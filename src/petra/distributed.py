@@ -34,6 +34,11 @@ def launched() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
+def main_process() -> bool:
+    """Rank 0 under torchrun, or the only process: the one that writes and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass
 class Dist:
     mode: str = "none"   # none | ddp | fsdp

@@ -114,7 +114,9 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
         raise ConfigError("galore-adafactor does not run under FSDP2 (its factored second moment needs whole "
                           "rows and columns); use train.parallel=ddp")
     B = cfg.train.batch_size
-    if B % d.world or (B // d.world) % (cfg.train.micro_batch_size or B // d.world):
+    rows = B // d.world                      # this process's rows of each global batch
+    mb = cfg.train.micro_batch_size or rows  # rows per forward
+    if B % d.world or rows % mb:
         raise ConfigError(f"train.batch_size={B} must split into {d.world} processes x a whole number of "
                           f"micro-batches of train.micro_batch_size={cfg.train.micro_batch_size}")
     device, dtype = resolve_device(cfg, d.local_rank if d.active else None)
@@ -134,8 +136,6 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
         raise ConfigError("the data of this run changed since its checkpoint (corpus or tokenizer); "
                           "resuming would not continue the same run")
     seq = cfg.seq_len
-    rows = B // d.world                      # this process's rows of each global batch
-    mb = cfg.train.micro_batch_size or rows  # rows per forward
     accum = rows // mb
     batches = Batches(data.train, seq, B, cfg.train.seed)
     # the validation set: eval_batches global batches, whatever the micro-batch or process count
