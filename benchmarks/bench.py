@@ -11,6 +11,18 @@ torch AdamW (hf-full) or bitsandbytes AdamW8bit (hf-adamw8bit), galore-torch 1.0
 Suffix an impl with ':compile' to torch.compile its model, with '+pad' to pad the MLP width
 to a multiple of 128 (both models). petra-relora-int8 / -nf4 hold ReLoRA's frozen weights
 quantized by bitsandbytes.
+
+Under torchrun, petra impls take '@ddp' or '@fsdp' (train.parallel) and the total --batch is
+split over the processes, as in training. Variants for measuring: '@ddp-nosplit' compiles
+one graph (torch._dynamo's optimize_ddp off); '@fsdp-keep' keeps the gathered weights from
+forward to backward, '@fsdp-whole' compiles the whole FSDP2 model instead of each layer
+and the loss, '@fsdp-u4' gathers 4 layers per FSDP2 unit:
+
+    torchrun --nproc_per_node 2 benchmarks/bench.py --impls petra-full:compile@ddp,petra-full:compile@fsdp
+
+Rows then report tokens/s in all and per GPU, the peak memory of the fullest GPU and the
+optimizer state one process holds. --profile N prints torch.profiler's busiest operators
+over N more steps of each impl (host and GPU time).
 """
 from __future__ import annotations
 
@@ -26,10 +38,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from petra import distributed as distr  # noqa: E402
 from petra.config import build_config  # noqa: E402
 from petra.methods import make_method  # noqa: E402
 from petra.metrics import flops_per_token  # noqa: E402
 from petra.model import build_model  # noqa: E402
+from petra.train import _compiled, optimizer_state_bytes  # noqa: E402
+
+DIST = distr.Dist()  # the process group under torchrun (set in main)
 
 GAP = 200
 
@@ -43,7 +59,7 @@ def hf_model(cfg):
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # created in bf16, as petra's: no fp32 copy at 7b
     try:
-        with torch.device("cuda"):
+        with device():
             m = transformers.LlamaForCausalLM(hc)
     finally:
         torch.set_default_dtype(old)
@@ -58,9 +74,22 @@ def hf_loss(model):
     return f
 
 
+def device() -> torch.device:
+    return torch.device("cuda", DIST.local_rank)
+
+
 def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: int = GAP, ckpt: bool = False,
           extra: dict | None = None):
-    """Returns (step_fn(batches) -> None, refresh_every or None, config)."""
+    """Returns (step_fn(batches) -> None, refresh_every or None, config, optimizer)."""
+    impl, _, par = impl.partition("@")
+    mode, *opts = par.split("-") if par else ("",)
+    units = [int(o[1:]) for o in opts if o[:1] == "u" and o[1:].isdigit()]
+    if mode not in ("", "ddp", "fsdp") or any(o not in ("keep", "whole", "nosplit") and not o[:1] == "u"
+                                              for o in opts):
+        raise ValueError(f"unknown parallel mode @{par}: use @ddp[-nosplit] or @fsdp[-keep][-whole][-uN]")
+    if (par or DIST.world > 1) and not (DIST.active and par and impl.startswith("petra")):
+        raise ValueError(f"{impl}@{par}: parallel modes are for petra impls under torchrun, and under "
+                         f"torchrun with several processes every impl needs one")
     name, _, mode = impl.partition(":")
     name, _, pad = name.partition("+")
     compile_ = mode == "compile"
@@ -81,24 +110,32 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
     if name.endswith("-sub"):
         ov["method.projector"] = "subspace"
     cfg = build_config(overrides=ov)
-    accum = batch // micro
 
     if name.startswith("petra"):
         torch.manual_seed(0)
-        model = build_model(cfg.model, "cuda", torch.bfloat16)
+        model = build_model(cfg.model, device(), torch.bfloat16)
         m = make_method(cfg)
+        d = distr.Dist(mode, DIST.rank, DIST.world, DIST.local_rank) if par else distr.Dist()
+        m.parallel = d.mode
         if method == "relora":
             m.lora_phase = True
         model = m.prepare(model)
+        wrapped = distr.wrap(model, d, device(), reshard_after_forward="keep" not in opts,
+                             unit_layers=units[0] if units else 1)
         opt = m.optimizer(model)
-        fwd = torch.compile(model) if compile_ else model
+        import torch._dynamo.config as dynamo_config
+        dynamo_config.optimize_ddp = "nosplit" not in opts  # DDP: one graph, no bucket-sized pieces
+        parts = model if d.mode == "fsdp" and "whole" not in opts else None
+        fwd = _compiled(wrapped, compile_, lambda *a: None, parts_of=parts)  # as the training loop compiles
 
         def step(batches):
             for j, (x, y) in enumerate(batches):
-                m.before_backward(j == accum - 1)
-                (fwd(x, y) / accum).backward()
+                last = j == len(batches) - 1
+                m.before_backward(last)
+                with distr.grad_sync(wrapped, d, last):
+                    (fwd(x, y) / len(batches)).backward()
             m.step(model, opt)
-        return step, gap if method.startswith("galore") else None, cfg
+        return step, gap if method.startswith("galore") else None, cfg, opt
 
     model = hf_model(cfg)
     if name == "hf-lora":
@@ -142,22 +179,25 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
 
     def step(batches):
         for x, y in batches:
-            (loss(x, x) / accum).backward()
+            (loss(x, x) / len(batches)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step, refresh, cfg
+    return step, refresh, cfg, opt
 
 
-def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=False, extra=None):
+def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=False, extra=None, profile=0):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t_build = time.perf_counter()
-    step, refresh, cfg = build(impl, preset, rank, micro, batch, gap, ckpt, extra)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    accum = batch // micro
+    step, refresh, cfg, opt = build(impl, preset, rank, micro, batch, gap, ckpt, extra)
+    g = torch.Generator(device=device()).manual_seed(DIST.rank)
+    rows = batch // DIST.world  # this process's rows of each step, micro at a time
+    if batch % DIST.world or rows % micro:
+        raise ValueError(f"batch {batch} does not split into {DIST.world} processes x micro-batches of {micro}")
     T = cfg.seq_len
-    batches = [(torch.randint(0, cfg.model.vocab_size, (micro, T), device="cuda", generator=g),
-                torch.randint(0, cfg.model.vocab_size, (micro, T), device="cuda", generator=g)) for _ in range(accum)]
+    batches = [(torch.randint(0, cfg.model.vocab_size, (micro, T), device=device(), generator=g),
+                torch.randint(0, cfg.model.vocab_size, (micro, T), device=device(), generator=g))
+               for _ in range(rows // micro)]
     times = []
     for i in range(warmup + steps):
         torch.cuda.synchronize()
@@ -184,11 +224,33 @@ def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=Fa
     amort = med + (refresh_s / refresh if refresh_s else 0.0)
     tokens = batch * T
     flops = flops_per_token(cfg.model, T) * tokens
+    peak = DIST.all_reduce(torch.tensor(float(torch.cuda.max_memory_allocated()), device=device()),
+                           distr.dist.ReduceOp.MAX)
+    if profile:
+        show_profile(step, batches, profile, impl)
     return {"impl": impl, "preset": preset, "rank": rank, "batch": batch, "micro_batch": micro,
-            "activation_checkpointing": ckpt, "overrides": extra or {}, "median_ms": 1000 * med,
-            "amortized_ms": 1000 * amort, "refresh_s": refresh_s, "first_step_s": first,
-            "tokens_per_s": tokens / amort, "mfu": flops / amort / 989e12,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "setup_s": time.perf_counter() - t_build}
+            "gpus": DIST.world, "activation_checkpointing": ckpt, "overrides": extra or {},
+            "median_ms": 1000 * med, "amortized_ms": 1000 * amort, "refresh_s": refresh_s, "first_step_s": first,
+            "tokens_per_s": tokens / amort, "tokens_per_s_per_gpu": tokens / amort / DIST.world,
+            "mfu": flops / amort / 989e12 / DIST.world, "peak_gib": float(peak) / 2**30,
+            "optimizer_state_mib": optimizer_state_bytes(opt) / 2**20, "setup_s": time.perf_counter() - t_build}
+
+
+def show_profile(step, batches, n: int, impl: str) -> None:
+    """torch.profiler over n steps: the operators with the most host time, then GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step(batches)
+        torch.cuda.synchronize()
+    if DIST.main:
+        avg = prof.key_averages()
+        print(f"== profile of {impl}, {n} steps: host time ==")
+        print(avg.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+        key = "self_device_time_total" if hasattr(avg[0], "self_device_time_total") else "self_cuda_time_total"
+        print(f"== profile of {impl}: GPU time ==")
+        print(avg.table(sort_by=key, row_limit=12, max_name_column_width=60), flush=True)
 
 
 def main():
@@ -204,8 +266,12 @@ def main():
     ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override for petra impls, e.g. train.grad_clip=0")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps of each impl")
     ap.add_argument("--out", default="bench.json")
     a = ap.parse_args()
+    global DIST
+    if distr.launched():
+        DIST = distr.setup("ddp", "cuda")
     extra = dict(kv.split("=", 1) for kv in a.set)  # strings, cast by build_config as for the CLI
     ranks = dict(kv.split("=") for kv in a.ranks.split(","))
     micro = dict(kv.split("=") for kv in a.micro.split(","))
@@ -214,17 +280,21 @@ def main():
         for impl in a.impls.split(","):
             try:
                 r = measure(impl, preset, int(ranks[preset]), int(micro[preset]), a.steps, a.warmup,
-                            a.batch, a.gap, a.ckpt, extra)
+                            a.batch, a.gap, a.ckpt, extra, a.profile)
             except Exception as e:
                 traceback.print_exc()
                 r = {"impl": impl, "preset": preset, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             rows.append(r)
-            print(json.dumps(r), flush=True)
             gc.collect()
             torch.cuda.empty_cache()
-            Path(a.out).write_text(json.dumps(rows, indent=1))
-    print(table(rows))
-    print(ratios(rows))
+            if DIST.main:
+                print(json.dumps(r), flush=True)
+                Path(a.out).write_text(json.dumps(rows, indent=1))
+    if DIST.main:
+        print(table(rows))
+        print(ratios(rows))
+    if DIST.active:
+        distr.dist.destroy_process_group()
 
 
 def ratios(rows):
@@ -243,15 +313,17 @@ def ratios(rows):
 
 
 def table(rows):
-    out = ["| preset | impl | median ms | amortized ms | refresh s | tokens/s | MFU | peak GiB |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| preset | impl | GPUs | median ms | amortized ms | refresh s | tokens/s | tokens/s/GPU | MFU | "
+           "peak GiB/GPU | opt. state MiB/GPU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['preset']} | {r['impl']} | failed: {r['error'][:60]} | | | | | |")
+            out.append(f"| {r['preset']} | {r['impl']} | | failed: {r['error'][:60]} | | | | | | | |")
             continue
         rs = f"{r['refresh_s']:.2f}" if r["refresh_s"] is not None else "-"
-        out.append(f"| {r['preset']} | {r['impl']} | {r['median_ms']:.1f} | {r['amortized_ms']:.1f} | {rs} | "
-                   f"{r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+        out.append(f"| {r['preset']} | {r['impl']} | {r.get('gpus', 1)} | {r['median_ms']:.1f} | "
+                   f"{r['amortized_ms']:.1f} | {rs} | {r['tokens_per_s']:,.0f} | "
+                   f"{r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | {100 * r['mfu']:.1f}% | "
+                   f"{r['peak_gib']:.1f} | {r.get('optimizer_state_mib', float('nan')):.0f} |")
     return "\n".join(out)
 
 

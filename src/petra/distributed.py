@@ -89,12 +89,16 @@ def setup(parallel: str, device_type: str) -> Dist:
     return Dist(mode, rank, world, local_rank)
 
 
-def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, d: Dist, device: torch.device, reshard_after_forward: bool = True,
+         unit_layers: int = 1) -> nn.Module:
     """The module the loop runs forward and backward on.
 
     DDP wraps the model (and is rebuilt when the set of trainable parameters changes, as at
     ReLoRA's switch from warm start to LoRA). FSDP2 shards the model in place, once; it
-    follows later `requires_grad` changes by itself.
+    follows later `requires_grad` changes by itself. reshard_after_forward=False keeps each
+    layer's gathered weights from forward to backward (one all-gather per step, not two);
+    unit_layers > 1 gathers that many consecutive layers as one FSDP2 unit (fewer, larger
+    collectives and hooks, more memory while gathered).
     """
     if d.mode == "ddp":
         import inspect
@@ -109,9 +113,11 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     if d.mode == "fsdp":
         from torch.distributed.fsdp import FSDPModule, fully_shard
         if not isinstance(model, FSDPModule):
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
+            layers = list(model.model.layers)
+            for i in range(0, len(layers), unit_layers):
+                unit = layers[i:i + unit_layers]
+                fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=reshard_after_forward)
+            fully_shard(model, reshard_after_forward=reshard_after_forward)
         return model
     return model
 
@@ -146,6 +152,14 @@ def local_part(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
+def shaped_like(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This process's rows x of a tensor laid out as parameter p (optimizer state kept
+    local, as LocalAdamW keeps it), as a DTensor when p is one, so that `full` gathers it."""
+    if not isinstance(p, DTensor) or isinstance(x, DTensor):
+        return x
+    return DTensor.from_local(x, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
 def local_state(obj) -> object:
     """A (nested) state dict with every DTensor replaced by its local shard, for saving."""
     if isinstance(obj, DTensor):
@@ -172,20 +186,26 @@ def load_local_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> 
         target.copy_(v)
 
 
-def restore_dtensor_state(optimizer: torch.optim.Optimizer) -> None:
-    """After load_state_dict of saved local shards: torch optimizers keep the state of a
-    DTensor parameter as DTensors of the same layout, so wrap the loaded shards again.
-    (petra's GaLore optimizers keep local tensors and are left as they are.)"""
-    from .optim.galore import GaLoreOptimizer
-    if isinstance(optimizer, GaLoreOptimizer):
-        return
-    for p, st in optimizer.state.items():
-        if not isinstance(p, DTensor):
-            continue
-        for k, v in list(st.items()):
-            if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.to_local().shape:
-                st[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
-                                           shape=p.shape, stride=p.stride())
+def sum_square_over_shards(norm: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """The global norm from this process's norm of its gradient rows: under FSDP2 every
+    process holds some rows of every gradient, so the squares add up over processes."""
+    if not sharded:
+        return norm
+    sq = norm.float().square()
+    dist.all_reduce(sq)
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (the same kernels, eps and clamp), on local gradient
+    rows: under FSDP2 only the norm is communicated, never a DTensor op. Returns the
+    global norm before clipping; max_norm <= 0 only measures."""
+    grads = [local(p.grad) for p in params]
+    norm = sum_square_over_shards(torch.nn.utils.get_total_norm(grads), any(is_sharded(p) for p in params))
+    if max_norm > 0 and grads:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device))
+    return norm
 
 
 class RowShards:

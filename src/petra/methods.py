@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from .config import RunConfig
-from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseStepper, galore_param_groups
+from .distributed import clip_grad_norm
+from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseStepper, LocalAdamW, galore_param_groups
 from .schedule import lr_factor
 
 
@@ -41,8 +41,8 @@ class Method:
             self._layerwise(opt)
             return opt
         fused = all(p.is_cuda for p in params)
-        return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                                 weight_decay=t.weight_decay, fused=fused or None, foreach=None if fused else False)
+        return LocalAdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                          weight_decay=t.weight_decay, fused=fused or None, foreach=None if fused else False)
 
     # -- per step ------------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
@@ -57,13 +57,8 @@ class Method:
         """Clip and update; returns the gradient norm (before clipping)."""
         if self.layerwise is not None:
             return self.layerwise.finish()
-        clip = self.cfg.train.grad_clip
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if isinstance(norm, DTensor):  # FSDP2: the norm of sharded gradients, summed over ranks
-            norm = norm.full_tensor()
-        if clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+        norm = clip_grad_norm(params, self.cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm

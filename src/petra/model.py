@@ -156,6 +156,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cache(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.loss_fn = fused_cross_entropy  # compiled on its own by compile_parts
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -165,6 +166,20 @@ class LlamaForCausalLM(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+
+    def compile_parts(self, on: bool = True) -> None:
+        """torch.compile each decoder layer and the loss on their own (on=False undoes it).
+
+        For a model whose layers FSDP2 gathers one at a time: its hooks run between the
+        layers, so the layers are compiled one by one; the loss (the largest element-wise
+        work of the step, over (tokens, vocab) logits) is compiled too, which it would not
+        be as part of an eager root module."""
+        for layer in self.model.layers:
+            if on:
+                layer.compile()
+            else:
+                layer._compiled_call_impl = None
+        self.loss_fn = torch.compile(fused_cross_entropy) if on else fused_cross_entropy
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
@@ -185,7 +200,7 @@ class LlamaForCausalLM(nn.Module):
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h)
-        return fused_cross_entropy(h, self.lm_head.weight, targets)
+        return self.loss_fn(h, self.lm_head.weight, targets)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import RunConfig
-from .distributed import full, local, local_part
+from .distributed import full, local, local_part, shaped_like
 from .methods import Method
 from .schedule import lr_factor
 
@@ -199,6 +199,7 @@ def prune_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], 
             x = state.get(key)
             if x is None:
                 continue
+            x = shaped_like(x, p)
             # under FSDP2 the moments are row shards: thresholds and masks come from the whole
             # moment (every rank computes the same), each rank edits its rows
             whole, mine = full(x), local(x)

@@ -161,7 +161,6 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     step = 0
     if payload is not None:
         optimizer.load_state_dict(payload["optimizer"])
-        distr.restore_dtensor_state(optimizer)
         step = payload["step"]
         torch.set_rng_state(payload["rng"])
         if device.type == "cuda" and payload.get("cuda_rng") is not None:
@@ -177,7 +176,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     write = metrics.write if metrics is not None else (lambda rec: None)
 
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    fwd = _compiled(wrapped, use_compile, log, blocks=model.model.layers if d.mode == "fsdp" else None)
+    fwd = _compiled(wrapped, use_compile, log, parts_of=model if d.mode == "fsdp" else None)
     fpt = flops_per_token(cfg.model, seq)
     peak = peak_flops(device)
     tokens_per_step = B * seq
@@ -348,18 +347,17 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _compiled(model, use_compile: bool, log, blocks=None):
-    """The forward to train with: the model compiled whole, or with `blocks` (under FSDP2)
-    each decoder layer compiled on its own, as torchtitan does, so that FSDP2's per-layer
-    gathers run between compiled graphs. (Under DDP, per-layer graphs measured 0.50x of the
-    plain path at 60m against 0.85x for the whole model compiled, DDP splitting it at
-    bucket boundaries.) Compile failures fall back to eager with a warning."""
+def _compiled(model, use_compile: bool, log, parts_of=None):
+    """The forward to train with: the model compiled whole, or (under FSDP2, `parts_of` the
+    sharded LlamaForCausalLM) each decoder layer and the loss compiled on their own, as
+    torchtitan does, so that FSDP2's per-layer gathers run between compiled graphs. (Under
+    DDP, per-layer graphs measured 0.50x of the plain path at 60m against 0.85x for the
+    whole model compiled, DDP splitting it at bucket boundaries.) Compile failures fall
+    back to eager with a warning."""
     if not use_compile:
         return model
-    if blocks is not None:
-        for b in blocks:
-            if getattr(b, "_compiled_call_impl", None) is None:
-                b.compile()
+    if parts_of is not None:
+        parts_of.compile_parts(True)
         compiled = model
     else:
         compiled = torch.compile(model)
@@ -375,8 +373,8 @@ def _compiled(model, use_compile: bool, log, blocks=None):
             except Exception as e:  # compile problems must not end a run
                 warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); running eagerly")
                 state["ok"] = False
-                for b in blocks or ():
-                    b._compiled_call_impl = None
+                if parts_of is not None:
+                    parts_of.compile_parts(False)
                 return model(x, y)
             state["ok"] = True
             log(f"compiled the model forward in {time.perf_counter() - t0:.1f}s")

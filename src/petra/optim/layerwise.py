@@ -20,9 +20,8 @@ updates once backward (and the all-reduce) is done.
 from __future__ import annotations
 
 import torch
-import torch.distributed
 
-from ..distributed import is_sharded, local
+from ..distributed import is_sharded, local, sum_square_over_shards
 from .galore import GaLoreOptimizer
 
 
@@ -67,10 +66,7 @@ class LayerwiseStepper:
                     if p.grad is not None:
                         self._take(p, group)
         norm = torch.linalg.vector_norm(torch.stack(self._norms)) if self._norms else torch.zeros(())
-        if self._sharded:  # FSDP2: every process holds some rows of every gradient
-            sq = norm.float().square()
-            torch.distributed.all_reduce(sq)
-            norm = sq.sqrt()
+        norm = sum_square_over_shards(norm, self._sharded)
         if self._pending:
             coef = float((self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
             by_group: dict[int, tuple[dict, list, list]] = {}

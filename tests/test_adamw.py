@@ -1,0 +1,46 @@
+import copy
+
+import pytest
+import torch
+
+from petra.distributed import clip_grad_norm
+from petra.optim import LocalAdamW
+
+
+@pytest.mark.parametrize("kernels", [{"foreach": False}, {"foreach": True}, {"fused": True}])
+def test_local_adamw_is_torch_adamw_on_plain_tensors(kernels):
+    """The same kernels as torch.optim.AdamW: equal parameters and an interchangeable state_dict."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(8, 5)), torch.nn.Parameter(torch.randn(5))]
+    qs = copy.deepcopy(ps)
+    a = LocalAdamW(ps, lr=3e-3, betas=(0.8, 0.95), weight_decay=0.1, **kernels)
+    b = torch.optim.AdamW(qs, lr=3e-3, betas=(0.8, 0.95), weight_decay=0.1, **kernels)
+    for i in range(6):
+        for p, q in zip(ps, qs):
+            p.grad = None if (i == 2 and p.dim() == 1) else torch.randn_like(p)  # a step without a grad
+            q.grad = None if p.grad is None else p.grad.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    rs = copy.deepcopy(qs)
+    c = torch.optim.AdamW(rs, lr=3e-3, betas=(0.8, 0.95), weight_decay=0.1, **kernels)
+    c.load_state_dict(a.state_dict())  # a checkpoint of either loads into the other
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert all(torch.equal(c.state[r][key], b.state[q][key]) for r, q in zip(rs, qs))
+
+
+def test_clip_grad_norm_is_torch_clip_grad_norm():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
+    qs = copy.deepcopy(ps)
+    for p, q in zip(ps, qs):
+        p.grad = 3 * torch.randn_like(p)
+        q.grad = p.grad.clone()
+    norm = clip_grad_norm(ps, 0.5)
+    ref = torch.nn.utils.clip_grad_norm_(qs, 0.5)
+    assert torch.equal(norm, ref)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ps])) == pytest.approx(0.5, rel=1e-5)
+    before = [p.grad.clone() for p in ps]
+    assert torch.equal(clip_grad_norm(ps, 0.0), torch.nn.utils.get_total_norm(before))  # 0: measure only
+    assert all(torch.equal(p.grad, b) for p, b in zip(ps, before))
