@@ -134,7 +134,9 @@ def cmd_estimate(args) -> int:
 def _table(head: list[str], rows: list[list]) -> str:
     cols = [head] + [[str(c) for c in r] for r in rows]
     w = [max(len(r[i]) for r in cols) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"
+
+    def line(r):
+        return "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows[0:]])
 
 

@@ -149,7 +149,8 @@ def make_row(method: str, cfg: RunConfig, s: dict) -> dict:
                    passes=round(s["passes"], 3), trainable_params=s["trainable_params"],
                    optimizer_state_mib=round(s["optimizer_state_bytes"] / 2**20, 2),
                    peak_mem_gib=round(s["peak_mem_gib"], 3),
-                   tokens_per_s=round(s["tokens_per_s"] or 0), examples_per_s=round((s["tokens_per_s"] or 0) / cfg.seq_len, 2))
+                   tokens_per_s=round(s["tokens_per_s"] or 0),
+                   examples_per_s=round((s["tokens_per_s"] or 0) / cfg.seq_len, 2))
     return row
 
 

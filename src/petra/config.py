@@ -224,7 +224,8 @@ def build_config(preset: str = "mini", overrides: dict[str, Any] | None = None,
     for dotted, value in flat.items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
-            raise ConfigError(f"override {dotted!r} must look like section.key with section one of {', '.join(SECTIONS)}")
+            raise ConfigError(f"override {dotted!r} must look like section.key with section one of "
+                              f"{', '.join(SECTIONS)}")
         setattr(getattr(cfg, section), key, _coerce(section, key, value))
     if cfg.method.rank == 0:
         cfg.method.rank = PRESET_RANKS[preset]

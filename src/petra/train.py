@@ -55,8 +55,9 @@ def merge_resume_config(saved: RunConfig, requested: RunConfig | None, explicit:
         if new == old:
             continue
         if (section, key) not in RESUMABLE_CHANGES:
+            allowed = ", ".join(f"{s}.{k}" for s, k in sorted(RESUMABLE_CHANGES))
             raise ConfigError(f"cannot resume with {section}.{key}={new!r}: the run was started with {old!r}. "
-                              f"A resume may change only: {', '.join(f'{s}.{k}' for s, k in sorted(RESUMABLE_CHANGES))}")
+                              f"A resume may change only: {allowed}")
         setattr(getattr(saved, section), key, new)
     validate(saved)
     return saved
@@ -272,7 +273,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
                 vl = evaluate(wrapped, vbatches, device, d, mb)
                 last_val = vl
                 write({**record, "val_loss": round(vl, 5), "val_ppl": round(math.exp(min(vl, 50)), 3)})
-                (bar.write if show_progress else log)(f"step {step}: val loss {vl:.4f}, ppl {math.exp(min(vl, 50)):.2f}")
+                (bar.write if show_progress else log)(
+                    f"step {step}: val loss {vl:.4f}, ppl {math.exp(min(vl, 50)):.2f}")
                 window_t += time.perf_counter() - t0  # evaluation is not training throughput
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_at:
                 t0 = time.perf_counter()
