@@ -268,9 +268,7 @@ class ReLoRA(Method):
             if done == m.warm_start_steps:
                 old = optimizer
                 self.lora_phase = True
-                for mod in lora_modules(model):
-                    mod.set_lora_phase(True)
-                    self._quantize(mod)
+                model = self.prepare(model)  # the factors exist: this flips requires_grad (and quantizes W)
                 optimizer = self.optimizer(model)
                 for p in (q for g in optimizer.param_groups for q in g["params"]):
                     if p in old.state:  # embeddings, norms, head keep their moments

@@ -324,10 +324,11 @@ def _load_initial(model, weights: dict, source: str) -> None:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state this process holds (petra's optimizers keep FSDP2 state as
+    plain local rows)."""
     total = 0
     for st in optimizer.state.values():
         for k, v in st.items():
-            v = distr.local(v)  # FSDP2: this process's share
             if torch.is_tensor(v) and k not in ("step", "moment_step"):
                 inner = getattr(v, "codes", None)  # torchao 8-bit: codes + scales
                 if inner is not None:
