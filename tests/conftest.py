@@ -1,6 +1,11 @@
 import pytest
+import torch
 
 from petra.config import build_config
+
+# tests of code with a separate GPU path run on both; CI has no GPU and skips the second
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device"))]
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import io
 import pytest
 import torch
 
+from conftest import DEVICES
 from petra.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseStepper, galore_param_groups
 from petra.optim.projector import captured_energy, compute_basis, randomized_basis, subspace_basis, svd_basis
 
@@ -222,6 +223,43 @@ def test_8bit_tracks_fp32_and_stores_quantized_moments():
     assert type(m).__name__ == "OptimState8bit" and m.codes.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_8bit_update_equals_torchao_subclass_ops(device):
+    """The update on codes and scales (compiled on CUDA) equals the same math done through
+    torchao's OptimState8bit: dequantize(), float ops, copy_() back."""
+    from petra.optim.galore import _optim_state_8bit, _update_8bit
+    q = _optim_state_8bit()
+    torch.manual_seed(0)
+    r, m0 = torch.randn(64, 96, device=device), torch.randn(64, 96, device=device)
+    v0 = torch.rand(64, 96, device=device)
+    b1, b2, eps, bc2 = 0.9, 0.999, 1e-8, torch.tensor(0.3, device=device)
+    ours, ref = [], []
+    for out in (ours, ref):
+        m, v = (q.zeros(r.shape, signed=s, block_size=256, device=device) for s in (True, False))
+        m.copy_(m0)
+        v.copy_(v0)
+        if out is ours:
+            d = _update_8bit(m, v, r, b1, b2, eps, bc2, compiled=device == "cuda")
+        else:
+            m32 = m.dequantize().lerp(r, 1 - b1)
+            v32 = v.dequantize().mul(b2).addcmul(r, r, value=1 - b2)
+            m.copy_(m32)
+            v.copy_(v32)
+            d = m32 / (v32.sqrt() / bc2 + eps)
+        out += [d, m.codes, m.scale, v.codes, v.scale]
+    if device == "cpu":
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b)
+        return
+    # compiled kernels round differently (fused multiply-adds): a code may land one step over
+    assert torch.allclose(ours[0], ref[0], rtol=1e-5, atol=1e-7)
+    for i in (1, 3):
+        diff = (ours[i].int() - ref[i].int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    for i in (2, 4):
+        assert torch.allclose(ours[i], ref[i], rtol=1e-5)
+
+
 def test_adafactor_factored_update_against_formula():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.zeros(6, 9, dtype=torch.float64))
@@ -310,21 +348,32 @@ def test_resume_of_a_bf16_model_keeps_fp32_moments_and_step_counts(cls):
     assert torch.equal(w, w2) and torch.equal(n, n2)
 
 
-def test_updates_in_chunks_equal_one_batched_update(monkeypatch):
-    from petra.optim import GaLoreAdamW8bit
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", ["GaLoreAdamW8bit", "GaLoreAdamW"])
+def test_updates_in_chunks_equal_one_batched_update(monkeypatch, cls, device):
+    """On CUDA the 8-bit update is compiled, and row blocks are views of the 8-bit moments."""
+    import petra.optim
     torch.manual_seed(0)
-    shapes = [(64, 96), (96, 64), (80, 80), (128,)]
+    # the (512, 64) parameter has no projection and is larger than a chunk of 1000: it is
+    # updated in two blocks of 256 rows (views of its weights and 8-bit moments)
+    shapes = [(64, 96), (96, 64), (80, 80), (128,), (512, 64)]
     results = []
     for chunk in (1 << 26, 1000):  # everything at once, or one or two parameters per chunk
         torch.manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
-        opt = GaLoreAdamW8bit([{"params": ps[:3], "rank": 8, "update_proj_gap": 3}, {"params": ps[3:]}], lr=1e-2)
+        ps = [torch.nn.Parameter(torch.randn(*s).to(device)) for s in shapes]
+        opt = getattr(petra.optim, cls)([{"params": ps[:3], "rank": 8, "update_proj_gap": 3},
+                                         {"params": ps[3:], "weight_decay": 0.1}], lr=1e-2)
+        pieces = []
+        monkeypatch.setattr(opt, "_update_piece", lambda ps_, *a, f=opt._update_piece: (
+            pieces.append([tuple(p.shape) for p in ps_]), f(ps_, *a))[1])
         monkeypatch.setattr(opt, "chunk_elements", chunk)
         for step in range(4):
             g = torch.Generator().manual_seed(step)
             for p in ps:
-                p.grad = torch.randn(p.shape, generator=g)
+                p.grad = torch.randn(p.shape, generator=g).to(device)
             opt.step()
         results.append([p.detach().clone() for p in ps])
+        if chunk == 1000:
+            assert [(256, 64)] in pieces and [(512, 64)] not in pieces
     for a, b in zip(*results):
         assert torch.equal(a, b)

@@ -7,13 +7,14 @@ from petra.config import ModelConfig, PRESETS
 from petra.model import LlamaForCausalLM, fused_cross_entropy
 
 
-def test_fused_cross_entropy_matches_plain_loss_and_gradients():
+@pytest.mark.parametrize("chunk", [8, 37, 64])  # several chunks; one (the weight gradient is one product)
+def test_fused_cross_entropy_matches_plain_loss_and_gradients(chunk):
     torch.manual_seed(0)
     h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 50, (37,))
     t[3] = -100  # ignored position
-    loss = fused_cross_entropy(h, w, t, chunk=8)
+    loss = fused_cross_entropy(h, w, t, chunk=chunk)
     (loss * 2.5).backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None

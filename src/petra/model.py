@@ -113,7 +113,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=h.device)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_w = None
         for s in range(0, n, chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
             logits = (hc @ weight.t()).to(acc)  # (c, V)
@@ -129,8 +129,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 g = (g / count).to(h.dtype)
                 if need_h:
                     grad_h[s:s + chunk] = g @ weight
-                if need_w:
-                    grad_w += (g.t() @ hc).to(acc)
+                if need_w:  # one chunk: the product is the gradient; more: summed in fp32
+                    gw = g.t() @ hc
+                    grad_w = gw if n <= chunk else gw.to(acc) if grad_w is None else grad_w.add_(gw)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return loss / count
 

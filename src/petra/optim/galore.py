@@ -73,7 +73,9 @@ class GaLoreOptimizer(Optimizer):
     """Shared low-rank machinery; subclasses give the inner update in the projected space."""
 
     inner_keys: tuple[str, ...] = ()
-    chunk_elements = 1 << 26  # parameters updated together hold at most this many gradient elements
+    moment_keys = ("exp_avg", "exp_avg_sq")  # state tensors shaped like the (projected) gradient
+    row_split = True  # the inner update is element-wise: a parameter may be updated in row blocks
+    chunk_elements = 1 << 24  # parameters updated together hold at most this many gradient elements
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, defaults)
@@ -185,27 +187,51 @@ class GaLoreOptimizer(Optimizer):
                       coef: float = 1.0) -> None:
         """Update a list of parameters of one group from their (projected) gradients.
 
-        The element-wise math runs as a few multi-tensor (foreach) kernels for the whole
+        The element-wise math runs as a few multi-tensor (foreach) kernels per piece of the
         list; each low-rank parameter then costs one fused `addmm_` (back-projection + add).
         """
         if not params:
-            return
-        if len(params) > 1 and sum(r.numel() for r in rs) > self.chunk_elements:
-            # bounded working memory: the fp32 copies of gradients and (8-bit) moments exist
-            # for one chunk at a time (all at once they were 25 GB at 7b in layer-wise mode)
-            i = 0
-            while i < len(params):
-                j, n = i, 0
-                while j < len(params) and (j == i or n + rs[j].numel() <= self.chunk_elements):
-                    n += rs[j].numel()
-                    j += 1
-                self.apply_updates(params[i:j], rs[i:j], group, coef)
-                i = j
             return
         states = [self._state(p) for p in params]
         for st in states:
             st["step"] += 1
             st["moment_step"] += 1
+        self._init_moments(rs, states)
+        for piece in self._pieces(params, rs, states, group):
+            self._update_piece(*piece, group, coef)
+
+    def _pieces(self, params, rs, states, group):
+        """(params, rs, states) in pieces of at most chunk_elements gradient elements, so that
+        the fp32 working copies of gradients and moments exist for one piece at a time (all at
+        once they were 25 GB at 7b in layer-wise mode). A larger parameter that is updated
+        element-wise (no projection) is split into row blocks: views of the parameter, its
+        gradient and its moments (so the 7b embedding's update needs no fp32 copy of it all)."""
+        piece: tuple[list, list, list] = ([], [], [])
+        size = 0
+        for p, r, st in zip(params, rs, states):
+            if r.numel() > self.chunk_elements and self.row_split and not self._lowrank(p, group):
+                if piece[0]:
+                    yield piece
+                    piece, size = ([], [], []), 0
+                row = math.prod(r.shape[1:])
+                # whole 8-bit blocks per row block: a multiple of 256 rows is always aligned
+                rows = max(256, self.chunk_elements // row // 256 * 256)
+                lp = local(p)
+                for i in range(0, r.shape[0], rows):
+                    part = {k: v[i:i + rows] if k in self.moment_keys else v for k, v in st.items()}
+                    yield [lp[i:i + rows]], [r[i:i + rows]], [part]
+                continue
+            if piece[0] and size + r.numel() > self.chunk_elements:
+                yield piece
+                piece, size = ([], [], []), 0
+            piece[0].append(p)
+            piece[1].append(r)
+            piece[2].append(st)
+            size += r.numel()
+        if piece[0]:
+            yield piece
+
+    def _update_piece(self, params, rs, states, group, coef: float) -> None:
         rs = [r.float() for r in rs]
         if coef != 1.0:
             torch._foreach_mul_(rs, coef)
@@ -265,11 +291,18 @@ class GaLoreOptimizer(Optimizer):
     def _dequant(self, state: dict, key: str) -> torch.Tensor:
         return state[key]
 
+    def _zeros(self, state: dict, key: str, like: torch.Tensor) -> None:
+        """A new all-zero moment shaped like `like`."""
+        state[key] = torch.zeros_like(like, dtype=torch.float32)
+
+    def _init_moments(self, rs: list[torch.Tensor], states: list[dict]) -> None:
+        """Creates missing moments before an update (Adafactor creates its own in `_inner`)."""
+
     def _reset_moments(self, state: dict) -> None:
         state["moment_step"].zero_()
         for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
             if k in state:
-                self._store(state, k, torch.zeros_like(self._dequant(state, k)))
+                self._zeros(state, k, state[k])
 
     def _inner(self, rs: list[torch.Tensor], states: list[dict], group: dict
                ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[float]]:
@@ -292,12 +325,11 @@ class GaLoreAdamW(GaLoreOptimizer):
     def _init_moments(self, rs, states) -> None:
         for st, r in zip(states, rs):
             if "exp_avg" not in st:
-                self._store(st, "exp_avg", torch.zeros_like(r))
-                self._store(st, "exp_avg_sq", torch.zeros_like(r))
+                self._zeros(st, "exp_avg", r)
+                self._zeros(st, "exp_avg_sq", r)
 
     def _inner(self, rs, states, group):
         b1, b2 = group["betas"]
-        self._init_moments(rs, states)
         ms = [self._dequant(st, "exp_avg") for st in states]
         vs = [self._dequant(st, "exp_avg_sq") for st in states]
         torch._foreach_lerp_(ms, rs, 1 - b1)
@@ -340,13 +372,21 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         q.copy_(value)
         state[key] = q
 
+    def _zeros(self, state: dict, key: str, like: torch.Tensor) -> None:
+        # created quantized: storing a float zero tensor would quantize it through int64
+        # temporaries (5 GiB at once for the 7b embedding and head)
+        if like.numel() < self.min_8bit_size or like.numel() % self.block_size:
+            super()._zeros(state, key, like)
+        else:
+            state[key] = self._q.zeros(like.shape, signed=(key == "exp_avg"), block_size=self.block_size,
+                                       device=like.device)
+
     def _dequant(self, state: dict, key: str) -> torch.Tensor:
         v = state[key]
         return v.dequantize() if isinstance(v, self._q) else v
 
     def _inner(self, rs, states, group):
         b1, b2 = group["betas"]
-        self._init_moments(rs, states)
         quant = [i for i, st in enumerate(states) if isinstance(st["exp_avg"], self._q)]
         plain = [i for i, st in enumerate(states) if not isinstance(st["exp_avg"], self._q)]
         nums: list = [None] * len(rs)
@@ -359,32 +399,42 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         for i in quant:
             st = states[i]
             t = float(st["moment_step"])
-            fn = _update_8bit_compiled if rs[i].is_cuda else _update_8bit
             # the step-dependent scalar goes in as a tensor: as a Python float, the compiled
             # function would be specialized (recompiled) for every step
             bc2 = torch.full((), math.sqrt(1 - b2 ** t), device=rs[i].device)
-            nums[i] = fn(st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, group["eps"], bc2)
+            nums[i] = _update_8bit(st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, group["eps"], bc2,
+                                   compiled=rs[i].is_cuda)
             dens[i] = torch.ones((), device=rs[i].device)  # the direction is complete but for 1 / bc1
             divs[i] = 1 - b1 ** t
         return nums, dens, divs
 
 
-def _update_8bit(m, v, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor) -> torch.Tensor:
-    """Adam moments held in 8-bit: dequantize, update, quantize again (torchao's tensor
-    subclass does both); returns m / (sqrt(v) / bc2_sqrt + eps). Under torch.compile on
-    CUDA the whole thing becomes one fused kernel per tensor shape, as in torchao's own
-    AdamW8bit."""
-    m32 = m.dequantize().lerp(r, 1 - b1)
-    v32 = v.dequantize().mul(b2).addcmul(r, r, value=1 - b2)
-    m.copy_(m32)
-    v.copy_(v32)
+def _update_8bit(m, v, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor, compiled: bool = False
+                 ) -> torch.Tensor:
+    """Adam moments m, v held in 8-bit (torchao's OptimState8bit): dequantize, update,
+    quantize again; returns m / (sqrt(v) / bc2_sqrt + eps). The math runs on the moments'
+    codes and scales through torchao's own quantization functions (what the subclass's
+    dequantize() and copy_() call), so that the compiled version takes plain tensors: with
+    tensor-subclass inputs each compiled call cost about 1 ms of host time, 70 ms a step at
+    60m. Under torch.compile on CUDA it is one fused kernel per moment shape."""
+    fn = _update_8bit_codes_compiled if compiled else _update_8bit_codes
+    return fn(m.codes, m.scale, m.qmap, v.codes, v.scale, v.qmap, r, b1, b2, eps, bc2_sqrt)
+
+
+def _update_8bit_codes(mc, ms, mq, vc, vs, vq, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor):
+    m32 = _ao["dequant"](mc, mq, ms).lerp(r, 1 - b1)
+    v32 = _ao["dequant"](vc, vq, vs).mul(b2).addcmul(r, r, value=1 - b2)
+    for x, codes, scale, qmap in ((m32, mc, ms, mq), (v32, vc, vs, vq)):
+        scaled, new_scale = _ao["scale"](x, codes.numel() // scale.numel())
+        codes.copy_(_ao["quantize"](scaled, qmap))
+        scale.copy_(new_scale)
     return m32 / (v32.sqrt() / bc2_sqrt + eps)
 
 
 _compiled_8bit = {"fn": None, "ok": True}
 
 
-def _update_8bit_compiled(*args):
+def _update_8bit_codes_compiled(*args):
     """The compiled update; if compiling fails, the eager one, with a warning, once."""
     if _compiled_8bit["ok"]:
         try:
@@ -394,21 +444,27 @@ def _update_8bit_compiled(*args):
                 for knob in ("recompile_limit", "cache_size_limit"):
                     if hasattr(dc, knob):
                         setattr(dc, knob, max(getattr(dc, knob), 64))
-                _compiled_8bit["fn"] = torch.compile(_update_8bit, dynamic=False)
+                _compiled_8bit["fn"] = torch.compile(_update_8bit_codes, dynamic=False)
             return _compiled_8bit["fn"](*args)
         except Exception as e:  # compile trouble must not stop training
             import warnings
             warnings.warn(f"compiling the 8-bit Adam update failed ({type(e).__name__}: {e}); running it eagerly")
             _compiled_8bit["ok"] = False
-    return _update_8bit(*args)
+    return _update_8bit_codes(*args)
+
+
+_ao: dict = {}  # torchao's 8-bit quantization functions, imported with the first GaLoreAdamW8bit
 
 
 def _optim_state_8bit():
     try:
+        from torchao.optim import quant_utils
         from torchao.optim.subclass_8bit import OptimState8bit
     except ImportError:
         raise ImportError("8-bit optimizer state needs torchao: pip install torchao "
                           "(or use GaLoreAdamW / method 'galore', which keeps fp32 state)") from None
+    _ao.update(dequant=quant_utils.dequant_with_qmap, quantize=quant_utils.quantize_8bit_with_qmap,
+               scale=quant_utils.scale_tensor)
     return OptimState8bit
 
 
@@ -417,6 +473,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
     (no relative step, no parameter scaling), as the GaLore paper runs it."""
 
     inner_keys = ("lr", "beta1", "eps", "clip_threshold", "decay_rate", "weight_decay")
+    row_split = False  # the factored second moment needs whole rows and columns
 
     def __init__(self, params, lr: float = 1e-3, beta1: float | None = None, eps=(1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0):
