@@ -43,7 +43,7 @@ from petra.config import build_config  # noqa: E402
 from petra.methods import make_method  # noqa: E402
 from petra.metrics import flops_per_token  # noqa: E402
 from petra.model import build_model  # noqa: E402
-from petra.train import _compiled, optimizer_state_bytes  # noqa: E402
+from petra.train import _compiled, compile_by_layer, optimizer_state_bytes  # noqa: E402
 
 DIST = distr.Dist()  # the process group under torchrun (set in main)
 
@@ -74,17 +74,26 @@ def hf_loss(model):
     return f
 
 
+CUDA = torch.cuda.is_available()  # without one, a smoke test of the script on CPU (no figures)
+
+
 def device() -> torch.device:
-    return torch.device("cuda", DIST.local_rank)
+    return torch.device("cuda", DIST.local_rank) if CUDA else torch.device("cpu")
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
 
 
 def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: int = GAP, ckpt: bool = False,
           extra: dict | None = None):
-    """Returns (step_fn(batches) -> None, refresh_every or None, config, optimizer)."""
+    """Returns (step_fn(batches) -> None, whether it refreshes projectors every `gap` steps, config,
+    optimizer)."""
     impl, _, par = impl.partition("@")
-    mode, *opts = par.split("-") if par else ("",)
+    pmode, *opts = par.split("-") if par else ("",)
     units = [int(o[1:]) for o in opts if o[:1] == "u" and o[1:].isdigit()]
-    if mode not in ("", "ddp", "fsdp") or any(o not in ("keep", "whole", "nosplit") and not o[:1] == "u"
+    if pmode not in ("", "ddp", "fsdp") or any(o not in ("keep", "whole", "nosplit") and not o[:1] == "u"
                                               for o in opts):
         raise ValueError(f"unknown parallel mode @{par}: use @ddp[-nosplit] or @fsdp[-keep][-whole][-uN]")
     if (par or DIST.world > 1) and not (DIST.active and par and impl.startswith("petra")):
@@ -115,17 +124,19 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
         torch.manual_seed(0)
         model = build_model(cfg.model, device(), torch.bfloat16)
         m = make_method(cfg)
-        d = distr.Dist(mode, DIST.rank, DIST.world, DIST.local_rank) if par else distr.Dist()
+        d = distr.Dist(pmode, DIST.rank, DIST.world, DIST.local_rank) if par else distr.Dist()
         m.parallel = d.mode
         if method == "relora":
             m.lora_phase = True
         model = m.prepare(model)
         wrapped = distr.wrap(model, d, device(), reshard_after_forward="keep" not in opts,
                              unit_layers=units[0] if units else 1)
+        if DIST.main and par:  # what runs: FSDP2 classes are named FSDP<model class>
+            print(f"{impl}: {type(wrapped).__name__} on {DIST.world} process(es)", flush=True)
         opt = m.optimizer(model)
         import torch._dynamo.config as dynamo_config
         dynamo_config.optimize_ddp = "nosplit" not in opts  # DDP: one graph, no bucket-sized pieces
-        parts = model if d.mode == "fsdp" and "whole" not in opts else None
+        parts = model if compile_by_layer(m, d) and "whole" not in opts else None
         fwd = _compiled(wrapped, compile_, lambda *a: None, parts_of=parts)  # as the training loop compiles
 
         def step(batches):
@@ -135,7 +146,7 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
                 with distr.grad_sync(wrapped, d, last):
                     (fwd(x, y) / len(batches)).backward()
             m.step(model, opt)
-        return step, gap if method.startswith("galore") else None, cfg, opt
+        return step, method.startswith("galore"), cfg, opt
 
     model = hf_model(cfg)
     if name == "hf-lora":
@@ -147,7 +158,7 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
             if "lora_" not in n and ("embed" in n or "norm" in n or "lm_head" in n):
                 p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    refresh = None
+    refresh = False
     if name in ("hf-full", "hf-lora"):
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
     elif name == "hf-adamw8bit":
@@ -162,7 +173,7 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
                                      "proj_type": "std"}]
         cls = galore_torch.GaLoreAdamW8bit if "8bit" in name else galore_torch.GaLoreAdamW
         opt = cls(groups, lr=1e-3)
-        refresh = gap
+        refresh = True
     elif name == "apollo":  # APOLLO's recommended setting: random projection, channel-wise scaling
         import apollo_torch
         low = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
@@ -171,7 +182,7 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
         groups = [{"params": rest}, {"params": low, "rank": rank, "proj": "random", "scale_type": "channel",
                                      "scale": 1, "update_proj_gap": gap, "proj_type": "std"}]
         opt = apollo_torch.APOLLOAdamW(groups, lr=1e-3)
-        refresh = gap
+        refresh = True
     else:
         raise ValueError(f"unknown impl {impl}")
     fwd = torch.compile(model) if compile_ else model
@@ -186,10 +197,13 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
 
 
 def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=False, extra=None, profile=0):
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     t_build = time.perf_counter()
-    step, refresh, cfg, opt = build(impl, preset, rank, micro, batch, gap, ckpt, extra)
+    # the optimizer refreshes its projectors every warmup + steps updates, so that the step
+    # after the timed ones is a refresh (no run up to step `gap`); `gap` amortizes its cost
+    step, refresh, cfg, opt = build(impl, preset, rank, micro, batch, warmup + steps, ckpt, extra)
     g = torch.Generator(device=device()).manual_seed(DIST.rank)
     rows = batch // DIST.world  # this process's rows of each step, micro at a time
     if batch % DIST.world or rows % micro:
@@ -198,39 +212,41 @@ def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=Fa
     batches = [(torch.randint(0, cfg.model.vocab_size, (micro, T), device=device(), generator=g),
                 torch.randint(0, cfg.model.vocab_size, (micro, T), device=device(), generator=g))
                for _ in range(rows // micro)]
-    times = []
+    times, enqueue = [], []  # enqueue: until the host has issued the step (about the step: host-bound)
     for i in range(warmup + steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         step(batches)
-        torch.cuda.synchronize()
+        enqueue.append(time.perf_counter() - t0)
+        sync()
         times.append(time.perf_counter() - t0)
     first = times[0]
     steady = times[warmup:]
     med = statistics.median(steady)
-    # the first step refreshed every projector (and compiled): time a refresh step separately
+    # the first step refreshed every projector (and compiled): time the next refresh step
+    # separately. Two steps are timed, in case a peer counts steps from 1 instead of 0.
     refresh_s = None
     if refresh:
-        # step counts so far = warmup + steps; run to the next refresh and time it
-        n_done = warmup + steps
-        while n_done % refresh:
+        probe = []
+        for _ in range(2):
+            sync()
+            t0 = time.perf_counter()
             step(batches)
-            n_done += 1
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step(batches)
-        torch.cuda.synchronize()
-        refresh_s = time.perf_counter() - t0 - med
-    amort = med + (refresh_s / refresh if refresh_s else 0.0)
+            sync()
+            probe.append(time.perf_counter() - t0)
+        refresh_s = max(probe) - med
+    amort = med + (refresh_s / gap if refresh_s else 0.0)
     tokens = batch * T
     flops = flops_per_token(cfg.model, T) * tokens
-    peak = DIST.all_reduce(torch.tensor(float(torch.cuda.max_memory_allocated()), device=device()),
+    used = torch.cuda.max_memory_allocated() if CUDA else 0
+    peak = DIST.all_reduce(torch.tensor(float(used), device=device()),
                            distr.dist.ReduceOp.MAX)
     if profile:
         show_profile(step, batches, profile, impl)
     return {"impl": impl, "preset": preset, "rank": rank, "batch": batch, "micro_batch": micro,
             "gpus": DIST.world, "activation_checkpointing": ckpt, "overrides": extra or {},
-            "median_ms": 1000 * med, "amortized_ms": 1000 * amort, "refresh_s": refresh_s, "first_step_s": first,
+            "median_ms": 1000 * med, "enqueue_ms": 1000 * statistics.median(enqueue[warmup:]),
+            "amortized_ms": 1000 * amort, "refresh_s": refresh_s, "first_step_s": first,
             "tokens_per_s": tokens / amort, "tokens_per_s_per_gpu": tokens / amort / DIST.world,
             "mfu": flops / amort / 989e12 / DIST.world, "peak_gib": float(peak) / 2**30,
             "optimizer_state_mib": optimizer_state_bytes(opt) / 2**20, "setup_s": time.perf_counter() - t_build}
@@ -239,11 +255,11 @@ def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=Fa
 def show_profile(step, batches, n: int, impl: str) -> None:
     """torch.profiler over n steps: the operators with the most host time, then GPU time."""
     from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
+    sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step(batches)
-        torch.cuda.synchronize()
+        sync()
     if DIST.main:
         avg = prof.key_averages()
         print(f"== profile of {impl}, {n} steps: host time ==")
@@ -271,7 +287,7 @@ def main():
     a = ap.parse_args()
     global DIST
     if distr.launched():
-        DIST = distr.setup("ddp", "cuda")
+        DIST = distr.setup("ddp", "cuda" if CUDA else "cpu")
     extra = dict(kv.split("=", 1) for kv in a.set)  # strings, cast by build_config as for the CLI
     ranks = dict(kv.split("=") for kv in a.ranks.split(","))
     micro = dict(kv.split("=") for kv in a.micro.split(","))
@@ -286,7 +302,8 @@ def main():
                 r = {"impl": impl, "preset": preset, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             rows.append(r)
             gc.collect()
-            torch.cuda.empty_cache()
+            if CUDA:
+                torch.cuda.empty_cache()
             if DIST.main:
                 print(json.dumps(r), flush=True)
                 Path(a.out).write_text(json.dumps(rows, indent=1))
@@ -297,30 +314,44 @@ def main():
         distr.dist.destroy_process_group()
 
 
+# what each petra impl is compared with (by base name: ':compile', '+pad', '@...' stripped);
+# GaLore is also set against petra's own full rank (the issue's "within 10%")
+PEERS = {"petra-full": ("hf-full", "hf-adamw8bit"), "petra-full8bit": ("hf-adamw8bit",),
+         "petra-galore": ("galore-torch", "apollo", "petra-full"),
+         "petra-galore8bit": ("galore-torch-8bit", "hf-adamw8bit", "petra-full"),
+         "petra-galore8bit-lw": ("galore-torch-8bit", "petra-full"),
+         "petra-relora": ("hf-lora",), "petra-relora-int8": ("hf-lora",), "petra-relora-nf4": ("hf-lora",)}
+
+
+def base(impl: str) -> str:
+    return impl.split("@")[0].split(":")[0].split("+")[0]
+
+
 def ratios(rows):
-    """Amortized tokens/s of each petra impl over each peer of the same preset (>1: petra
-    faster), with the peak-memory ratio (<1: petra smaller)."""
+    """Amortized tokens/s of each petra impl over each of its peers (PEERS) of the same
+    preset, eager and compiled (>1: petra faster), with the peak-memory ratio (<1: petra
+    smaller)."""
     ok = [r for r in rows if "error" not in r]
     out = ["| preset | petra impl | peer | speed ratio | memory ratio |", "|---|---|---|---|---|"]
     for r in ok:
-        if not r["impl"].startswith("petra"):
-            continue
         for q in ok:
-            if q["preset"] == r["preset"] and not q["impl"].startswith("petra"):
-                out.append(f"| {r['preset']} | {r['impl']} | {q['impl']} | {r['tokens_per_s'] / q['tokens_per_s']:.2f}x"
-                           f" | {r['peak_gib'] / q['peak_gib']:.2f} |")
+            if q["preset"] == r["preset"] and base(q["impl"]) in PEERS.get(base(r["impl"]), ()):
+                mem = f"{r['peak_gib'] / q['peak_gib']:.2f}" if q["peak_gib"] else "-"
+                out.append(f"| {r['preset']} | {r['impl']} | {q['impl']} | "
+                           f"{r['tokens_per_s'] / q['tokens_per_s']:.2f}x | {mem} |")
     return "\n".join(out)
 
 
 def table(rows):
-    out = ["| preset | impl | GPUs | median ms | amortized ms | refresh s | tokens/s | tokens/s/GPU | MFU | "
-           "peak GiB/GPU | opt. state MiB/GPU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| preset | impl | GPUs | median ms | host ms | amortized ms | refresh s | tokens/s | tokens/s/GPU | MFU | "
+           "peak GiB/GPU | opt. state MiB/GPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['preset']} | {r['impl']} | | failed: {r['error'][:60]} | | | | | | | |")
+            out.append(f"| {r['preset']} | {r['impl']} | | failed: {r['error'][:60]} | | | | | | | | |")
             continue
         rs = f"{r['refresh_s']:.2f}" if r["refresh_s"] is not None else "-"
-        out.append(f"| {r['preset']} | {r['impl']} | {r.get('gpus', 1)} | {r['median_ms']:.1f} | "
+        host = f"{r['enqueue_ms']:.1f}" if "enqueue_ms" in r else "-"
+        out.append(f"| {r['preset']} | {r['impl']} | {r.get('gpus', 1)} | {r['median_ms']:.1f} | {host} | "
                    f"{r['amortized_ms']:.1f} | {rs} | {r['tokens_per_s']:,.0f} | "
                    f"{r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | {100 * r['mfu']:.1f}% | "
                    f"{r['peak_gib']:.1f} | {r.get('optimizer_state_mib', float('nan')):.0f} |")

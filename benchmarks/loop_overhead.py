@@ -23,7 +23,7 @@ from petra.data import Batches, prepare
 from petra.methods import make_method
 from petra.model import build_model
 from petra.schedule import set_lr
-from petra.train import _compiled
+from petra.train import _compiled, compile_by_layer
 
 mode = sys.argv[1]
 cuda = torch.cuda.is_available()
@@ -42,7 +42,7 @@ m.parallel = d.mode
 model = m.prepare(model)
 wrapped = distr.wrap(model, d, dev)
 opt = m.optimizer(model)
-fwd = _compiled(wrapped, cuda, print, parts_of=model if d.mode == "fsdp" else None)
+fwd = _compiled(wrapped, cuda, print, parts_of=model if compile_by_layer(m, d) else None)
 x0, y0 = (t.to(dev) for t in batches.get(0))
 
 def run(level, n=25):

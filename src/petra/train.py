@@ -177,7 +177,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     write = metrics.write if metrics is not None else (lambda rec: None)
 
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    fwd = _compiled(wrapped, use_compile, log, parts_of=model if d.mode == "fsdp" else None)
+    fwd = _compiled(wrapped, use_compile, log, parts_of=model if compile_by_layer(method, d) else None)
     fpt = flops_per_token(cfg.model, seq)
     peak = peak_flops(device)
     tokens_per_step = B * seq
@@ -350,10 +350,20 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def compile_by_layer(method, d) -> bool:
+    """Whether to compile each layer on its own rather than the whole model: under FSDP2
+    (its gathers run between layers) and with layer-wise updates. A whole-model graph has
+    one backward node that hands out every weight gradient at once, after which the
+    layer-wise hooks free them: at 7b that put all 12.5 GiB of gradients in the peak
+    (31.0 GiB against 19.2 GiB eagerly)."""
+    return d.mode == "fsdp" or method.layerwise is not None
+
+
 def _compiled(model, use_compile: bool, log, parts_of=None):
-    """The forward to train with: the model compiled whole, or (under FSDP2, `parts_of` the
-    sharded LlamaForCausalLM) each decoder layer and the loss compiled on their own, as
-    torchtitan does, so that FSDP2's per-layer gathers run between compiled graphs. (Under
+    """The forward to train with: the model compiled whole, or (`parts_of` the
+    LlamaForCausalLM, where `compile_by_layer`) each decoder layer and the loss compiled on
+    their own, as torchtitan does, so that FSDP2's per-layer gathers and layer-wise updates
+    run between compiled graphs. (Under
     DDP, per-layer graphs measured 0.50x of the plain path at 60m against 0.85x for the
     whole model compiled, DDP splitting it at bucket boundaries.) Compile failures fall
     back to eager with a warning."""
