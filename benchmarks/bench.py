@@ -333,6 +333,7 @@ def ratios(rows):
     smaller)."""
     ok = [r for r in rows if "error" not in r]
     out = ["| preset | petra impl | peer | speed ratio | memory ratio |", "|---|---|---|---|---|"]
+    ok = [r for r in ok if "@" not in r["impl"]]  # parallel variants: compared with their plain run
     for r in ok:
         for q in ok:
             if q["preset"] == r["preset"] and base(q["impl"]) in PEERS.get(base(r["impl"]), ()):
