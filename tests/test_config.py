@@ -38,6 +38,7 @@ def test_padding_option_rounds_mlp_width_only_when_asked():
     ({"train.steps": "ten"}, "train.steps='ten' is not a valid int"),
     ({"method.update_proj_gap": 0}, "method.update_proj_gap=0 must be at least 1"),
     ({"bogus": 1}, "override 'bogus' must look like section.key"),
+    ({"train.fsdp_unit_layers": 0}, "train.fsdp_unit_layers=0 must be at least 1"),
 ])
 def test_bad_config_values_name_field_and_allowed(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -21,6 +21,7 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 METHODS = {
     "full": {"method.name": "full"},
     "full-accum": {"method.name": "full", "train.micro_batch_size": 1},
+    "full-unit2": {"method.name": "full", "train.fsdp_unit_layers": 2},  # FSDP2: both layers one unit
     "galore": {"method.name": "galore", "method.rank": 8, "method.update_proj_gap": 5},
     "galore-layerwise": {"method.name": "galore", "method.rank": 8, "method.update_proj_gap": 5,
                          "method.layerwise": True},
@@ -51,7 +52,7 @@ def runs(tmp_path_factory, cache_dir):
             "train.seq_len": 64}
     from petra.config import build_config
     for name, ov in METHODS.items():  # the 1-process references (this also fills the token cache)
-        if name != "full-accum":
+        if name not in ("full-accum", "full-unit2"):
             train(build_config(overrides={**base, **ov}), root / "one" / name, show_progress=False, log=lambda *a: None)
     for mode in ("ddp", "fsdp"):
         jobs = []
@@ -70,7 +71,7 @@ def runs(tmp_path_factory, cache_dir):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_two_processes_match_one(runs, mode, name):
-    ref = "full" if name == "full-accum" else name
+    ref = "full" if name.startswith("full-") else name
     one, two = _losses(runs / "one" / ref), _losses(runs / mode / name)
     assert len(one) == len(two) == 12
     assert two == pytest.approx(one, rel=2e-4, abs=2e-4)

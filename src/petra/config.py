@@ -104,6 +104,7 @@ class TrainConfig:
     compile: str = "auto"         # auto (on for CUDA) | on | off
     stop_after: int = 0           # end the run at this step as if interrupted (0 = off)
     parallel: str = "auto"        # under torchrun: auto (= ddp) | ddp | fsdp; none = one process
+    fsdp_unit_layers: int = 1     # FSDP2: decoder layers sharded and gathered as one unit
     init_from: str = ""           # a run directory or HF-format export: its weights start this run
 
 
@@ -270,6 +271,9 @@ def validate(cfg: RunConfig) -> None:
     _choice("train.dtype", t.dtype, ("auto", "bf16", "fp32"))
     _choice("train.compile", t.compile, ("auto", "on", "off"))
     _choice("train.parallel", t.parallel, ("auto", "none", "ddp", "fsdp"))
+    if t.fsdp_unit_layers < 1:
+        raise ConfigError(f"train.fsdp_unit_layers={t.fsdp_unit_layers} must be at least 1 (decoder layers "
+                          f"per FSDP2 unit)")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
     _choice("method.name", me.name, METHODS)

@@ -152,7 +152,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     if payload is not None:
         method.load_state_dict(payload.get("method", {}))
     model = method.prepare(model)
-    wrapped = distr.wrap(model, d, device)  # FSDP2 shards `model` itself, in place
+    # FSDP2 shards `model` itself, in place
+    wrapped = distr.wrap(model, d, device, unit_layers=cfg.train.fsdp_unit_layers)
     if payload is not None:
         if d.mode == "fsdp":
             distr.load_local_model_state(model, payload["model"])
