@@ -361,21 +361,22 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         self._q = _optim_state_8bit()
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
+    def _quantized(self, t: torch.Tensor) -> bool:
+        return t.numel() >= self.min_8bit_size and t.numel() % self.block_size == 0
+
     def _store(self, state: dict, key: str, value: torch.Tensor) -> None:
-        q = state.get(key)
-        if value.numel() < self.min_8bit_size or value.numel() % self.block_size:
+        if not self._quantized(value):
             state[key] = value
             return
+        q = state.get(key)
         if not isinstance(q, self._q) or q.shape != value.shape:
-            q = self._q.zeros(value.shape, signed=(key == "exp_avg"), block_size=self.block_size,
-                              device=value.device)
-        q.copy_(value)
-        state[key] = q
+            self._zeros(state, key, value)
+        state[key].copy_(value)
 
     def _zeros(self, state: dict, key: str, like: torch.Tensor) -> None:
         # created quantized: storing a float zero tensor would quantize it through int64
         # temporaries (5 GiB at once for the 7b embedding and head)
-        if like.numel() < self.min_8bit_size or like.numel() % self.block_size:
+        if not self._quantized(like):
             super()._zeros(state, key, like)
         else:
             state[key] = self._q.zeros(like.shape, signed=(key == "exp_avg"), block_size=self.block_size,
