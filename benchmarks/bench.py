@@ -90,6 +90,7 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
           extra: dict | None = None):
     """Returns (step_fn(batches) -> None, whether it refreshes projectors every `gap` steps, config,
     optimizer)."""
+    full_name = impl
     impl, _, par = impl.partition("@")
     pmode, *opts = par.split("-") if par else ("",)
     units = [int(o[1:]) for o in opts if o[:1] == "u" and o[1:].isdigit()]
@@ -132,7 +133,7 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
         wrapped = distr.wrap(model, d, device(), reshard_after_forward="keep" not in opts,
                              unit_layers=units[0] if units else 1)
         if DIST.main and par:  # what runs: FSDP2 classes are named FSDP<model class>
-            print(f"{impl}: {type(wrapped).__name__} on {DIST.world} process(es)", flush=True)
+            print(f"{full_name}: {type(wrapped).__name__} on {DIST.world} process(es)", flush=True)
         opt = m.optimizer(model)
         import torch._dynamo.config as dynamo_config
         dynamo_config.optimize_ddp = "nosplit" not in opts  # DDP: one graph, no bucket-sized pieces
