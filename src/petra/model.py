@@ -129,9 +129,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 g = (g / count).to(h.dtype)
                 if need_h:
                     grad_h[s:s + chunk] = g @ weight
-                if need_w:  # one chunk: the product is the gradient; more: summed in fp32
+                if need_w:
                     gw = g.t() @ hc
-                    grad_w = gw if n <= chunk else gw.to(acc) if grad_w is None else grad_w.add_(gw)
+                    if grad_w is None:  # one chunk: this product is the gradient; more: summed in fp32
+                        grad_w = gw if n <= chunk else gw.to(acc)
+                    else:
+                        grad_w.add_(gw)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return loss / count
 

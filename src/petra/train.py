@@ -178,7 +178,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     write = metrics.write if metrics is not None else (lambda rec: None)
 
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    fwd = _compiled(wrapped, use_compile, log, parts_of=model if compile_by_layer(method, d) else None)
+    parts = model if compile_by_layer(method, d) else None  # decided once: a DDP rebuild compiles alike
+    fwd = _compiled(wrapped, use_compile, log, parts_of=parts)
     fpt = flops_per_token(cfg.model, seq)
     peak = peak_flops(device)
     tokens_per_step = B * seq
@@ -247,7 +248,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
             if info.get("params_changed"):  # DDP tracks a fixed set of trainable parameters
                 if d.mode == "ddp":
                     wrapped = distr.wrap(model, d, device)
-                    fwd = _compiled(wrapped, use_compile, log)
+                    fwd = _compiled(wrapped, use_compile, log, parts_of=parts)
             step += 1
             window_steps += 1
             bar.update(1)
@@ -364,10 +365,9 @@ def _compiled(model, use_compile: bool, log, parts_of=None):
     """The forward to train with: the model compiled whole, or (`parts_of` the
     LlamaForCausalLM, where `compile_by_layer`) each decoder layer and the loss compiled on
     their own, as torchtitan does, so that FSDP2's per-layer gathers and layer-wise updates
-    run between compiled graphs. (Under
-    DDP, per-layer graphs measured 0.50x of the plain path at 60m against 0.85x for the
-    whole model compiled, DDP splitting it at bucket boundaries.) Compile failures fall
-    back to eager with a warning."""
+    run between compiled graphs. (Under DDP, per-layer graphs measured 0.50x of the plain
+    path at 60m against 0.85x for the whole model compiled, DDP splitting it at bucket
+    boundaries.) Compile failures fall back to eager with a warning."""
     if not use_compile:
         return model
     if parts_of is not None:
