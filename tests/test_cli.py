@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -6,26 +7,34 @@ import pytest
 from petra.cli import main
 
 
-def test_help_text_on_every_train_flag(capsys):
+def test_help_text_on_every_train_flag_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     for flag in ("--preset", "--steps", "--method", "--rank", "--resume", "--stop-after", "--set", "--data"):
         assert flag in out
+    for default in ("(default: 0.001)", "(default: 200)", "(default: full)", "(default: bible)",
+                    "(default: the preset's: tiny 16", "exit codes: 0 finished", "143 SIGTERM"):
+        assert default in out
+    with pytest.raises(SystemExit) as e:  # a run directory is not optional
+        main(["train", "--preset", "tiny"])
+    assert e.value.code == 2 and "one of the arguments --out --resume is required" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--preset", "tiny", "--out", "X", "--method", "lora"], "method.name='lora' is not allowed"),
     (["train", "--preset", "tiny", "--out", "X", "--data", "/no/such/file.txt"], "does not exist"),
     (["train", "--preset", "tiny", "--out", "X", "--set", "train.lrr=1"], "unknown option train.lrr"),
-    (["train", "--preset", "tiny"], "needs --out"),
-    (["train", "--resume", "/no/such/run"], "no checkpoint"),
+    (["train", "--resume", "/no/such/run"], "--resume /no/such/run: the directory does not exist"),
+    (["train", "--preset", "tiny", "--out", "X", "--lr", "nan"], "train.lr=nan is not a valid finite number"),
+    (["train", "--preset", "tiny", "--out", "/proc/X"], "--out /proc/X: cannot create the directory"),
+    (["export", "/tmp", "--hf", "X"], "/tmp is not a petra run directory with a checkpoint"),
 ])
 def test_bad_input_exits_with_a_clear_message(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main(argv)
     err = capsys.readouterr().err
-    assert code in (1, 2) and message in err
+    assert code in (1, 2) and message in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "X").exists()  # nothing created before the error
 
 
@@ -77,3 +86,23 @@ def test_resume_with_a_different_preset_is_refused(tmp_path, cache_dir, capsys):
     assert main(["train", "--resume", run, "--preset", "mini"]) == 2
     assert "uses preset tiny (a different model config)" in capsys.readouterr().err
     assert main(["train", "--resume", run, "--no-progress"]) == 0
+
+
+def test_compare_never_reports_old_runs_under_new_settings(tmp_path, cache_dir, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--preset", "tiny", "--methods", "full,galore", "--steps", "6", "--batch-size", "4",
+            "--seq-len", "32", "--eval-every", "3", "--out", str(out), "--no-progress",
+            "--set", f"data.cache_dir={cache_dir}", "--set", "train.eval_batches=1", "--rank", "8"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    changed = argv[:6] + ["4"] + argv[7:] + ["--lrs", "galore=0.01"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "holds runs made with other settings" in err and "train.steps: 6 -> 4" in err
+    assert "galore (train.lr: 0.001 -> 0.01, train.steps: 6 -> 4" in err and "--rerun-changed" in err
+    assert main(changed + ["--rerun-changed"]) == 0
+    assert (out / "full.old-1" / "summary.json").is_file() and (out / "galore.old-1" / "config.json").is_file()
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [(r["steps"], r["lr"]) for r in rows] == [(4, 0.001), (4, 0.01)]
+    assert "4 steps of batch 4 x 32" in (out / "comparison.md").read_text()
+    assert "CPU timings are indicative only" in (out / "comparison.md").read_text()

@@ -50,9 +50,25 @@ def test_yaml_file_then_overrides(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("preset: tiny\ntrain:\n  lr: 0.01\n  steps: 7\nmethod:\n  name: galore\n  rank: 8\n")
     cfg = build_config(overrides={"train.steps": 9}, file=f)
-    assert (cfg.preset, cfg.train.lr, cfg.train.steps, cfg.method.name, cfg.method.rank) == ("tiny", 0.01, 9, "galore", 8)
+    assert (cfg.preset, cfg.train.lr, cfg.train.steps, cfg.method.name, cfg.method.rank) == (
+        "tiny", 0.01, 9, "galore", 8)
     f.write_text("trian:\n  lr: 1\n")
     with pytest.raises(ConfigError, match="unknown section 'trian'"):
         build_config(file=f)
     with pytest.raises(ConfigError, match="does not exist"):
         build_config(file=tmp_path / "missing.yaml")
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: tiny\ntrain:\n  lr: 0.01\n   steps: [7\n")
+    with pytest.raises(ConfigError, match=r"config file '.*run.yaml' is not valid YAML: line 4, column \d+"):
+        build_config(file=f)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_name_the_field(value):
+    with pytest.raises(ConfigError, match=f"train.lr='{value}' is not a valid finite number"):
+        build_config(overrides={"train.lr": value})
+    with pytest.raises(ConfigError, match="method.scale=nan is not a valid finite number"):
+        build_config(overrides={"method.scale": float("nan")})

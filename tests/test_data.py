@@ -103,3 +103,52 @@ def test_sentencepiece_tokenizer_is_used_and_model_vocab_follows(tmp_path, cache
     assert "beginning" in data.tokenizer.decode([int(t) for t in data.train[:20]])
     with pytest.raises(ConfigError, match="does not exist"):
         prepare(DataConfig(source="bible", tokenizer=str(tmp_path / "none.model"), cache_dir=cache_dir), 256)
+
+
+def test_text_that_is_not_utf8_is_an_error_naming_file_and_byte_unless_its_encoding_is_set(tmp_path, cache_dir):
+    f = tmp_path / "notes.txt"
+    body = "\n\n".join(f"Le café numéro {i} est très bon, dit-il." * 12 for i in range(400))
+    f.write_bytes(body.encode("latin-1"))
+    offset = body.encode("latin-1").index("é".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"notes.txt is not valid utf-8: byte {offset} \(0xe9\).*data.encoding"):
+        prepare(DataConfig(source=str(f), cache_dir=cache_dir), 300)
+    data = prepare(DataConfig(source=str(f), cache_dir=cache_dir, encoding="latin-1"), 300, log=lambda *_: None)
+    text = data.tokenizer.decode([int(t) for t in data.train[:200]])
+    assert "café" in text and "\ufffd" not in text
+    with pytest.raises(ConfigError, match="data.encoding='latin-9x' is not a text encoding"):
+        from petra.config import build_config
+        build_config(overrides={"data.encoding": "latin-9x"})
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_binary_files_are_refused(tmp_path, cache_dir, encoding):
+    f = tmp_path / "blob.txt"
+    f.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    with pytest.raises(ConfigError, match=r"blob.txt is not text: it holds a NUL byte at byte \d+"):
+        prepare(DataConfig(source=str(f), cache_dir=cache_dir, encoding=encoding), 300)
+    no_nul = bytes(b if b else 1 for b in f.read_bytes())  # control characters, no NUL
+    f.write_bytes(no_nul)
+    with pytest.raises(ConfigError, match="is not (text|valid utf-8)"):
+        prepare(DataConfig(source=str(f), cache_dir=cache_dir, encoding=encoding), 300)
+
+
+def test_a_single_small_notes_file_trains_on_a_token_tail_split(tmp_path, cache_dir):
+    f = tmp_path / "notes.txt"  # about 35 KB in 7 documents: too few to split by document
+    f.write_text("\n\n".join(f"Meeting {i}: we planned the garden, the roof and the {i}th budget line. " * 60
+                             for i in range(7)))
+    logs = []
+    for frac in (0.05, 0.2, 0.45):
+        cfg = DataConfig(source=str(f), cache_dir=cache_dir, val_fraction=frac)
+        assert len(load_documents(cfg)) <= 7
+        data = prepare(cfg, 300, log=logs.append)
+        total = len(data.train) + len(data.val)
+        assert len(data.val) > 0 and len(data.train) > 0
+        if frac == 0.05:  # no document lands in validation: the tail of the tokens does
+            assert len(data.val) == round(frac * total)
+    assert any("too few to split by document" in line for line in logs)
+    from petra.train import train
+    from petra.config import build_config
+    cfg = build_config(overrides={"preset": "tiny", "data.source": str(f), "data.cache_dir": cache_dir,
+                                  "train.steps": 3, "train.batch_size": 2, "train.seq_len": 32,
+                                  "train.eval_batches": 1, "model.vocab_size": 300})
+    assert train(cfg, tmp_path / "run", show_progress=False, log=lambda *a: None)["status"] == "finished"

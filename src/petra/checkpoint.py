@@ -101,7 +101,8 @@ def load_consolidated(run_dir: Path) -> dict:
 
 def _read(path: Path, map_location) -> dict:
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; a run directory to resume must hold {CKPT}")
+        raise CheckpointError(f"{path.parent} is not a petra run directory with a checkpoint (no {path.name} "
+                              f"there); give the --out directory of a petra train run")
     try:
         # weights_only=False: optimizer state may hold torchao 8-bit tensor subclasses;
         # checkpoints are files this program wrote for this user
@@ -139,6 +140,29 @@ def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
                           f"nor a directory holding model.safetensors")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # a run's own copy: BPE or SentencePiece
+
+
+def keep_tokenizer(run_dir: Path, source: Path) -> Path:
+    """Copy the run's tokenizer into the run directory (once), so that export and generation
+    never depend on a cache that may have moved."""
+    dest = Path(run_dir) / ("tokenizer.model" if Path(source).suffix == ".model" else "tokenizer.json")
+    if not dest.is_file():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
+    return dest
+
+
+def run_tokenizer(run_dir: Path, payload: dict) -> Path | None:
+    """The tokenizer a run trained with: its own copy, else the path it recorded."""
+    for name in TOKENIZER_FILES:
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    tok = payload.get("tokenizer_path")
+    return Path(tok) if tok and Path(tok).is_file() else None
+
+
 def hf_config(model_cfg: dict, eos_id: int | None) -> dict:
     from .config import ModelConfig
     mc = ModelConfig(**model_cfg)
@@ -154,8 +178,10 @@ def hf_config(model_cfg: dict, eos_id: int | None) -> dict:
     }
 
 
-def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32") -> Path:
-    """config.json + model.safetensors (+ tokenizer.json) loadable by LlamaForCausalLM."""
+def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32", warn=print) -> Path:
+    """config.json, generation_config.json and model.safetensors loadable by
+    LlamaForCausalLM, with the run's tokenizer (tokenizer.json or a SentencePiece
+    tokenizer.model) and its tokenizer_config.json for AutoTokenizer."""
     from safetensors.torch import save_file
     payload = load_consolidated(run_dir)
     out_dir = Path(out_dir)
@@ -168,7 +194,32 @@ def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32") -> Path:
     cfg = hf_config(payload["config"]["model"], payload.get("eos_id"))
     cfg["torch_dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    tok = payload.get("tokenizer_path")
-    if tok and Path(tok).is_file() and Path(tok).suffix == ".json":
-        shutil.copy(tok, out_dir / "tokenizer.json")
+    eos = payload.get("eos_id")
+    gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": cfg["max_position_embeddings"]}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tok = run_tokenizer(run_dir, payload)
+    if tok is None:
+        warn(f"warning: the tokenizer of {run_dir} is neither in the run directory nor at "
+             f"{payload.get('tokenizer_path')!r}: the export has no tokenizer")
+    else:
+        _export_tokenizer(tok, out_dir, cfg["max_position_embeddings"])
     return out_dir
+
+
+def _export_tokenizer(tok: Path, out_dir: Path, context: int) -> None:
+    """The tokenizer file and a tokenizer_config.json naming its special tokens (the
+    end-of-text token also begins and pads: petra's corpora have no other), left padding
+    for batched generation and the model's context as model_max_length."""
+    from .data import Tokenizer
+    t = Tokenizer(tok)
+    conf = {"model_max_length": context, "padding_side": "left", "clean_up_tokenization_spaces": False}
+    eos = t.token(t.eos_id)
+    if t.sentencepiece:
+        shutil.copyfile(tok, out_dir / "tokenizer.model")
+        conf.update(tokenizer_class="LlamaTokenizer", bos_token=t.token(t.bos_id), eos_token=eos,
+                    unk_token=t.token(t.unk_id), pad_token=t.token(t.pad_id) or eos,
+                    add_bos_token=False, add_eos_token=False, legacy=False)
+    else:
+        shutil.copyfile(tok, out_dir / "tokenizer.json")
+        conf.update(tokenizer_class="PreTrainedTokenizerFast", bos_token=eos, eos_token=eos, pad_token=eos)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import METHODS, PRESETS, ConfigError, build_config
+from .config import METHODS, PRESET_RANKS, PRESETS, SECTIONS, ConfigError, build_config
 
 # flag -> config field; each becomes --flag-name with this help text
 TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -25,7 +25,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "log_every": ("train.log_every", int, "steps between metrics lines"),
     "stop_after": ("train.stop_after", int, "end the run at this step as if interrupted (0 = off)"),
     "method": ("method.name", str, f"training method: {', '.join(METHODS)}"),
-    "rank": ("method.rank", int, "rank of GaLore projections / ReLoRA factors"),
+    "rank": ("method.rank", int, "rank of GaLore projections / ReLoRA factors (0 = the preset's)"),
     "update_proj_gap": ("method.update_proj_gap", int, "GaLore: steps between projector refreshes"),
     "projector": ("method.projector", str, "GaLore projector refresh: svd, randomized, subspace"),
     "reset_interval": ("method.reset_interval", int, "ReLoRA: steps between merge-and-restart"),
@@ -37,13 +37,27 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
+def field_default(dotted: str):
+    """The default of a config field, e.g. 'train.lr' -> 0.001 (what --help shows)."""
+    section, _, key = dotted.partition(".")
+    return getattr(SECTIONS[section](), key)
+
+
+def _default_text(dotted: str) -> str:
+    if dotted == "method.rank":
+        return "the preset's: " + ", ".join(f"{k} {v}" for k, v in PRESET_RANKS.items())
+    v = field_default(dotted)
+    return repr(v) if v == "" else str(v)
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=list(PRESETS), default=None, help="model preset (default: mini)")
-    p.add_argument("--config", type=Path, help="YAML file with sections model/data/train/method")
-    for name, (_, typ, help_) in TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    p.add_argument("--config", type=Path, help="YAML file with sections model/data/train/method (default: none)")
+    for name, (dotted, typ, help_) in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=f"{help_} (default: {_default_text(dotted)})")
     p.add_argument("--layerwise", action="store_true", default=None,
-                   help="update each parameter inside backward (full and galore methods)")
+                   help="update each parameter inside backward (full and galore methods; default: off)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any config field, e.g. --set method.scale=0.25 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -86,15 +100,15 @@ def cmd_train(args) -> int:
             explicit.discard(("model", "preset"))
         summary = train(cfg, out, resume=True, explicit=explicit, show_progress=not args.no_progress)
     else:
-        if not args.out:
-            raise ConfigError("petra train needs --out RUN_DIR (or --resume RUN_DIR)")
         cfg = build_config(overrides=ov, file=args.config)
         summary = train(cfg, args.out, show_progress=not args.no_progress)
     from .distributed import main_process
-    if summary["val_ppl"] is not None and main_process():
+    from .health import fmt_ppl
+    if summary["val_loss"] is not None and main_process() and summary["status"] == "finished":
         print(f"done: step {summary['step']}, validation loss {summary['val_loss']:.4f}, "
-              f"perplexity {summary['val_ppl']:.2f}")
-    return 0
+              f"perplexity {fmt_ppl(summary['val_loss'])}")
+    # a run ended by a signal exits as the shell reports a killed command: 128 + signal
+    return 128 + summary["signal"] if summary["status"] == "interrupted" else 0
 
 
 def cmd_compare(args) -> int:
@@ -103,7 +117,7 @@ def cmd_compare(args) -> int:
     cfg = build_config(overrides=ov, file=args.config)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     compare(cfg, methods, Path(args.out), tokens=args.tokens, lrs=args.lrs, explicit=set(ov),
-            show_progress=not args.no_progress)
+            show_progress=not args.no_progress, rerun_changed=args.rerun_changed)
     return 0
 
 
@@ -152,8 +166,10 @@ def cmd_data_build(args) -> int:
 
 def cmd_export(args) -> int:
     from .checkpoint import export_hf
-    out = export_hf(Path(args.run_dir), Path(args.hf), dtype=args.dtype)
-    print(f"wrote {out}/config.json and model.safetensors (LlamaForCausalLM.from_pretrained('{out}'))")
+    out = export_hf(Path(args.run_dir), Path(args.hf), dtype=args.dtype,
+                    warn=lambda m: print(m, file=sys.stderr))
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"wrote {out}: {files} (transformers: AutoModelForCausalLM / AutoTokenizer.from_pretrained('{out}'))")
     return 0
 
 
@@ -169,27 +185,36 @@ def cmd_presets(args) -> int:
     return 0
 
 
+EXIT_CODES = ("exit codes: 0 finished (or stopped at --stop-after), 1 the run failed (divergence, collapse, a "
+              "corrupt checkpoint), 2 bad input (config, flags, data, paths), 128+N ended by signal N with a "
+              "checkpoint saved (130 Ctrl-C, 143 SIGTERM)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="petra", description="Parameter-efficient pre-training of LLaMA models: "
                                 "full-rank, GaLore and ReLoRA.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one run", description="Train a model; metrics, config and "
-                       "checkpoints go to --out.")
-    t.add_argument("--out", help="run directory (must not hold a run already)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+                       "checkpoints go to --out.", epilog=EXIT_CODES)
+    where = t.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="run directory for a new run (must not hold a run already)")
+    where.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
     _add_run_flags(t)
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("compare", help="train several methods on the same data and budget; write the table",
                        description="Train each method on the same data, seed and token budget, then write "
-                       "comparison.md/.csv/.json, plots and report.html to --out.")
+                       "comparison.md/.csv/.json, plots and report.html to --out.", epilog=EXIT_CODES)
     c.add_argument("--methods", default="full,galore,galore8bit,relora", help="comma-separated methods")
     c.add_argument("--tokens", type=str, default=None,
                    help="token budget per method, e.g. 20M (default: --steps x batch x seq)")
     c.add_argument("--lrs", default=None, help="peak learning rate per method, e.g. full=1e-3,galore=1e-2 "
                    "(others use --lr)")
     c.add_argument("--out", required=True, help="directory for the runs and the report")
+    c.add_argument("--rerun-changed", action="store_true",
+                   help="rerun from scratch a method whose run in --out was made with other settings (the old "
+                        "run is kept as METHOD.old-N); without it such a method stops the comparison")
     _add_run_flags(c)
     c.set_defaults(func=cmd_compare)
 
@@ -228,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"petra: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk full or a path that vanished mid-run: one line, not a traceback
+        print(f"petra: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
     except Exception as e:
         from .checkpoint import CheckpointError
         from .train import TrainingError

@@ -4,7 +4,10 @@ PNG plots and a self-contained report.html.
 
 Each method runs in out/<method>/. A finished method is not rerun; an interrupted one
 resumes from its checkpoint; a failed one (out of memory, divergence) is a row marked
-failed with the reason, and the other methods still run.
+failed with the reason, and the other methods still run. A method whose run in out/ was
+made with other settings is never reported under the new ones: compare stops naming the
+fields, or, with rerun_changed, moves the old run aside and trains it again. Every cell
+of the table comes from the run's own config.json and summary.json.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import ConfigError, RunConfig, replace
+from .config import ConfigError, RunConfig, from_dict, replace
 from .distributed import main_process
 from .memory import SEED_FIGURES, breakdown_gib, paper_estimate_gib
 from .metrics import read_metrics
+from .rundir import RunDirectory
+from .train import RESUMABLE_CHANGES
 
 COLUMNS = [("method", "method"), ("status", "status"), ("val_ppl", "val ppl"), ("gap", "gap to full"),
            ("tokens", "tokens"), ("passes", "passes"), ("rank", "rank"), ("trainable_params", "trainable params"),
@@ -74,6 +79,59 @@ def method_config(base: RunConfig, method: str, steps: int, lr: float | None = N
     return replace(base, method=changes, train=train)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(saved: dict, requested: RunConfig) -> list[str]:
+    """'field: saved -> requested' for every setting in which a run's saved config differs
+    from the one requested, except those a resume may change."""
+    may = {f"{s}.{k}" for s, k in RESUMABLE_CHANGES}
+    old, new = _flat(saved), _flat(requested.to_dict())
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k in may or old.get(k) == new.get(k):
+            continue
+        if k == "model.vocab_size" and (old.get(k) or 0) > (new.get(k) or 0):
+            continue  # raised by the run to fit its tokenizer
+        out.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
+    return out
+
+
+def saved_config(run_dir: Path) -> dict | None:
+    p = run_dir / "config.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _move_aside(run_dir: Path) -> Path:
+    n = 1
+    while (dest := run_dir.with_name(f"{run_dir.name}.old-{n}")).exists():
+        n += 1
+    run_dir.rename(dest)
+    return dest
+
+
+def check_existing(cfgs: dict[str, RunConfig], out: Path, rerun_changed: bool, log) -> None:
+    """Before any training: each method's existing run must have the requested settings;
+    with rerun_changed one that differs is moved aside, else compare stops naming them."""
+    changed = {}
+    for m, cfg in cfgs.items():
+        saved = saved_config(out / m)
+        if saved is not None and (diff := config_changes(saved, cfg)):
+            changed[m] = diff
+    if not changed:
+        return
+    if not rerun_changed:
+        lines = "; ".join(f"{m} ({', '.join(d[:6])}{', ...' if len(d) > 6 else ''})" for m, d in changed.items())
+        raise ConfigError(f"{out} holds runs made with other settings: {lines}. Rerun them from scratch with "
+                          f"--rerun-changed (the old runs are kept as METHOD.old-N), or choose another --out")
+    for m in changed:
+        log(f"{m}: the run in {out / m} was made with other settings; moved to {_move_aside(out / m)}, rerunning")
+
+
 def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
     from .train import train
     summary_path = run_dir / "summary.json"
@@ -104,7 +162,7 @@ def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
 
 def compare(base: RunConfig, methods: list[str], out: Path, tokens: str | None = None,
             lrs: str | None = None, explicit: set[str] = frozenset(), show_progress: bool = True,
-            log=print) -> list[dict]:
+            log=print, rerun_changed: bool = False) -> list[dict]:
     if not methods:
         raise ConfigError("--methods is empty; name at least one of full, galore, galore8bit, relora, ...")
     budget = parse_tokens(tokens)
@@ -114,13 +172,21 @@ def compare(base: RunConfig, methods: list[str], out: Path, tokens: str | None =
     cfgs = {m: method_config(base, m, steps, lr_of.get(m), explicit) for m in methods}  # validates all first
     if not main_process():  # under torchrun every process trains; rank 0 alone reports
         log = lambda *a, **k: None  # noqa: E731
-    out.mkdir(parents=True, exist_ok=True)
-    log(f"compare: {', '.join(methods)} on preset {base.preset}, {steps} steps x {per_step} tokens "
-        f"= {steps * per_step / 1e6:.2f}M tokens each")
+    with RunDirectory(out, lock=main_process()):
+        if main_process():
+            check_existing(cfgs, out, rerun_changed, log)
+        log(f"compare: {', '.join(methods)} on preset {base.preset}, {steps} steps x {per_step} tokens "
+            f"= {steps * per_step / 1e6:.2f}M tokens each")
+        return _compare(base, methods, cfgs, out, show_progress, log)
+
+
+def _compare(base: RunConfig, methods: list[str], cfgs: dict[str, RunConfig], out: Path, show_progress: bool,
+             log) -> list[dict]:
     rows = []
     for m in methods:
         s = run_one(cfgs[m], out / m, show_progress, log)
-        rows.append(make_row(m, cfgs[m], s))
+        saved = saved_config(out / m)  # the run's own settings, which the table reports
+        rows.append(make_row(m, from_dict(saved) if saved else cfgs[m], s))
     full = next((r for r in rows if r["method"] == "full" and r["status"] == "finished"), None)
     for r in rows:
         if full and r.get("val_ppl") is not None:
@@ -143,14 +209,16 @@ def make_row(method: str, cfg: RunConfig, s: dict) -> dict:
     row = {"method": method, "status": s.get("status", "failed"), "reason": s.get("reason", ""),
            "paper_estimate_gib": round(paper_estimate_gib(cfg), 3), "seed_gib": seed,
            "rank": s.get("rank", "full" if method.startswith("full") else cfg.method.rank),
-           "warm_start": s.get("warm_start"), "optimizer": s.get("optimizer"), "gap": None, "lr": cfg.train.lr}
+           "warm_start": s.get("warm_start"), "optimizer": s.get("optimizer"), "gap": None, "lr": cfg.train.lr,
+           "steps": cfg.train.steps}
     if "val_ppl" in s:
+        tps, iqr = s.get("tokens_per_s") or 0, s.get("tokens_per_s_iqr")
         row.update(val_ppl=round(s["val_ppl"], 3) if s["val_ppl"] else None, tokens=s["tokens"],
                    passes=round(s["passes"], 3), trainable_params=s["trainable_params"],
                    optimizer_state_mib=round(s["optimizer_state_bytes"] / 2**20, 2),
-                   peak_mem_gib=round(s["peak_mem_gib"], 3),
-                   tokens_per_s=round(s["tokens_per_s"] or 0),
-                   examples_per_s=round((s["tokens_per_s"] or 0) / cfg.seq_len, 2))
+                   peak_mem_gib=round(s["peak_mem_gib"], 3), tokens_per_s=round(tps),
+                   tokens_per_s_iqr=[round(x) for x in iqr] if iqr else None,
+                   device=s.get("device", ""), examples_per_s=round(tps / cfg.seq_len, 2))
     return row
 
 
@@ -162,6 +230,9 @@ def _cell(r: dict, key: str) -> str:
         return ""
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if key == "tokens_per_s" and r.get("tokens_per_s_iqr"):
+        lo, hi = r["tokens_per_s_iqr"]
+        return f"{v:,} ({lo:,}-{hi:,})"
     if isinstance(v, int) and key != "rank":
         return f"{v:,}"
     return str(v)
@@ -175,14 +246,19 @@ def write_tables(rows: list[dict], out: Path, base: RunConfig, passes: float) ->
         for r in rows:
             w.writerow({k: r.get(k) for k in w.fieldnames})
     dev = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    lines = [f"# petra compare: preset {base.preset}, batch {base.train.batch_size} x {base.seq_len}, "
-             f"data {base.data.source!r}, {dev}", "",
+    steps = sorted({r["steps"] for r in rows})
+    lines = [f"# petra compare: preset {base.preset}, {'/'.join(map(str, steps))} steps of batch "
+             f"{base.train.batch_size} x {base.seq_len}, data {base.data.source!r}, {dev}", "",
              "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
     lines += ["", "gap to full: validation perplexity minus the full-rank run's (the seed quotes 0.08 for GaLore "
               "at 1B and 0.44 for ReLoRA at 1.3B). memory (papers' conv.): bf16 weights + optimizer states "
               "(+ GaLore projectors), as the GaLore paper's Table 2 counts; peak memory: measured (device "
-              "memory on CUDA, process RSS on CPU)."]
+              "memory on CUDA, process RSS on CPU). tokens/s: the median of the logging windows after "
+              "warm-up, with their interquartile range in brackets."]
+    if any(str(r.get("device", "")).startswith("cpu") for r in rows):
+        lines += ["", "**CPU timings are indicative only**: on a CPU shared with other work the windows of one run "
+                  "differ several-fold; compare throughput on a GPU (`benchmarks/bench.py`)."]
     if passes > 1:
         lines += ["", f"**warning**: {passes:.1f} passes over the training data: perplexity measures "
                   "memorization more than the method."]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ class DataConfig:
     tokenizer: str = ""
     val_fraction: float = 0.05
     jsonl_field: str = "text"
+    # text files are decoded with this codec; anything else is an error naming the byte
+    # offset, so text is never silently changed (set e.g. latin-1 for such a corpus)
+    encoding: str = "utf-8"
     cache_dir: str = "~/.cache/petra"
 
 
@@ -106,6 +110,12 @@ class TrainConfig:
     parallel: str = "auto"        # under torchrun: auto (= ddp) | ddp | fsdp; none = one process
     fsdp_unit_layers: int = 1     # FSDP2: decoder layers sharded and gathered as one unit
     init_from: str = ""           # a run directory or HF-format export: its weights start this run
+    # a step whose loss or gradient is not finite is skipped (no update); this many in a
+    # row stop the run (the last good checkpoint stays as it was)
+    max_skipped_steps: int = 5
+    # steps the loss may stay above ln(vocab) + 1 (worse than guessing: diverging) or the
+    # gradient norm at exactly 0 (collapsed) before the run stops as failed; 0 = never
+    divergence_patience: int = 50
 
 
 @dataclass
@@ -189,10 +199,14 @@ def _coerce(section: str, key: str, value: Any) -> Any:
                 raise ValueError
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if t == "float":
-            return float(value)
+            f = float(value)
+            if not math.isfinite(f):
+                raise ValueError
+            return f
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{section}.{key}={value!r} is not a valid {t}") from None
+        what = "finite number" if t == "float" else t
+        raise ConfigError(f"{section}.{key}={value!r} is not a valid {what}") from None
 
 
 def build_config(preset: str = "mini", overrides: dict[str, Any] | None = None,
@@ -204,7 +218,15 @@ def build_config(preset: str = "mini", overrides: dict[str, Any] | None = None,
         p = Path(file)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        file_data = yaml.safe_load(p.read_text()) or {}
+        try:
+            file_data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML:{where}: {what}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(p)!r} cannot be read ({e})") from None
         if not isinstance(file_data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
         preset = file_data.pop("preset", preset)
@@ -258,8 +280,19 @@ def validate(cfg: RunConfig) -> None:
     if t.micro_batch_size < 0 or cfg.train.batch_size % cfg.micro_batch:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size}")
+    for name, v in [(f"train.{f.name}", getattr(t, f.name)) for f in fields(t) if f.type == "float"] + \
+            [(f"method.{f.name}", getattr(me, f.name)) for f in fields(me) if f.type == "float"]:
+        if not math.isfinite(v):
+            raise ConfigError(f"{name}={v} must be a finite number")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
+    if t.max_skipped_steps < 0 or t.divergence_patience < 0:
+        raise ConfigError("train.max_skipped_steps and train.divergence_patience must be >= 0")
+    try:
+        "".encode(cfg.data.encoding)
+    except LookupError:
+        raise ConfigError(f"data.encoding={cfg.data.encoding!r} is not a text encoding Python knows "
+                          f"(e.g. utf-8, latin-1, cp1252)") from None
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if t.warmup_steps > t.steps:

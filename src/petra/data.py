@@ -87,13 +87,38 @@ def text_documents(text: str, name: str) -> Iterator[Document]:
         yield Document(f"{name}:{n}", "\n\n".join(buf))
 
 
-def text_file_documents(path: Path) -> Iterator[Document]:
-    return text_documents(path.read_text(encoding="utf-8", errors="replace"), path.name)
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")  # control characters that are not white space
 
 
-def jsonl_documents(path: Path, field: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
+def decode_text(data: bytes, encoding: str, where: str, offset: int = 0) -> str:
+    """`data` decoded, or a ConfigError naming `where` and the byte offset: text is never
+    changed silently (no replacement characters) and binary files are never trained on."""
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ConfigError(f"{where} is not text: it holds a NUL byte at byte {offset + nul} (a binary file?)")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not valid {encoding}: byte {offset + e.start} (0x{data[e.start]:02x}) cannot "
+                          f"be decoded; if the file is in another encoding, set data.encoding (e.g. latin-1, "
+                          f"cp1252)") from None
+    sample = text[:1 << 20]
+    if sample and len(_CONTROL.findall(sample)) > 0.01 * len(sample):
+        raise ConfigError(f"{where} is not text: over 1% of its characters are control characters "
+                          f"(a binary file, or the wrong data.encoding={encoding!r}?)")
+    return text
+
+
+def text_file_documents(path: Path, encoding: str = "utf-8") -> Iterator[Document]:
+    return text_documents(decode_text(path.read_bytes(), encoding, str(path)), path.name)
+
+
+def jsonl_documents(path: Path, field: str, encoding: str = "utf-8") -> Iterator[Document]:
+    with path.open("rb") as f:
+        offset = 0
+        for i, raw in enumerate(f):
+            line = decode_text(raw, encoding, f"{path}:{i + 1}", offset)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -134,7 +159,7 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
     h = hashlib.sha256()
     for f in user_files(cfg.source):
         st = f.stat()
-        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{cfg.jsonl_field}".encode())
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{cfg.jsonl_field}:{cfg.encoding}".encode())
     return "files:" + h.hexdigest()
 
 
@@ -146,8 +171,21 @@ def load_documents(cfg: DataConfig) -> list[Document]:
         return list(jsonl_documents(path / "corpus.jsonl", "text"))
     docs: list[Document] = []
     for f in user_files(cfg.source):
-        docs += list(jsonl_documents(f, cfg.jsonl_field) if f.suffix == ".jsonl" else text_file_documents(f))
+        docs += list(jsonl_documents(f, cfg.jsonl_field, cfg.encoding) if f.suffix == ".jsonl"
+                     else text_file_documents(f, cfg.encoding))
     return docs
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]] | None:
+    """(train, val) by the documents' keys, or None when the keyed split misses the asked
+    fraction badly (a side empty, or the validation text under a quarter or over twice
+    val_fraction, as with a corpus of a few documents): then the validation set is the
+    tail of the tokens instead."""
+    train, val = [], []
+    for d in docs:
+        (val if split_of(d.key, val_fraction) == "val" else train).append(d)
+    share = sum(len(d.text) for d in val) / max(1, sum(len(d.text) for d in docs))
+    return (train, val) if train and val and val_fraction / 4 <= share <= 2 * val_fraction else None
 
 
 # -- `petra data build` -----------------------------------------------------------------
@@ -237,6 +275,7 @@ class Tokenizer:
             self._tok = None
             self.vocab_size = self._sp.get_piece_size()
             self.eos_id = self._sp.eos_id()
+            self.bos_id, self.unk_id, self.pad_id = self._sp.bos_id(), self._sp.unk_id(), self._sp.pad_id()
         else:
             from tokenizers import Tokenizer as HFTokenizer
             try:
@@ -247,11 +286,22 @@ class Tokenizer:
             self.vocab_size = self._tok.get_vocab_size()
             eos = self._tok.token_to_id(EOS)
             self.eos_id = eos if eos is not None else self.vocab_size - 1
+            self.bos_id = self.unk_id = self.pad_id = -1
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self._sp is not None:
             return self._sp.encode(texts)
         return [e.ids for e in self._tok.encode_batch(texts)]
+
+    @property
+    def sentencepiece(self) -> bool:
+        return self._sp is not None
+
+    def token(self, i: int) -> str | None:
+        """The string of token id i (None for a negative id: the model has no such token)."""
+        if i < 0:
+            return None
+        return self._sp.id_to_piece(i) if self._sp is not None else self._tok.id_to_token(i)
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids) if self._sp is not None else self._tok.decode(ids)
@@ -315,15 +365,16 @@ def prepare(cfg: DataConfig, vocab_size: int, log=print) -> TokenData:
         if not tok_path.exists():
             tok_path.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
-            train_tokenizer([d for d in documents() if split_of(d.key, cfg.val_fraction) == "train"],
-                            vocab_size, tok_path)
+            split = split_documents(documents(), cfg.val_fraction)
+            # a tail split's validation text is in the tokenizer's sample: a vocabulary, not weights
+            train_tokenizer(split[0] if split else documents(), vocab_size, tok_path)
             log(f"trained a {vocab_size}-token byte-level BPE in {time.time() - t0:.1f}s -> {tok_path}")
         tok_fp = _hash(tok_path.name)
     tokenizer = Tokenizer(tok_path)
     fp = _hash(corpus_fp, str(cfg.val_fraction), tok_fp)
     tdir = cache / "tokens" / fp
     if not (tdir / "done").exists():
-        _tokenize(documents(), cfg, tokenizer, tdir, tok_path)
+        _tokenize(documents(), cfg, tokenizer, tdir, tok_path, log)
         log(f"tokenized {cfg.source!r} -> {tdir}")
     dt = np.dtype(json.loads((tdir / "meta.json").read_text())["dtype"])
     train = np.memmap(tdir / "train.bin", dtype=dt, mode="r")
@@ -331,24 +382,34 @@ def prepare(cfg: DataConfig, vocab_size: int, log=print) -> TokenData:
     return TokenData(train=train, val=val, tokenizer=tokenizer, fingerprint=fp)
 
 
-def _tokenize(docs: list[Document], cfg: DataConfig, tokenizer: Tokenizer, tdir: Path, tok_path: Path) -> None:
+def _encode(tokenizer: Tokenizer, docs: list[Document]) -> list[int]:
+    ids: list[int] = []
+    for s in range(0, len(docs), 1024):
+        for seq in tokenizer.encode_batch([d.text for d in docs[s:s + 1024]]):
+            ids.extend(seq)
+            ids.append(tokenizer.eos_id)
+    return ids
+
+
+def _tokenize(docs: list[Document], cfg: DataConfig, tokenizer: Tokenizer, tdir: Path, tok_path: Path,
+              log=print) -> None:
     tdir.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    for split in ("train", "val"):
-        texts = [d.text for d in docs if split_of(d.key, cfg.val_fraction) == split]
-        if not texts:
-            raise ConfigError(f"the {split} split of {cfg.source!r} is empty: the corpus has too few "
-                              f"documents ({len(docs)}) for data.val_fraction={cfg.val_fraction}")
-        ids: list[int] = []
-        for s in range(0, len(texts), 1024):
-            for seq in tokenizer.encode_batch(texts[s:s + 1024]):
-                ids.extend(seq)
-                ids.append(tokenizer.eos_id)
-        tmp = tdir / f"{split}.bin.tmp"
+    split = split_documents(docs, cfg.val_fraction)
+    if split is not None:
+        parts, rule = {"train": _encode(tokenizer, split[0]), "val": _encode(tokenizer, split[1])}, "document"
+    else:  # too few documents for a keyed split: the last val_fraction of the tokens
+        ids = _encode(tokenizer, docs)
+        cut = len(ids) - max(1, round(cfg.val_fraction * len(ids)))
+        parts, rule = {"train": ids[:cut], "val": ids[cut:]}, "token-tail"
+        log(f"{cfg.source!r} has {len(docs)} document(s), too few to split by document at data.val_fraction="
+            f"{cfg.val_fraction}: the validation set is its last {len(ids) - cut} of {len(ids)} tokens")
+    for name, ids in parts.items():
+        tmp = tdir / f"{name}.bin.tmp"
         np.asarray(ids, dtype=dtype).tofile(tmp)
-        os.replace(tmp, tdir / f"{split}.bin")
+        os.replace(tmp, tdir / f"{name}.bin")
     (tdir / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "source": cfg.source,
-                                                 "tokenizer": str(tok_path)}))
+                                                 "tokenizer": str(tok_path), "split": rule}))
     (tdir / "done").touch()
 
 

@@ -54,12 +54,16 @@ class Method:
             self.layerwise.armed = last_micro_batch
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        """Clip and update; returns the gradient norm (before clipping)."""
+        """Clip and update; returns the gradient norm (before clipping). A non-finite norm
+        means no update at all: the weights and the optimizer state stay as they were."""
         if self.layerwise is not None:
             return self.layerwise.finish()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = clip_grad_norm(params, self.cfg.train.grad_clip)
-        optimizer.step()
+        if isinstance(optimizer, LocalAdamW):  # decided on the device where the kernel allows
+            optimizer.step(found_inf=(~torch.isfinite(norm)).float())
+        elif bool(torch.isfinite(norm)):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
 

@@ -35,6 +35,20 @@ def peak_memory_gib(device: torch.device) -> float:
     return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
 
 
+def steady_rate(windows: list[float]) -> dict:
+    """Throughput over the steady part of a run: the median and interquartile range of the
+    logging windows after warm-up (the first tenth of them, at least one, is dropped when
+    enough remain). On a shared CPU single windows swing several-fold; the median does not."""
+    xs = windows[max(1, len(windows) // 10):] if len(windows) > 2 else list(windows)
+    if not xs:
+        return {"median": None, "iqr": None, "n": 0}
+    s = sorted(xs)
+
+    def q(f: float) -> float:
+        return s[min(len(s) - 1, int(f * (len(s) - 1) + 0.5))]
+    return {"median": round(q(0.5), 1), "iqr": [round(q(0.25), 1), round(q(0.75), 1)], "n": len(s)}
+
+
 class MetricsLog:
     """Appends one JSON object a line to run_dir/metrics.jsonl.
 

@@ -15,9 +15,11 @@ from . import checkpoint
 from . import distributed as distr
 from .config import ConfigError, RunConfig, from_dict, validate
 from .data import Batches, prepare, val_batches
+from .health import Health, TrainingError, fmt_ppl, perplexity
 from .methods import make_method
-from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
+from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib, steady_rate
 from .model import build_model, count_parameters
+from .rundir import RunDirectory
 from .schedule import set_lr
 
 # fields that may differ when resuming; anything else must match the saved run
@@ -25,8 +27,7 @@ RESUMABLE_CHANGES = {("train", k) for k in ("stop_after", "device", "compile", "
                                            "log_every", "parallel")}
 
 
-class TrainingError(RuntimeError):
-    pass
+__all__ = ["TrainingError", "train", "evaluate", "resolve_device"]
 
 
 def resolve_device(cfg: RunConfig, local_rank: int | None = None) -> tuple[torch.device, torch.dtype]:
@@ -91,6 +92,10 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     """
     out = Path(out)
     explicit = explicit or set()
+    if resume and not checkpoint.exists(out):
+        what = "does not exist" if not out.exists() else "holds no checkpoint.pt"
+        raise ConfigError(f"--resume {out}: the directory {what}; a run to resume is a directory written "
+                          f"by petra train that saved a checkpoint")
     # the process group comes first (a sharded checkpoint is read per process); on resume its
     # mode and device come from the run's config.json as the request amends it
     pre = cfg
@@ -99,6 +104,12 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     d = distr.setup(pre.train.parallel, resolve_device(pre)[0].type) if pre is not None else distr.Dist()
     if not d.main:
         log, show_progress = (lambda *a, **k: None), False
+    # rank 0 holds the directory for the whole run; the lock comes before any other work
+    with RunDirectory(out, "--resume" if resume else "--out", lock=d.main):
+        return _train(cfg, out, resume, explicit, show_progress, log, d)
+
+
+def _train(cfg, out: Path, resume: bool, explicit: set, show_progress: bool, log, d: distr.Dist) -> dict:
     payload = None
     if resume:
         payload = checkpoint.load(out, rank=d.rank, world=d.world, sharded=d.mode == "fsdp")
@@ -169,8 +180,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
             torch.cuda.set_rng_state(payload["cuda_rng"], device)
 
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
+        checkpoint.keep_tokenizer(out, data.tokenizer.path)  # export never depends on a cache
     d.barrier()
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None) if d.main else None
     if metrics is not None and not resume:
@@ -184,8 +195,11 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
     peak = peak_flops(device)
     tokens_per_step = B * seq
     stop_at = min(cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
+    if payload is not None:
+        log(f"resuming {out} from step {step} of {cfg.train.steps} (its checkpoint)")
+    rank = f", rank {cfg.method.rank}" if method.describe()["rank"] != "full" else ""
     log(f"petra: {cfg.preset} ({n_params / 1e6:.2f}M parameters, {count_parameters(model, True) / 1e6:.2f}M "
-        f"trainable), method {method.name}, {cfg.train.steps} steps of {B}x{seq} tokens, "
+        f"trainable), method {method.name}{rank}, {cfg.train.steps} steps of {B}x{seq} tokens, "
         f"{batches.passes(cfg.train.steps):.2f} passes over {len(data.train) / 1e6:.2f}M training tokens, "
         f"{device} {str(dtype).replace('torch.', '')}"
         + (f", {d.mode} on {d.world} processes" if d.active else ""))
@@ -194,11 +208,22 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
             f"perplexity will measure memorization as much as the method")
 
     interrupted = {"sig": None}
+    saved_step = {"step": step if payload is not None else None}  # the checkpoint on disk
 
     def on_signal(signum, frame):
         interrupted["sig"] = signum
 
+    def on_disk() -> str:
+        if saved_step["step"] is None:
+            return f"no checkpoint was saved in {out}"
+        return f"the last good checkpoint in {out} (step {saved_step['step']}) is intact"
+
     def save(at_step: int) -> None:
+        # never replace the last good checkpoint by weights that are not finite
+        bad = d.all_reduce(torch.tensor(float(not _finite(model)), device=device))
+        if float(bad) > 0:
+            raise TrainingError(f"the weights are not finite after step {at_step}; nothing was saved and "
+                                f"{on_disk()} (lower train.lr or raise train.grad_clip)")
         state = {
             "step": at_step, "config": cfg.to_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "method": method.state_dict(),
@@ -213,12 +238,15 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
             if d.main:
                 checkpoint.save(out, state)
             d.barrier()
+        saved_step["step"] = at_step
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
         if _main_thread() else {}
     bar = tqdm(total=stop_at, initial=step, disable=not show_progress, unit="step", dynamic_ncols=True)
     window_t, window_steps, last_val, status = time.perf_counter(), 0, None, "finished"
     tps_hist: list[float] = []
+    health = Health(cfg.model.vocab_size, cfg.train.max_skipped_steps, cfg.train.divergence_patience,
+                    log=bar_log(show_progress, log))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -240,10 +268,14 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
             shared = d.all_reduce(torch.stack([loss_sum.float() / accum,
                                                torch.tensor(float(interrupted["sig"] is not None), device=device)]))
             loss_val, stop_now = float(shared[0]) / d.world, bool(shared[1] > 0)
-            if not math.isfinite(loss_val):
-                status = "diverged"
-                raise TrainingError(f"loss is {loss_val} at step {step}; stopping. The last good checkpoint "
-                                    f"in {out} is intact (lower train.lr or raise train.grad_clip)")
+            gnorm = float(gnorm)
+            failure = health.check(step + 1, loss_val, gnorm)
+            if failure is None and not (math.isfinite(loss_val) and math.isfinite(gnorm)) and \
+                    float(d.all_reduce(torch.tensor(float(not _finite(model)), device=device))) > 0:
+                failure = f"loss is {loss_val} at step {step} and the weights are no longer finite"
+            if failure is not None:
+                raise TrainingError(f"{failure}; stopping. {on_disk()[0].upper()}{on_disk()[1:]} "
+                                    f"(lower train.lr or raise train.grad_clip)")
             model, optimizer, info = method.on_step_end(step, model, optimizer)
             if info.get("params_changed"):  # DDP tracks a fixed set of trainable parameters
                 if d.mode == "ddp":
@@ -253,16 +285,22 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
             window_steps += 1
             bar.update(1)
             record = {"step": step, "tokens": step * tokens_per_step}
+            log_step = step % cfg.train.log_every == 0 or step == stop_at
+            if health.skipped_in_row:  # every skipped step is on record
+                record["skipped"] = True
+                if not log_step:
+                    write({**record, "loss": loss_val, "grad_norm": gnorm})
             if info:
-                write({**record, **{k: v for k, v in info.items() if k != "params_changed"}})
+                write({"step": step, "tokens": record["tokens"], **{k: v for k, v in info.items()
+                                                                      if k != "params_changed"}})
                 log(f"step {step}: {info.get('event', '')} {info.get('pruned_fraction', '')}".rstrip())
-            if step % cfg.train.log_every == 0 or step == stop_at:
+            if log_step:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = time.perf_counter() - window_t
                 tps = window_steps * tokens_per_step / dt
                 tps_hist.append(tps)
-                rec = {**record, "loss": round(loss_val, 5), "lr": lr, "grad_norm": round(float(gnorm), 5),
+                rec = {**record, "loss": round(loss_val, 5), "lr": lr, "grad_norm": round(gnorm, 5),
                        "tokens_per_s": round(tps, 1), "step_ms": round(1000 * dt / window_steps, 2),
                        "peak_mem_gib": round(peak_memory_gib(device), 3)}
                 if peak:
@@ -274,9 +312,10 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
                 t0 = time.perf_counter()
                 vl = evaluate(wrapped, vbatches, device, d, mb)
                 last_val = vl
-                write({**record, "val_loss": round(vl, 5), "val_ppl": round(math.exp(min(vl, 50)), 3)})
-                (bar.write if show_progress else log)(
-                    f"step {step}: val loss {vl:.4f}, ppl {math.exp(min(vl, 50)):.2f}")
+                ppl = perplexity(vl)
+                write({"step": step, "tokens": record["tokens"], "val_loss": round(vl, 5),
+                       "val_ppl": round(ppl, 3) if ppl is not None else None})
+                bar_log(show_progress, log)(f"step {step}: val loss {vl:.4f}, ppl {fmt_ppl(vl)}")
                 window_t += time.perf_counter() - t0  # evaluation is not training throughput
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_at:
                 t0 = time.perf_counter()
@@ -294,14 +333,17 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set |
             signal.signal(s, h)
     if status == "interrupted" or step < cfg.train.steps:
         status = "interrupted" if status == "interrupted" else "stopped"
-        log(f"{status} at step {step}; continue with: petra train --resume {out}")
-    summary = {"status": status, "step": step, "val_loss": last_val,
-               "val_ppl": math.exp(last_val) if last_val is not None else None,
+        log(f"{status} at step {step} (checkpoint saved); continue with: petra train --resume {out}")
+    rate = steady_rate(tps_hist)
+    summary = {"status": status, "step": step, "val_loss": last_val, "val_ppl": perplexity(last_val),
                "tokens": step * tokens_per_step, "params": n_params,
                "trainable_params": count_parameters(model, True),
-               "tokens_per_s": _median(tps_hist[1:] or tps_hist), "peak_mem_gib": peak_memory_gib(device),
+               "tokens_per_s": rate["median"], "tokens_per_s_iqr": rate["iqr"], "throughput_windows": rate["n"],
+               "device": str(device), "skipped_steps": health.skipped, "peak_mem_gib": peak_memory_gib(device),
                "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                "passes": batches.passes(step), **method.describe()}
+    if status == "interrupted":
+        summary["signal"] = interrupted["sig"]
     if d.active:
         summary.update(parallel=d.mode, processes=d.world)
     if d.main:
@@ -340,11 +382,15 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def _median(xs: list[float]) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[len(s) // 2]
+def _finite(model: torch.nn.Module) -> bool:
+    """Every weight (this process's shard of it) and buffer is finite."""
+    return all(bool(torch.isfinite(distr.local(t)).all()) for t in (*model.parameters(), *model.buffers())
+               if t.is_floating_point())
+
+
+def bar_log(show_progress: bool, log):
+    """Lines printed while the progress bar is up go above it."""
+    return tqdm.write if show_progress else log
 
 
 def _main_thread() -> bool:

@@ -25,7 +25,12 @@ class LocalAdamW(torch.optim.AdamW):
                          foreach=foreach, fused=fused)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, found_inf: torch.Tensor | None = None):
+        """torch's AdamW step; with `found_inf` (a 0-d tensor, non-zero = skip) the step is
+        skipped, step counts included: on the device for the fused kernel (no host sync, as
+        torch's GradScaler does it), by one host check otherwise."""
+        if found_inf is not None and not all(g["fused"] for g in self.param_groups) and bool(found_inf):
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -52,6 +57,7 @@ class LocalAdamW(torch.optim.AdamW):
                 continue
             b1, b2 = group["betas"]
             adamw(params, grads, ms, vs, [], steps, foreach=group["foreach"], fused=group["fused"],
-                  amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"],
+                  found_inf=found_inf if fused else None, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
+                  weight_decay=group["weight_decay"],
                   eps=group["eps"], maximize=False)
         return loss

@@ -8,8 +8,9 @@ accumulation, and never sees a global norm, which breaks clipping. Here:
   earlier micro-batches accumulate into .grad as usual;
 - clipping: the hook records ||G|| and keeps only the *projected* gradient
   (the size of one optimizer moment for low-rank parameters) before freeing G; `finish()`
-  then knows the exact global norm and applies every update with the clip coefficient.
-  Without clipping the update happens directly in the hook.
+  then knows the exact global norm and applies every update with the clip coefficient,
+  or none of them when the norm is not finite (the step is skipped).
+  Without clipping the update happens directly in the hook and cannot be skipped.
 
 Under FSDP2 the hook fires on each parameter's reduced gradient shard as soon as FSDP2 has
 it, so layer-wise updates keep their memory saving there; the global norm sums the shards'
@@ -67,7 +68,7 @@ class LayerwiseStepper:
                         self._take(p, group)
         norm = torch.linalg.vector_norm(torch.stack(self._norms)) if self._norms else torch.zeros(())
         norm = sum_square_over_shards(norm, self._sharded)
-        if self._pending:
+        if self._pending and bool(torch.isfinite(norm)):
             coef = float((self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
             by_group: dict[int, tuple[dict, list, list]] = {}
             for p, r, group in self._pending:
