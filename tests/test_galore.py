@@ -233,13 +233,14 @@ def test_8bit_update_equals_torchao_subclass_ops(device):
     r, m0 = torch.randn(64, 96, device=device), torch.randn(64, 96, device=device)
     v0 = torch.rand(64, 96, device=device)
     b1, b2, eps, bc2 = 0.9, 0.999, 1e-8, torch.tensor(0.3, device=device)
+    bound = torch.tensor(1e30, device=device)  # no clipping here: it is tested on its own
     ours, ref = [], []
     for out in (ours, ref):
         m, v = (q.zeros(r.shape, signed=s, block_size=256, device=device) for s in (True, False))
         m.copy_(m0)
         v.copy_(v0)
         if out is ours:
-            d = _update_8bit(m, v, r, b1, b2, eps, bc2, compiled=device == "cuda")
+            d = _update_8bit(m, v, r, b1, b2, eps, bc2, bound, compiled=device == "cuda")
         else:
             m32 = m.dequantize().lerp(r, 1 - b1)
             v32 = v.dequantize().mul(b2).addcmul(r, r, value=1 - b2)
@@ -327,7 +328,9 @@ def test_resume_of_a_bf16_model_keeps_fp32_moments_and_step_counts(cls):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(64, 128).bfloat16())
     n = torch.nn.Parameter(torch.ones(64).bfloat16())
-    make = lambda ps: cls([{"params": [ps[0]], "rank": 32}, {"params": [ps[1]]}], lr=1e-3)
+
+    def make(ps):
+        return cls([{"params": [ps[0]], "rank": 32}, {"params": [ps[1]]}], lr=1e-3)
     opt = make([w, n])
     grads = [(torch.randn(64, 128).bfloat16(), torch.randn(64).bfloat16()) for _ in range(6)]
     for g, gn in grads[:3]:
@@ -377,3 +380,57 @@ def test_updates_in_chunks_equal_one_batched_update(monkeypatch, cls, device):
             assert [(256, 64)] in pieces and [(512, 64)] not in pieces
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_adam_step_bound_is_what_exact_adam_reaches():
+    from petra.optim.galore import adam_step_bound
+    b1, b2 = 0.9, 0.999
+    assert adam_step_bound(b1, b2, 1) == pytest.approx(1.0)
+    # the worst case of Cauchy-Schwarz: gradients g_{t-k} proportional to (b1/b2)^k
+    for t in (2, 10, 500):
+        g = torch.tensor([(b1 / b2) ** (t - 1 - i) for i in range(t)], dtype=torch.float64)
+        m = v = torch.zeros((), dtype=torch.float64)
+        for x in g:
+            m, v = b1 * m + (1 - b1) * x, b2 * v + (1 - b2) * x * x
+        ratio = (m / (1 - b1 ** t)) / (v / (1 - b2 ** t)).sqrt()
+        assert float(ratio) == pytest.approx(adam_step_bound(b1, b2, t), rel=1e-9)
+    assert adam_step_bound(0.99, 0.95, 10) == float("inf")
+
+
+def _zipf_embedding_run(cls, steps=300, seed=0):
+    """An embedding whose rows are used with Zipf frequencies (tokens of a corpus): rare rows
+    get a gradient now and then and sit in 8-bit blocks with frequent ones."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.zeros(2048, 64))
+    opt = cls([w], lr=1e-3)
+    probs = 1.0 / torch.arange(1, 2049, dtype=torch.float64)
+    for _ in range(steps):
+        ids = torch.multinomial(probs, 256, replacement=True, generator=g)
+        grad = torch.zeros(2048, 64)
+        grad.index_add_(0, ids, torch.randn(256, 64, generator=g))
+        w.grad = grad
+        opt.step()
+    return w.detach().abs().amax(1)
+
+
+def test_8bit_embedding_rows_move_no_further_than_fp32_adam_could():
+    """A rare row's second moment once rounded to 0 while its first moment did not, and the
+    next step moved it by lr * m / eps: 12,707 against 4.7 in fp32 in the issue's test."""
+    fp32 = _zipf_embedding_run(GaLoreAdamW)
+    eight = _zipf_embedding_run(GaLoreAdamW8bit)
+    from petra.optim.galore import adam_step_bound
+    worst = 1e-3 * sum(adam_step_bound(0.9, 0.999, t) for t in range(1, 301))
+    assert eight.max() <= worst  # the hard guarantee
+    assert eight.max() <= 1.5 * fp32.max()  # and in practice: as far as fp32 moves
+    assert torch.corrcoef(torch.stack([fp32, eight]))[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("method", ["galore8bit", "full8bit"])
+def test_8bit_training_stays_within_a_small_margin_of_fp32(tmp_path, tiny_cfg, method):
+    from petra.train import train
+    quiet = dict(show_progress=False, log=lambda *a: None)
+    ov = {"method.rank": 8, "train.steps": 40, "train.lr": 3e-3, "train.eval_every": 40}
+    ref = train(tiny_cfg(**ov, **{"method.name": method.replace("8bit", "")}), tmp_path / "a", **quiet)
+    q = train(tiny_cfg(**ov, **{"method.name": method}), tmp_path / "b", **quiet)
+    # bitsandbytes' 8-bit GaLore ends 0.002 above fp32 at mini; 8-bit here is the same order
+    assert abs(q["val_loss"] - ref["val_loss"]) < 0.02

@@ -350,7 +350,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLoreAdamW with both moments held in blockwise 8-bit (torchao's OptimState8bit).
 
     Tensors under 4096 elements (norms) stay fp32, as in bitsandbytes. The math is the
-    fp32 AdamW's, on dequantized moments that are quantized again after the update.
+    fp32 AdamW's, on dequantized moments that are quantized again after the update; no
+    coordinate steps further than fp32 Adam could (see `_update_8bit`).
     """
 
     min_8bit_size = 4096
@@ -371,7 +372,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         q = state.get(key)
         if not isinstance(q, self._q) or q.shape != value.shape:
             self._zeros(state, key, value)
-        state[key].copy_(value)
+        q = state[key]
+        _requantize(value.float(), q.codes, q.scale, q.qmap, positive=key == "exp_avg_sq")
 
     def _zeros(self, state: dict, key: str, like: torch.Tensor) -> None:
         # created quantized: storing a float zero tensor would quantize it through int64
@@ -403,33 +405,64 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             # the step-dependent scalar goes in as a tensor: as a Python float, the compiled
             # function would be specialized (recompiled) for every step
             bc2 = torch.full((), math.sqrt(1 - b2 ** t), device=rs[i].device)
-            nums[i] = _update_8bit(st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, group["eps"], bc2,
+            bound = torch.full((), adam_step_bound(b1, b2, t) * (1 - b1 ** t), device=rs[i].device)
+            nums[i] = _update_8bit(st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, group["eps"], bc2, bound,
                                    compiled=rs[i].is_cuda)
             dens[i] = torch.ones((), device=rs[i].device)  # the direction is complete but for 1 / bc1
             divs[i] = 1 - b1 ** t
         return nums, dens, divs
 
 
-def _update_8bit(m, v, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor, compiled: bool = False
-                 ) -> torch.Tensor:
+def adam_step_bound(b1: float, b2: float, t: float) -> float:
+    """The largest |m_hat| / sqrt(v_hat) exact Adam can reach at step t, whatever the
+    gradients: by Cauchy-Schwarz, m_t^2 <= (1-b1)^2 S_t v_t / (1-b2) with
+    S_t = sum_{k<t} (b1^2/b2)^k. (1 at the first step; 7.3 for betas 0.9, 0.999 later.)
+    Infinite when b1^2 >= b2, where no bound holds."""
+    rho = b1 * b1 / b2
+    if rho >= 1:
+        return math.inf
+    s = (1 - rho ** t) / (1 - rho)
+    return (1 - b1) / (1 - b1 ** t) * math.sqrt(s * (1 - b2 ** t) / (1 - b2))
+
+
+def _update_8bit(m, v, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor, bound: torch.Tensor,
+                 compiled: bool = False) -> torch.Tensor:
     """Adam moments m, v held in 8-bit (torchao's OptimState8bit): dequantize, update,
-    quantize again; returns m / (sqrt(v) / bc2_sqrt + eps). The math runs on the moments'
-    codes and scales through torchao's own quantization functions (what the subclass's
-    dequantize() and copy_() call), so that the compiled version takes plain tensors: with
-    tensor-subclass inputs each compiled call cost about 1 ms of host time, 70 ms a step at
-    60m. Under torch.compile on CUDA it is one fused kernel per moment shape."""
+    quantize again; returns m / (sqrt(v) / bc2_sqrt + eps), each entry within +-bound.
+
+    Two guards keep every coordinate's step within what fp32 Adam could take (bound =
+    adam_step_bound * (1 - b1^t)): a positive second moment is never stored as 0 (the
+    smallest code instead; the first code of the unsigned map is 3.25e-7 of the block's
+    maximum, and a rare token's v below half of that once made m / eps steps), and the
+    direction is clipped to the exact-Adam bound, which only quantization error can reach.
+
+    The math runs on the moments' codes and scales through torchao's own quantization
+    functions (what the subclass's dequantize() and copy_() call), so that the compiled
+    version takes plain tensors: with tensor-subclass inputs each compiled call cost about
+    1 ms of host time, 70 ms a step at 60m. Under torch.compile on CUDA it is one fused
+    kernel per moment shape."""
     fn = _update_8bit_codes_compiled if compiled else _update_8bit_codes
-    return fn(m.codes, m.scale, m.qmap, v.codes, v.scale, v.qmap, r, b1, b2, eps, bc2_sqrt)
+    return fn(m.codes, m.scale, m.qmap, v.codes, v.scale, v.qmap, r, b1, b2, eps, bc2_sqrt, bound)
 
 
-def _update_8bit_codes(mc, ms, mq, vc, vs, vq, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor):
+def _requantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, qmap: torch.Tensor, positive: bool):
+    """Store x into (codes, scale) blockwise; a positive x of an unsigned map never becomes code 0."""
+    scaled, new_scale = _ao["scale"](x, codes.numel() // scale.numel())
+    q = _ao["quantize"](scaled, qmap)
+    if positive:
+        q = torch.where((q == 0) & (x > 0), torch.ones_like(q), q)
+    codes.copy_(q)
+    scale.copy_(new_scale)
+
+
+def _update_8bit_codes(mc, ms, mq, vc, vs, vq, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor,
+                       bound: torch.Tensor):
     m32 = _ao["dequant"](mc, mq, ms).lerp(r, 1 - b1)
     v32 = _ao["dequant"](vc, vq, vs).mul(b2).addcmul(r, r, value=1 - b2)
-    for x, codes, scale, qmap in ((m32, mc, ms, mq), (v32, vc, vs, vq)):
-        scaled, new_scale = _ao["scale"](x, codes.numel() // scale.numel())
-        codes.copy_(_ao["quantize"](scaled, qmap))
-        scale.copy_(new_scale)
-    return m32 / (v32.sqrt() / bc2_sqrt + eps)
+    _requantize(m32, mc, ms, mq, positive=False)
+    _requantize(v32, vc, vs, vq, positive=True)
+    d = m32 / (v32.sqrt() / bc2_sqrt + eps)
+    return torch.minimum(torch.maximum(d, -bound), bound)
 
 
 _compiled_8bit = {"fn": None, "ok": True}
