@@ -10,14 +10,15 @@ from petra.optim.projector import captured_energy, compute_basis, randomized_bas
 
 
 def naive_galore_adamw(w0, grads, rank, gap, lr, scale, b1=0.9, b2=0.999, eps=1e-8):
-    """GaLore written step by step from the paper (Algorithm 2), float64, projecting the shorter side.
+    """GaLore written step by step from the paper (Algorithm 2), float64, projecting the shorter side
+    (a square matrix from the right, as galore-torch does).
 
     Singular vectors have arbitrary signs and, with moments kept across a refresh, the sign
     shows in the result; petra signs each vector to agree with the previous basis (largest
     entry positive on the first refresh), and so does this reference."""
     w = w0.clone().double()
     m = v = p = None
-    left = w.shape[0] <= w.shape[1]
+    left = w.shape[0] < w.shape[1]
     for t, g in enumerate(grads, start=1):
         g = g.double()
         if (t - 1) % gap == 0:

@@ -168,3 +168,61 @@ def test_warm_start_from_a_full_rank_run(tmp_path, tiny_cfg):
     from petra.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="neither a petra run directory"):
         train(tiny_cfg(**{**ov, "train.init_from": str(tmp_path / "nothing")}), tmp_path / "bad2", **quiet)
+
+
+def _steps_after_a_merge(joint: bool, lr=1e-3):
+    """The largest |change| of any LoRA factor entry in the two steps after a merge, in units of lr."""
+    torch.manual_seed(0)
+    model = _wrapped()
+    lora = [p for m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
+    opt = torch.optim.AdamW(lora, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        x = torch.randint(0, 2048, (4, 16), generator=g)
+        opt.zero_grad()
+        model(x, x).backward()
+        opt.step()
+    for _ in range(30):
+        step()
+    for m in lora_modules(model):
+        m.merge()
+        m.reset_factors(torch.Generator().manual_seed(1))
+    prune_moments(opt, lora, "magnitude", 0.99, joint=joint)
+    worst = 0.0
+    for _ in range(2):
+        before = [p.detach().clone() for p in lora]
+        step()
+        worst = max(worst, max(float((p.detach() - b).abs().max()) for p, b in zip(lora, before)) / lr)
+    return worst
+
+
+def test_joint_pruning_bounds_the_first_steps_after_a_merge():
+    # exact Adam never moves an entry by more than lr * 7.3 (betas 0.9, 0.999; see
+    # optim.galore.adam_step_bound); independent masks leave m where v is zeroed: lr * m / eps
+    from petra.optim.galore import adam_step_bound
+    joint, independent = _steps_after_a_merge(True), _steps_after_a_merge(False)
+    assert joint <= adam_step_bound(0.9, 0.999, 1000)
+    assert independent > 100 * joint
+
+
+def test_joint_pruning_zeroes_both_moments_at_the_same_places():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = torch.optim.AdamW([p])
+    for _ in range(3):
+        p.grad = torch.randn(64, 64)
+        opt.step()
+    for mode in ("magnitude", "random"):
+        prune_moments(opt, [p], mode, 0.9, torch.Generator().manual_seed(0))
+        st = opt.state[p]
+        assert torch.equal(st["exp_avg"] == 0, st["exp_avg_sq"] == 0)
+
+
+def test_old_configs_keep_independent_pruning_on_resume():
+    from petra.config import from_dict
+    cfg = build_config(overrides={"preset": "tiny", "method.name": "relora"})
+    assert cfg.method.prune_mask == "joint"
+    d = cfg.to_dict()
+    del d["method"]["prune_mask"]  # a run saved before the option existed
+    assert from_dict(d).method.prune_mask == "independent"

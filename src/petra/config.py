@@ -66,6 +66,7 @@ PROJ_TYPES = ("std", "left", "right", "full")
 PROJECTORS = ("svd", "randomized", "subspace")
 SWITCH_STATES = ("keep", "reproject", "reset")
 PRUNE_MODES = ("magnitude", "random", "reset")
+PRUNE_MASKS = ("joint", "independent")
 QUANTIZE = ("none", "int8", "nf4")
 
 
@@ -138,6 +139,8 @@ class MethodConfig:
     reset_interval: int = 1000
     prune: str = "magnitude"
     prune_fraction: float = 0.99
+    # one mask for both moments (joint), or one each as the reference code does (independent)
+    prune_mask: str = "joint"
     restart_warmup_steps: int = 50
     warm_start_steps: int = 0
     quantize: str = "none"
@@ -257,7 +260,10 @@ def build_config(preset: str = "mini", overrides: dict[str, Any] | None = None,
 
 
 def from_dict(d: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig saved with to_dict (used on resume)."""
+    """Rebuild a RunConfig saved with to_dict (used on resume). A field added since the
+    run was saved takes the value that reproduces how that run trained."""
+    d = json.loads(json.dumps(d))
+    d["method"].setdefault("prune_mask", "independent")  # before prune_mask, moments were pruned so
     return RunConfig(preset=d["preset"], **{s: cls(**d[s]) for s, cls in SECTIONS.items()})
 
 
@@ -314,6 +320,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("method.projector", me.projector, PROJECTORS)
     _choice("method.switch_state", me.switch_state, SWITCH_STATES)
     _choice("method.prune", me.prune, PRUNE_MODES)
+    _choice("method.prune_mask", me.prune_mask, PRUNE_MASKS)
     _choice("method.quantize", me.quantize, QUANTIZE)
     if me.rank < 1:
         raise ConfigError(f"method.rank={me.rank} must be at least 1")

@@ -187,34 +187,41 @@ def merged_state_dict(state: dict[str, torch.Tensor], scale: float, quantize: st
 
 @torch.no_grad()
 def prune_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mode: str,
-                  fraction: float, generator: torch.Generator | None = None) -> float:
+                  fraction: float, generator: torch.Generator | None = None, joint: bool = True) -> float:
     """Zero `fraction` of the optimizer moments of `params`; returns the fraction zeroed.
 
     magnitude: the smallest |x| (per tensor) are zeroed; random: a random subset; reset: all.
+    joint (the default): one mask per parameter, chosen on the first moment, zeroes both
+    moments at the same coordinates. Independent masks (the reference code's) can keep m
+    where they zero v, and the next step then moves that coordinate by lr * m / eps.
     """
     zeroed = total = 0
     for p in params:
         state = optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            x = state.get(key)
-            if x is None:
+        moments = [shaped_like(state[k], p) for k in ("exp_avg", "exp_avg_sq") if state.get(k) is not None]
+        if not moments:
+            continue
+        masks = {}  # id(moment) -> this rank's rows of the keep mask
+        for i, x in enumerate(moments):
+            if joint and i > 0:
+                masks[id(x)] = masks[id(moments[0])]
                 continue
-            x = shaped_like(x, p)
             # under FSDP2 the moments are row shards: thresholds and masks come from the whole
             # moment (every rank computes the same), each rank edits its rows
             whole, mine = full(x), local(x)
             if mode == "reset" or fraction >= 1.0:
-                mine.zero_()
+                keep = torch.zeros_like(mine, dtype=torch.bool)
             elif mode == "magnitude":
                 k = int(fraction * whole.numel())
-                if k > 0:
-                    thresh = whole.abs().flatten().float().kthvalue(k).values
-                    mine.masked_fill_(mine.abs() <= thresh, 0)
-            elif mode == "random":
-                keep = torch.rand(whole.shape, generator=generator).to(whole.device) >= fraction
-                mine.mul_(local_part(keep, x).to(mine.dtype))
+                thresh = whole.abs().flatten().float().kthvalue(k).values if k > 0 else None
+                keep = mine.abs() > thresh if thresh is not None else torch.ones_like(mine, dtype=torch.bool)
+            else:  # random
+                keep = local_part((torch.rand(whole.shape, generator=generator) >= fraction).to(whole.device), x)
+            masks[id(x)] = keep
+        for x in moments:
+            local(x).mul_(masks[id(x)].to(local(x).dtype))
             zeroed += int((full(x) == 0).sum())
-            total += whole.numel()
+            total += x.numel()
     return zeroed / total if total else 0.0
 
 
@@ -284,7 +291,7 @@ class ReLoRA(Method):
         self._reinit(model)
         lora_params = [p for mod in mods for p in (mod.lora_A, mod.lora_B)]
         g = torch.Generator().manual_seed(self.cfg.train.seed * 104729 + self.merges)
-        frac = prune_moments(optimizer, lora_params, m.prune, m.prune_fraction, g)
+        frac = prune_moments(optimizer, lora_params, m.prune, m.prune_fraction, g, joint=m.prune_mask == "joint")
         return model, optimizer, {"event": f"merge {self.merges}", "pruned_fraction": round(frac, 4)}
 
     def describe(self):
