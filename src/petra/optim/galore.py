@@ -43,6 +43,8 @@ def _validate_group(group: dict, allowed: Iterable[str]) -> None:
     unknown = sorted(set(group) - allowed)
     if unknown:
         raise ValueError(f"unknown param group key(s) {unknown}; allowed keys: {sorted(allowed)}")
+    if group.get("convention", "torch") not in CONVENTIONS:
+        raise ValueError(f"convention={group['convention']!r} is not allowed; choose one of {', '.join(CONVENTIONS)}")
     if "rank" not in group or group["rank"] is None:
         return
     r, gap = group["rank"], group.get("update_proj_gap", LOWRANK_DEFAULTS["update_proj_gap"])
@@ -243,7 +245,8 @@ class GaLoreOptimizer(Optimizer):
         nums, dens, divs = self._inner(rs, states, group)
         lr = group["lr"]
         owners, params = params, [local(p) for p in params]  # FSDP2: update this rank's rows
-        if group["weight_decay"]:
+        decay_after = group.get("convention", "torch") == "galore-torch"
+        if group["weight_decay"] and not decay_after:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         low = [i for i, p in enumerate(params) if self._lowrank(p, group)]
         dense = [i for i, p in enumerate(params) if not self._lowrank(p, group)]
@@ -263,6 +266,8 @@ class GaLoreOptimizer(Optimizer):
             torch._foreach_mul_(dirs, [-lr * group["scale"] / divs[i] for i in low])
             for d, i in zip(dirs, low):
                 self._add_back(params[i], d, states[i], row_shards(owners[i]))
+        if group["weight_decay"] and decay_after:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
 
     def _add_back(self, p: torch.Tensor, d: torch.Tensor, state: dict, shards=None) -> None:
         """p += back-projection of the low-rank update d (one fused addmm where possible)."""
@@ -315,17 +320,40 @@ class GaLoreOptimizer(Optimizer):
         raise NotImplementedError
 
 
-class GaLoreAdamW(GaLoreOptimizer):
-    """AdamW in the projected space. Groups without `rank` match torch.optim.AdamW."""
+CONVENTIONS = ("torch", "galore-torch")
 
-    inner_keys = ("lr", "betas", "eps", "weight_decay")
+
+class GaLoreAdamW(GaLoreOptimizer):
+    """AdamW in the projected space. Groups without `rank` match torch.optim.AdamW.
+
+    Conventions. petra follows torch.optim.AdamW (convention="torch", the default):
+    direction = m_hat / (sqrt(v_hat) + eps) with eps added after the bias correction of v,
+    eps 1e-8, and decoupled weight decay applied before the update (W *= 1 - lr * wd, then
+    W -= lr * direction). galore-torch (and transformers' old AdamW) put eps before the
+    bias correction (m_hat / (sqrt(v) / sqrt(1 - b2^t) + eps / sqrt(1 - b2^t))), default
+    eps 1e-6, and decay the weights after the update. `convention="galore-torch"` with
+    `eps=1e-6` reproduces galore-torch's GaLoreAdamW update (tested against the package).
+    The two differ by eps only in the first few hundred steps, where sqrt(1 - b2^t) < 1,
+    and by weight decay in the order of its O(lr^2) term.
+    """
+
+    inner_keys = ("lr", "betas", "eps", "weight_decay", "convention")
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+                 weight_decay: float = 0.0, convention: str = "torch"):
+        if lr is None or lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid AdamW hyperparameters lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention={convention!r} is not allowed; choose one of {', '.join(CONVENTIONS)}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      convention=convention))
+
+    def _eps(self, group: dict, t: float) -> float:
+        """eps as added after the bias correction of v (galore-torch adds it before)."""
+        if group.get("convention", "torch") == "galore-torch":
+            return group["eps"] / math.sqrt(1 - group["betas"][1] ** t)
+        return group["eps"]
 
     def _init_moments(self, rs, states) -> None:
         for st, r in zip(states, rs):
@@ -347,7 +375,10 @@ class GaLoreAdamW(GaLoreOptimizer):
         # the same operations as torch.optim.AdamW, so groups without rank match it exactly
         den = torch._foreach_sqrt(vs)
         torch._foreach_div_(den, [math.sqrt(1 - b2 ** t) for t in ts])
-        torch._foreach_add_(den, group["eps"])
+        if group.get("convention", "torch") == "torch":
+            torch._foreach_add_(den, group["eps"])
+        else:
+            torch._foreach_add_(den, [self._eps(group, t) for t in ts])
         return ms, den, [1 - b1 ** t for t in ts]
 
 
@@ -363,9 +394,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     block_size = 256
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, convention: str = "torch"):
         self._q = _optim_state_8bit()
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention)
 
     def _quantized(self, t: torch.Tensor) -> bool:
         return t.numel() >= self.min_8bit_size and t.numel() % self.block_size == 0
@@ -411,7 +442,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             # function would be specialized (recompiled) for every step
             bc2 = torch.full((), math.sqrt(1 - b2 ** t), device=rs[i].device)
             bound = torch.full((), adam_step_bound(b1, b2, t) * (1 - b1 ** t), device=rs[i].device)
-            nums[i] = _update_8bit(st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, group["eps"], bc2, bound,
+            nums[i] = _update_8bit(st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, self._eps(group, t), bc2, bound,
                                    compiled=rs[i].is_cuda)
             dens[i] = torch.ones((), device=rs[i].device)  # the direction is complete but for 1 / bc1
             divs[i] = 1 - b1 ** t
@@ -509,13 +540,34 @@ def _optim_state_8bit():
 
 class GaLoreAdafactor(GaLoreOptimizer):
     """Adafactor (Shazeer & Stern 2018) in the projected space, with a fixed learning rate
-    (no relative step, no parameter scaling), as the GaLore paper runs it."""
+    (no relative step, no parameter scaling), as the GaLore paper runs it.
+
+    Momentum convention: with beta1 set, petra averages the unscaled updates u and steps
+    by lr * mean(u); transformers' Adafactor and galore-torch average lr * u. The two are
+    identical while the learning rate is constant and differ during warm-up and decay
+    (petra's momentum follows the current lr, theirs carries the lr of past steps)."""
 
     inner_keys = ("lr", "beta1", "eps", "clip_threshold", "decay_rate", "weight_decay")
     row_split = False  # the factored second moment needs whole rows and columns
 
     def __init__(self, params, lr: float = 1e-3, beta1: float | None = None, eps=(1e-30, 1e-3),
-                 clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0):
+                 clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0,
+                 scale_parameter: bool = False, relative_step: bool = False, warmup_init: bool = False):
+        # transformers' Adafactor arguments are accepted so its call sites work; the
+        # schedule-free options are refused by name rather than ignored
+        for name, on in (("relative_step", relative_step), ("scale_parameter", scale_parameter),
+                         ("warmup_init", warmup_init)):
+            if on:
+                raise ValueError(f"GaLoreAdafactor does not implement {name}=True: it runs with a fixed learning "
+                                 f"rate, as the GaLore paper does; pass lr (and a schedule) and {name}=False")
+        if lr is None or not lr >= 0:
+            raise ValueError(f"GaLoreAdafactor needs a learning rate lr >= 0 (got {lr!r}); relative_step is "
+                             f"not implemented")
+        if beta1 is not None and not 0 <= beta1 < 1:
+            raise ValueError(f"beta1={beta1!r} must be None (no first moment) or in [0, 1)")
+        if len(eps) != 2 or min(eps) < 0 or clip_threshold <= 0 or decay_rate >= 0 or weight_decay < 0:
+            raise ValueError(f"invalid Adafactor hyperparameters eps={eps}, clip_threshold={clip_threshold}, "
+                             f"decay_rate={decay_rate} (must be < 0), weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, beta1=beta1, eps=eps, clip_threshold=clip_threshold,
                                       decay_rate=decay_rate, weight_decay=weight_decay))
 
