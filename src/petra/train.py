@@ -27,9 +27,6 @@ RESUMABLE_CHANGES = {("train", k) for k in ("stop_after", "device", "compile", "
                                            "log_every", "parallel")}
 
 
-__all__ = ["TrainingError", "train", "evaluate", "resolve_device"]
-
-
 def resolve_device(cfg: RunConfig, local_rank: int | None = None) -> tuple[torch.device, torch.dtype]:
     want = cfg.train.device
     if want == "auto":
@@ -220,8 +217,7 @@ def _train(cfg, out: Path, resume: bool, explicit: set, show_progress: bool, log
 
     def save(at_step: int) -> None:
         # never replace the last good checkpoint by weights that are not finite
-        bad = d.all_reduce(torch.tensor(float(not _finite(model)), device=device))
-        if float(bad) > 0:
+        if not _finite(model, d, device):
             raise TrainingError(f"the weights are not finite after step {at_step}; nothing was saved and "
                                 f"{on_disk()} (lower train.lr or raise train.grad_clip)")
         state = {
@@ -271,10 +267,11 @@ def _train(cfg, out: Path, resume: bool, explicit: set, show_progress: bool, log
             gnorm = float(gnorm)
             failure = health.check(step + 1, loss_val, gnorm)
             if failure is None and not (math.isfinite(loss_val) and math.isfinite(gnorm)) and \
-                    float(d.all_reduce(torch.tensor(float(not _finite(model)), device=device))) > 0:
+                    not _finite(model, d, device):
                 failure = f"loss is {loss_val} at step {step} and the weights are no longer finite"
             if failure is not None:
-                raise TrainingError(f"{failure}; stopping. {on_disk()[0].upper()}{on_disk()[1:]} "
+                disk = on_disk()
+                raise TrainingError(f"{failure}; stopping. {disk[0].upper()}{disk[1:]} "
                                     f"(lower train.lr or raise train.grad_clip)")
             model, optimizer, info = method.on_step_end(step, model, optimizer)
             if info.get("params_changed"):  # DDP tracks a fixed set of trainable parameters
@@ -382,10 +379,11 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def _finite(model: torch.nn.Module) -> bool:
-    """Every weight (this process's shard of it) and buffer is finite."""
-    return all(bool(torch.isfinite(distr.local(t)).all()) for t in (*model.parameters(), *model.buffers())
+def _finite(model: torch.nn.Module, d: distr.Dist, device: torch.device) -> bool:
+    """Every weight and floating buffer is finite on every process (each checks its shards)."""
+    mine = all(bool(torch.isfinite(distr.local(t)).all()) for t in (*model.parameters(), *model.buffers())
                if t.is_floating_point())
+    return float(d.all_reduce(torch.tensor(float(not mine), device=device))) == 0
 
 
 def bar_log(show_progress: bool, log):
