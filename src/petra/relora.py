@@ -185,6 +185,21 @@ def merged_state_dict(state: dict[str, torch.Tensor], scale: float, quantize: st
     return out
 
 
+def _keep_mask(x: torch.Tensor, mode: str, fraction: float, generator: torch.Generator | None) -> torch.Tensor:
+    """This rank's rows of the mask of the entries of moment x that pruning keeps. Under
+    FSDP2 the moments are row shards: thresholds and masks come from the whole moment
+    (every rank computes the same), each rank edits its rows."""
+    whole, mine = full(x), local(x)
+    if mode == "reset" or fraction >= 1.0:
+        return torch.zeros_like(mine, dtype=torch.bool)
+    if mode == "magnitude":
+        k = int(fraction * whole.numel())
+        if k == 0:
+            return torch.ones_like(mine, dtype=torch.bool)
+        return mine.abs() > whole.abs().flatten().float().kthvalue(k).values
+    return local_part((torch.rand(whole.shape, generator=generator) >= fraction).to(whole.device), x)
+
+
 @torch.no_grad()
 def prune_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mode: str,
                   fraction: float, generator: torch.Generator | None = None, joint: bool = True) -> float:
@@ -198,28 +213,14 @@ def prune_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], 
     zeroed = total = 0
     for p in params:
         state = optimizer.state.get(p, {})
-        moments = [shaped_like(state[k], p) for k in ("exp_avg", "exp_avg_sq") if state.get(k) is not None]
-        if not moments:
-            continue
-        masks = {}  # id(moment) -> this rank's rows of the keep mask
-        for i, x in enumerate(moments):
-            if joint and i > 0:
-                masks[id(x)] = masks[id(moments[0])]
+        mask = None
+        for key in ("exp_avg", "exp_avg_sq"):
+            if state.get(key) is None:
                 continue
-            # under FSDP2 the moments are row shards: thresholds and masks come from the whole
-            # moment (every rank computes the same), each rank edits its rows
-            whole, mine = full(x), local(x)
-            if mode == "reset" or fraction >= 1.0:
-                keep = torch.zeros_like(mine, dtype=torch.bool)
-            elif mode == "magnitude":
-                k = int(fraction * whole.numel())
-                thresh = whole.abs().flatten().float().kthvalue(k).values if k > 0 else None
-                keep = mine.abs() > thresh if thresh is not None else torch.ones_like(mine, dtype=torch.bool)
-            else:  # random
-                keep = local_part((torch.rand(whole.shape, generator=generator) >= fraction).to(whole.device), x)
-            masks[id(x)] = keep
-        for x in moments:
-            local(x).mul_(masks[id(x)].to(local(x).dtype))
+            x = shaped_like(state[key], p)
+            if mask is None or not joint:
+                mask = _keep_mask(x, mode, fraction, generator)
+            local(x).mul_(mask.to(local(x).dtype))
             zeroed += int((full(x) == 0).sum())
             total += x.numel()
     return zeroed / total if total else 0.0

@@ -375,10 +375,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         # the same operations as torch.optim.AdamW, so groups without rank match it exactly
         den = torch._foreach_sqrt(vs)
         torch._foreach_div_(den, [math.sqrt(1 - b2 ** t) for t in ts])
-        if group.get("convention", "torch") == "torch":
-            torch._foreach_add_(den, group["eps"])
-        else:
-            torch._foreach_add_(den, [self._eps(group, t) for t in ts])
+        torch._foreach_add_(den, [self._eps(group, t) for t in ts])
         return ms, den, [1 - b1 ** t for t in ts]
 
 
