@@ -18,7 +18,7 @@ def cache_dir(tmp_path_factory):
 def tiny_cfg(cache_dir):
     def make(**ov):
         base = {"preset": "tiny", "data.cache_dir": cache_dir, "train.steps": 12, "train.batch_size": 4,
-                "train.eval_every": 6, "train.eval_batches": 2, "train.log_every": 1, "train.save_every": 0,
+                "train.eval_every": 6, "train.val_tokens": 512, "train.log_every": 1, "train.save_every": 0,
                 "train.seq_len": 64}
         base.update(ov)
         return build_config(overrides=base)

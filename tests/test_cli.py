@@ -52,7 +52,7 @@ def test_console_entry_point_runs():
 def test_compare_writes_table_plots_report_and_skips_finished_runs(tmp_path, cache_dir, capsys, monkeypatch):
     argv = ["compare", "--preset", "tiny", "--methods", "full,galore,relora", "--steps", "8", "--batch-size", "4",
             "--seq-len", "64", "--eval-every", "4", "--out", str(tmp_path / "cmp"), "--no-progress",
-            "--set", f"data.cache_dir={cache_dir}", "--set", "train.eval_batches=2"]
+            "--set", f"data.cache_dir={cache_dir}", "--set", "train.val_tokens=512"]
     assert main(argv) == 0
     out = tmp_path / "cmp"
     import json
@@ -60,6 +60,13 @@ def test_compare_writes_table_plots_report_and_skips_finished_runs(tmp_path, cac
     assert [r["method"] for r in rows] == ["full", "galore", "relora"]
     assert all(r["status"] == "finished" and r["val_ppl"] > 0 for r in rows)
     assert rows[0]["gap"] == 0 and rows[2]["warm_start"] == "2 steps"
+    for r in rows:  # each gap in standard errors of the two validation means
+        assert r["val_loss_se"] > 0
+        if r["method"] != "full":
+            se = (r["val_loss_se"] ** 2 + rows[0]["val_loss_se"] ** 2) ** 0.5
+            assert r["gap_se"] == pytest.approx((r["val_loss"] - rows[0]["val_loss"]) / se, abs=0.051)
+    table = (out / "comparison.md").read_text()
+    assert f"{rows[1]['val_loss']:.4f} ± {rows[1]['val_loss_se']:.4f}" in table and "s.e.)" in table
     for f in ("comparison.md", "comparison.csv", "val_loss.png", "lr.png", "memory.png", "throughput.png"):
         assert (out / f).stat().st_size > 0
     assert "data:image/png;base64," in (out / "report.html").read_text()
@@ -92,7 +99,7 @@ def test_compare_never_reports_old_runs_under_new_settings(tmp_path, cache_dir, 
     out = tmp_path / "cmp"
     argv = ["compare", "--preset", "tiny", "--methods", "full,galore", "--steps", "6", "--batch-size", "4",
             "--seq-len", "32", "--eval-every", "3", "--out", str(out), "--no-progress",
-            "--set", f"data.cache_dir={cache_dir}", "--set", "train.eval_batches=1", "--rank", "8"]
+            "--set", f"data.cache_dir={cache_dir}", "--set", "train.val_tokens=128", "--rank", "8"]
     assert main(argv) == 0
     capsys.readouterr()
     changed = argv[:6] + ["4"] + argv[7:] + ["--lrs", "galore=0.01"]

@@ -48,7 +48,7 @@ def _torchrun(spec: Path, nproc: int = 2) -> None:
 def runs(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("dist")
     base = {"preset": "tiny", "data.cache_dir": cache_dir, "train.steps": 12, "train.batch_size": 4,
-            "train.eval_every": 6, "train.eval_batches": 2, "train.log_every": 1, "train.save_every": 0,
+            "train.eval_every": 6, "train.val_tokens": 512, "train.log_every": 1, "train.save_every": 0,
             "train.seq_len": 64}
     from petra.config import build_config
     for name, ov in METHODS.items():  # the 1-process references (this also fills the token cache)

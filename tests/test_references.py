@@ -167,7 +167,7 @@ def test_the_run_keeps_its_tokenizer_so_export_never_needs_the_cache(tmp_path, t
 def test_a_sentencepiece_tokenizer_is_exported_for_transformers(tmp_path, tiny_cfg):
     spm = pytest.importorskip("sentencepiece")
     transformers = pytest.importorskip("transformers")
-    from petra.data import bible_documents
+    from petra.sources import bible_documents
     text = tmp_path / "train.txt"
     text.write_text("\n".join(d.text for d in list(bible_documents("kjv"))[:100]))
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=500,

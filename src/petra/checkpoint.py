@@ -210,7 +210,7 @@ def _export_tokenizer(tok: Path, out_dir: Path, context: int) -> None:
     """The tokenizer file and a tokenizer_config.json naming its special tokens (the
     end-of-text token also begins and pads: petra's corpora have no other), left padding
     for batched generation and the model's context as model_max_length."""
-    from .data import Tokenizer
+    from .tokenizer import Tokenizer
     t = Tokenizer(tok)
     conf = {"model_max_length": context, "padding_side": "left", "clean_up_tokenization_spaces": False}
     eos = t.token(t.eos_id)

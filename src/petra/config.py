@@ -68,21 +68,26 @@ SWITCH_STATES = ("keep", "reproject", "reset")
 PRUNE_MODES = ("magnitude", "random", "reset")
 PRUNE_MASKS = ("joint", "independent")
 QUANTIZE = ("none", "int8", "nf4")
+SHUFFLES = ("feistel", "randperm")
 
 
 @dataclass
 class DataConfig:
-    # "bible" (default corpus, installed with petra), a directory written by `petra data build`,
-    # or a comma-separated list of .txt/.jsonl files or directories of them.
+    # "bible" (default corpus, installed with petra), a directory written by `petra data prepare`
+    # or `petra data build`, or a comma-separated list of files (.txt, .jsonl, either one .gz or
+    # .zst compressed, .parquet), directories and glob patterns
     source: str = "bible"
     # tokenizer.json, a SentencePiece .model, or "" to train a byte-level BPE on the corpus.
     tokenizer: str = ""
     val_fraction: float = 0.05
-    jsonl_field: str = "text"
+    text_field: str = "text"      # the text's field in JSON lines, its column in parquet
     # text files are decoded with this codec; anything else is an error naming the byte
     # offset, so text is never silently changed (set e.g. latin-1 for such a corpus)
     encoding: str = "utf-8"
     cache_dir: str = "~/.cache/petra"
+    # the order of the training windows in each pass: feistel (computed, any corpus size) or
+    # randperm (a stored permutation, as runs made before token shards drew them)
+    shuffle: str = "feistel"
 
 
 @dataclass
@@ -101,7 +106,7 @@ class TrainConfig:
     grad_clip: float = 1.0        # 0 = off
     seed: int = 0
     eval_every: int = 50
-    eval_batches: int = 8
+    val_tokens: int = 1_000_000   # the validation set's size (the whole split if it is smaller)
     save_every: int = 100         # 0 = only at the end
     log_every: int = 10
     device: str = "auto"          # auto | cpu | cuda | cuda:N
@@ -264,7 +269,25 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     run was saved takes the value that reproduces how that run trained."""
     d = json.loads(json.dumps(d))
     d["method"].setdefault("prune_mask", "independent")  # before prune_mask, moments were pruned so
+    d["data"].setdefault("shuffle", "randperm")  # before token shards, windows were ordered by randperm
+    if "jsonl_field" in d["data"]:  # renamed when parquet came
+        d["data"]["text_field"] = d["data"].pop("jsonl_field")
+    t = d["train"]
+    if "eval_batches" in t:  # before val_tokens: that many global batches of the run's sequence length
+        seq = t["seq_len"] or d["model"]["max_position_embeddings"]
+        t["val_tokens"] = t.pop("eval_batches") * t["batch_size"] * seq
     return RunConfig(preset=d["preset"], **{s: cls(**d[s]) for s, cls in SECTIONS.items()})
+
+
+def validate_data(d: DataConfig) -> None:
+    try:
+        "".encode(d.encoding)
+    except LookupError:
+        raise ConfigError(f"data.encoding={d.encoding!r} is not a text encoding Python knows "
+                          f"(e.g. utf-8, latin-1, cp1252)") from None
+    if not 0 < d.val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
+    _choice("data.shuffle", d.shuffle, SHUFFLES)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -294,19 +317,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr={t.lr} must be positive")
     if t.max_skipped_steps < 0 or t.divergence_patience < 0:
         raise ConfigError("train.max_skipped_steps and train.divergence_patience must be >= 0")
-    try:
-        "".encode(cfg.data.encoding)
-    except LookupError:
-        raise ConfigError(f"data.encoding={cfg.data.encoding!r} is not a text encoding Python knows "
-                          f"(e.g. utf-8, latin-1, cp1252)") from None
+    validate_data(cfg.data)
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if t.warmup_steps > t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
-    if not 0 < cfg.data.val_fraction < 0.5:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 0.5)")
-    if t.eval_batches < 1:
-        raise ConfigError(f"train.eval_batches={t.eval_batches} must be at least 1")
+    if t.val_tokens < 1:
+        raise ConfigError(f"train.val_tokens={t.val_tokens} must be at least 1")
     _choice("train.dtype", t.dtype, ("auto", "bf16", "fp32"))
     _choice("train.compile", t.compile, ("auto", "on", "off"))
     _choice("train.parallel", t.parallel, ("auto", "none", "ddp", "fsdp"))

@@ -151,6 +151,20 @@ def fused_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return FusedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk)
 
 
+@torch.no_grad()
+def row_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Each row's mean next-token loss, shape (B,): what evaluation needs for a standard
+    error. Logits exist a chunk of rows at a time, in fp32."""
+    B, T = targets.shape
+    rows = max(1, chunk // T)
+    out = []
+    for s in range(0, B, rows):
+        logits = (h[s:s + rows] @ weight.t()).float()
+        out.append(F.cross_entropy(logits.flatten(0, 1), targets[s:s + rows].flatten(),
+                                   reduction="none").view(-1, T).mean(1))
+    return torch.cat(out)
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -199,11 +213,14 @@ class LlamaForCausalLM(nn.Module):
                 x = layer(x, cos, sin)
         return self.model.norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) when targets is None, else the mean next-token loss."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, per_row: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) when targets is None, else the mean next-token loss (each row's
+        mean loss, without gradient, with per_row)."""
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h)
+        if per_row:
+            return row_losses(h, self.lm_head.weight, targets)
         return self.loss_fn(h, self.lm_head.weight, targets)
 
 

@@ -62,22 +62,26 @@ def merge_resume_config(saved: RunConfig, requested: RunConfig | None, explicit:
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, d: distr.Dist | None = None, micro_batch: int = 0) -> float:
-    """Mean validation loss over every row of `batches`; with several processes each
-    evaluates its share of the rows of every batch, `micro_batch` rows per forward."""
+def evaluate(model, batches, device, d: distr.Dist | None = None, micro_batch: int = 0) -> tuple[float, float]:
+    """(mean, standard error) of the validation loss over the rows of `batches` (each row a
+    window's mean loss); with several processes each evaluates its share of the rows of
+    every batch, `micro_batch` rows per forward."""
     d = d or distr.Dist()
     was = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of row losses, rows)
-    for x, y in batches:
-        xs, ys = x.tensor_split(d.world)[d.rank], y.tensor_split(d.world)[d.rank]
-        mb = micro_batch or len(xs)
-        for xc, yc in zip(xs.split(mb), ys.split(mb)):
-            total[0] += model(xc.to(device), yc.to(device)).double() * len(xc)
-            total[1] += len(xc)
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # (sum, sum of squares, rows)
+    with torch.no_grad():
+        for x, y in batches:
+            xs, ys = x.tensor_split(d.world)[d.rank], y.tensor_split(d.world)[d.rank]
+            mb = micro_batch or len(xs)
+            for xc, yc in zip(xs.split(mb), ys.split(mb)):
+                r = model(xc.to(device), yc.to(device), per_row=True).double()
+                total += torch.stack([r.sum(), r.square().sum(), torch.tensor(len(r), device=device)])
     d.all_reduce(total)
     model.train(was)
-    return float(total[0] / total[1])
+    s, sq, n = total.tolist()
+    var = max(0.0, sq / n - (s / n) ** 2) * n / max(1.0, n - 1)
+    return s / n, math.sqrt(var / n)
 
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False, explicit: set | None = None,
@@ -135,7 +139,7 @@ def _train(cfg, out: Path, resume: bool, explicit: set, show_progress: bool, log
     # Rank 0 fills the token cache while the others wait, then they read it.
     if not d.main:
         d.barrier()
-    data = prepare(cfg.data, cfg.model.vocab_size, log=log)
+    data = prepare(cfg.data, cfg.model.vocab_size, log=log, show_progress=show_progress)
     if d.main:
         d.barrier()
     if data.vocab_size > cfg.model.vocab_size:
@@ -146,9 +150,9 @@ def _train(cfg, out: Path, resume: bool, explicit: set, show_progress: bool, log
                           "resuming would not continue the same run")
     seq = cfg.seq_len
     accum = rows // mb
-    batches = Batches(data.train, seq, B, cfg.train.seed)
-    # the validation set: eval_batches global batches, whatever the micro-batch or process count
-    vbatches = val_batches(data.val, seq, B, cfg.train.eval_batches)
+    batches = Batches(data.train, seq, B, cfg.train.seed, cfg.data.shuffle)
+    # the validation set: about val_tokens tokens in global batches, whatever the micro-batch or process count
+    vbatches = val_batches(data.val, seq, B, cfg.train.val_tokens)
 
     torch.manual_seed(cfg.train.seed)  # the same initial model on every process
     model = build_model(cfg.model, device, dtype)
@@ -239,7 +243,7 @@ def _train(cfg, out: Path, resume: bool, explicit: set, show_progress: bool, log
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
         if _main_thread() else {}
     bar = tqdm(total=stop_at, initial=step, disable=not show_progress, unit="step", dynamic_ncols=True)
-    window_t, window_steps, last_val, status = time.perf_counter(), 0, None, "finished"
+    window_t, window_steps, last_val, last_se, status = time.perf_counter(), 0, None, None, "finished"
     tps_hist: list[float] = []
     health = Health(cfg.model.vocab_size, cfg.train.max_skipped_steps, cfg.train.divergence_patience,
                     log=bar_log(show_progress, log))
@@ -307,12 +311,12 @@ def _train(cfg, out: Path, resume: bool, explicit: set, show_progress: bool, log
                 window_t, window_steps = time.perf_counter(), 0
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 t0 = time.perf_counter()
-                vl = evaluate(wrapped, vbatches, device, d, mb)
-                last_val = vl
+                vl, se = evaluate(wrapped, vbatches, device, d, mb)
+                last_val, last_se = vl, se
                 ppl = perplexity(vl)
                 write({"step": step, "tokens": record["tokens"], "val_loss": round(vl, 5),
-                       "val_ppl": round(ppl, 3) if ppl is not None else None})
-                bar_log(show_progress, log)(f"step {step}: val loss {vl:.4f}, ppl {fmt_ppl(vl)}")
+                       "val_loss_se": round(se, 5), "val_ppl": round(ppl, 3) if ppl is not None else None})
+                bar_log(show_progress, log)(f"step {step}: val loss {vl:.4f} ± {se:.4f}, ppl {fmt_ppl(vl)}")
                 window_t += time.perf_counter() - t0  # evaluation is not training throughput
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_at:
                 t0 = time.perf_counter()
@@ -332,7 +336,8 @@ def _train(cfg, out: Path, resume: bool, explicit: set, show_progress: bool, log
         status = "interrupted" if status == "interrupted" else "stopped"
         log(f"{status} at step {step} (checkpoint saved); continue with: petra train --resume {out}")
     rate = steady_rate(tps_hist)
-    summary = {"status": status, "step": step, "val_loss": last_val, "val_ppl": perplexity(last_val),
+    summary = {"status": status, "step": step, "val_loss": last_val, "val_loss_se": last_se,
+               "val_tokens": len(vbatches) * B * seq, "val_ppl": perplexity(last_val),
                "tokens": step * tokens_per_step, "params": n_params,
                "trainable_params": count_parameters(model, True),
                "tokens_per_s": rate["median"], "tokens_per_s_iqr": rate["iqr"], "throughput_windows": rate["n"],
