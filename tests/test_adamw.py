@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from petra.distributed import clip_grad_norm
+from petra.dtensor import clip_grad_norm
 from petra.optim import LocalAdamW
 
 
@@ -44,3 +44,14 @@ def test_clip_grad_norm_is_torch_clip_grad_norm():
     before = [p.grad.clone() for p in ps]
     assert torch.equal(clip_grad_norm(ps, 0.0), torch.nn.utils.get_total_norm(before))  # 0: measure only
     assert all(torch.equal(p.grad, b) for p, b in zip(ps, before))
+
+
+def test_petra_optim_imports_with_torch_alone():
+    """The optimizers are drop-in: importing them loads neither petra's config nor its
+    process-group code (only the leaf that handles tensors that may be FSDP2 shards)."""
+    import subprocess
+    import sys
+    code = "import sys, petra.optim; print(' '.join(sorted(m for m in sys.modules if m.startswith('petra'))))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "petra.optim.galore" in loaded
+    assert not {"petra.config", "petra.distributed", "petra.methods", "petra.train"} & set(loaded), loaded

@@ -94,7 +94,7 @@ def test_relora_layers_and_merge_match_peft():
     from petra import checkpoint
     from petra.config import PRESETS, ModelConfig
     from petra.model import LlamaForCausalLM
-    from petra.relora import lora_modules, merged_state_dict, wrap
+    from petra.lora import lora_modules, merged_state_dict, wrap
     torch.manual_seed(0)
     cfg = ModelConfig(**PRESETS["tiny"])
     ours = LlamaForCausalLM(cfg)

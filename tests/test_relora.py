@@ -3,8 +3,9 @@ import torch
 
 from petra.config import ModelConfig, PRESETS, build_config
 from petra.model import LlamaForCausalLM
+from petra.lora import lora_modules, merged_state_dict, prune_moments, wrap
 from petra.methods import Method
-from petra.relora import ReLoRA, lora_modules, merged_state_dict, prune_moments, wrap
+from petra.methods.relora import ReLoRA
 
 
 def _wrapped(rank=8, alpha=16.0):
@@ -84,7 +85,7 @@ def test_restart_steps_follow_warm_start_and_interval():
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_quantized_frozen_weight_merge_dequantizes_adds_and_requantizes(kind):
     pytest.importorskip("bitsandbytes")
-    from petra.relora import dequantize_weight, quantize_weight
+    from petra.lora import dequantize_weight, quantize_weight
     model = _wrapped()
     mod = lora_modules(model)[4]  # an MLP projection, 176 x 64
     w = mod.weight.detach().clone()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .lora import merged_state_dict
+
 CKPT = "checkpoint.pt"
 SHARDED = "checkpoint-sharded"  # FSDP2 runs: one file per process, rank00000.pt ...
 FORMAT_VERSION = 1
@@ -120,7 +122,6 @@ def _read(path: Path, map_location) -> dict:
 
 def plain_state_dict(payload: dict) -> dict[str, torch.Tensor]:
     """The model's weights as a plain LLaMA state dict (ReLoRA factors merged)."""
-    from .relora import merged_state_dict
     m = payload["config"]["method"]
     return merged_state_dict(payload["model"], m["lora_alpha"] / m["rank"], m.get("quantize", "none"))
 

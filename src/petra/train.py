@@ -15,6 +15,7 @@ from . import checkpoint
 from . import distributed as distr
 from .config import ConfigError, RunConfig, from_dict, validate
 from .data import Batches, prepare, val_batches
+from .dtensor import is_sharded, local, local_state
 from .health import Health, TrainingError, fmt_ppl, perplexity
 from .methods import make_method
 from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib, steady_rate
@@ -232,8 +233,8 @@ def _train(cfg, out: Path, resume: bool, explicit: set, show_progress: bool, log
             "data_fingerprint": data.fingerprint, "tokenizer_path": str(data.tokenizer.path),
             "eos_id": data.tokenizer.eos_id}
         if d.mode == "fsdp":
-            state["sharded_keys"] = [k for k, v in state["model"].items() if distr.is_sharded(v)]
-            checkpoint.save_sharded(out, distr.local_state(state), d)
+            state["sharded_keys"] = [k for k, v in state["model"].items() if is_sharded(v)]
+            checkpoint.save_sharded(out, local_state(state), d)
         else:  # replicated: one process writes for all
             if d.main:
                 checkpoint.save(out, state)
@@ -386,7 +387,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def _finite(model: torch.nn.Module, d: distr.Dist, device: torch.device) -> bool:
     """Every weight and floating buffer is finite on every process (each checks its shards)."""
-    mine = all(bool(torch.isfinite(distr.local(t)).all()) for t in (*model.parameters(), *model.buffers())
+    mine = all(bool(torch.isfinite(local(t)).all()) for t in (*model.parameters(), *model.buffers())
                if t.is_floating_point())
     return float(d.all_reduce(torch.tensor(float(not mine), device=device))) == 0
 

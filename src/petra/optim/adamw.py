@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.optim.adamw import adamw
 
-from ..distributed import local
+from ..dtensor import local
 
 
 class LocalAdamW(torch.optim.AdamW):

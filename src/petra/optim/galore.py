@@ -27,8 +27,9 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
-from ..distributed import RowSharded, local, row_shards
+from ..dtensor import is_sharded, local
 from .projector import Dense, compute_basis
+from .rowsharded import RowSharded, row_shards
 
 PROJ_TYPES = ("std", "left", "right", "full")
 PROJECTORS = ("svd", "randomized", "subspace")
@@ -569,7 +570,6 @@ class GaLoreAdafactor(GaLoreOptimizer):
                                       decay_rate=decay_rate, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
-        from ..distributed import is_sharded
         if any(is_sharded(p) for p in param_group["params"]):
             raise NotImplementedError("GaLoreAdafactor does not run on FSDP2-sharded parameters: its "
                                       "factored second moment needs whole rows and columns; use DDP")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import is_sharded, local, sum_square_over_shards
+from ..dtensor import is_sharded, local, sum_square_over_shards
 from .galore import GaLoreOptimizer
 
 

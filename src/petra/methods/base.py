@@ -1,15 +1,14 @@
-"""Training methods as the loop sees them: an optimizer, an optional model transform, a
-per-step hook and a schedule. The loop never branches on a method's name.
-"""
+"""The method as the loop sees it: an optimizer, an optional model transform, a per-step
+hook and a schedule. `Method` itself is full-rank AdamW; every other method refines it."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .config import RunConfig
-from .distributed import clip_grad_norm
-from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseStepper, LocalAdamW, galore_param_groups
-from .schedule import lr_factor
+from ..config import RunConfig
+from ..dtensor import clip_grad_norm
+from ..optim import GaLoreAdamW, LayerwiseStepper, LocalAdamW
+from ..schedule import lr_factor
 
 
 class Method:
@@ -81,56 +80,3 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-class Full8bit(Method):
-    name, optimizer_name = "full8bit", "AdamW 8-bit"
-
-    def optimizer(self, model):
-        t = self.cfg.train
-        return GaLoreAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=t.lr,
-                               betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-
-
-class GaLore(Method):
-    """GaLore with AdamW, 8-bit AdamW or Adafactor, optionally layer-wise."""
-
-    OPTIMIZERS = {"galore": (GaLoreAdamW, "AdamW"), "galore8bit": (GaLoreAdamW8bit, "AdamW 8-bit"),
-                  "galore-adafactor": (GaLoreAdafactor, "Adafactor")}
-
-    def __init__(self, cfg: RunConfig):
-        super().__init__(cfg)
-        self.name = cfg.method.name
-        self.cls, self.optimizer_name = self.OPTIMIZERS[self.name]
-
-    def optimizer(self, model):
-        t, m = self.cfg.train, self.cfg.method
-        groups = galore_param_groups(model, m.rank, m.targets, update_proj_gap=m.update_proj_gap,
-                                     scale=m.scale, proj_type=m.proj_type, projector=m.projector,
-                                     switch_state=m.switch_state)
-        if self.cls is GaLoreAdafactor:
-            opt = GaLoreAdafactor(groups, lr=t.lr, weight_decay=t.weight_decay)
-        else:
-            opt = self.cls(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-        if m.layerwise:
-            self._layerwise(opt)
-        return opt
-
-    def describe(self):
-        m = self.cfg.method
-        return {"rank": m.rank, "warm_start": "no",
-                "optimizer": self.optimizer_name + (" layer-wise" if m.layerwise else "")}
-
-
-def make_method(cfg: RunConfig) -> Method:
-    from .relora import ReLoRA  # the module imports this one
-    name = cfg.method.name
-    if name == "full":
-        return Method(cfg)
-    if name == "full8bit":
-        return Full8bit(cfg)
-    if name.startswith("galore"):
-        return GaLore(cfg)
-    if name == "relora":
-        return ReLoRA(cfg)
-    raise ValueError(f"unknown method {name!r}")

@@ -1,0 +1,36 @@
+"""GaLore: the gradient projected onto a low-rank subspace, the optimizer run there."""
+from __future__ import annotations
+
+from ..config import RunConfig
+from ..optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups
+from .base import Method
+
+
+class GaLore(Method):
+    """GaLore with AdamW, 8-bit AdamW or Adafactor, optionally layer-wise."""
+
+    OPTIMIZERS = {"galore": (GaLoreAdamW, "AdamW"), "galore8bit": (GaLoreAdamW8bit, "AdamW 8-bit"),
+                  "galore-adafactor": (GaLoreAdafactor, "Adafactor")}
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.name = cfg.method.name
+        self.cls, self.optimizer_name = self.OPTIMIZERS[self.name]
+
+    def optimizer(self, model):
+        t, m = self.cfg.train, self.cfg.method
+        groups = galore_param_groups(model, m.rank, m.targets, update_proj_gap=m.update_proj_gap,
+                                     scale=m.scale, proj_type=m.proj_type, projector=m.projector,
+                                     switch_state=m.switch_state)
+        if self.cls is GaLoreAdafactor:
+            opt = GaLoreAdafactor(groups, lr=t.lr, weight_decay=t.weight_decay)
+        else:
+            opt = self.cls(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+        if m.layerwise:
+            self._layerwise(opt)
+        return opt
+
+    def describe(self):
+        m = self.cfg.method
+        return {"rank": m.rank, "warm_start": "no",
+                "optimizer": self.optimizer_name + (" layer-wise" if m.layerwise else "")}

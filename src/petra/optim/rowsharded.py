@@ -1,0 +1,92 @@
+"""GaLore under FSDP2: a row-sharded gradient seen through products with thin matrices.
+
+FSDP2's Shard(0) gives each rank some rows of every (m, n) gradient. `RowSharded` offers the
+projector's interface (projector.Dense: `mm`, `tmm`, `full`), so a projector refresh
+computes G X and G^T Y with one thin collective each and never gathers the (m, n) matrix.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
+
+from .projector import Transposed
+
+
+class RowShards:
+    """How FSDP2's Shard(0) splits the m rows of a parameter: torch.chunk over the group."""
+
+    def __init__(self, p: DTensor):
+        mesh = p.device_mesh
+        self.group = mesh.get_group()
+        self.world, self.rank = mesh.size(), mesh.get_local_rank()
+        self.m = p.shape[0]
+        self.chunk = math.ceil(self.m / self.world)
+        self.start = min(self.rank * self.chunk, self.m)
+        self.stop = min(self.start + self.chunk, self.m)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def gather_rows(self, part: torch.Tensor, total: int | None = None) -> torch.Tensor:
+        """Concatenate every rank's rows (each at most `chunk`) into the full matrix."""
+        total = self.m if total is None else total
+        chunk = math.ceil(total / self.world)
+        padded = part.new_zeros((chunk, *part.shape[1:]))
+        padded[: part.shape[0]] = part
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        return torch.cat(parts)[:total]
+
+    def columns(self, n: int) -> slice:
+        """This rank's share of n columns (for low-rank state kept split by columns)."""
+        c = math.ceil(n / self.world)
+        return slice(min(self.rank * c, n), min((self.rank + 1) * c, n))
+
+    def gather_columns(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        return self.gather_rows(part.t(), n).t()
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.start:self.stop]
+
+
+def row_shards(p: torch.Tensor) -> RowShards | None:
+    """The row split of an FSDP2 parameter, or None for a plain (replicated) tensor."""
+    if not isinstance(p, DTensor):
+        return None
+    if p.device_mesh.ndim != 1 or p.placements != (Shard(0),):
+        raise NotImplementedError(f"GaLore handles FSDP2's 1-D Shard(0) layout, not {p.placements}")
+    return RowShards(p)
+
+
+class RowSharded:
+    """An (m, n) gradient split by rows over ranks, seen through products with thin matrices
+    (the interface of projector.Dense): G X gathers rows of a thin result, G^T Y sums
+    per-rank products. The projector never needs the (m, n) matrix in one place."""
+
+    def __init__(self, g_local: torch.Tensor, shards: RowShards, n: int):
+        self.g, self.s = g_local.float(), shards
+        self.shape = (shards.m, n)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.s.gather_rows(self.g @ x)
+
+    def tmm(self, y: torch.Tensor) -> torch.Tensor:
+        return self.s.sum(self.g.t() @ self.s.rows(y))
+
+    def full(self) -> torch.Tensor:
+        return self.s.gather_rows(self.g)
+
+    def finite(self) -> bool:
+        bad = torch.tensor([0.0 if torch.isfinite(self.g).all() else 1.0], device=self.g.device)
+        return float(self.s.sum(bad)) == 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.g.device
+
+    def t(self):
+        return Transposed(self)
