@@ -58,6 +58,7 @@ def test_user_text_and_jsonl_files(tmp_path, cache_dir):
     ("missing", "does not exist"),
     ("empty_dir", "holds no .txt/.*/.parquet files"),
     ("empty_text", "holds no text"),
+    ("blank_records", "holds no text"),
     ("bad_json", "is not valid JSON"),
     ("no_field", "has no string field 'text'"),
     ("csv", "must end in one of .txt, .*, .parquet"),
@@ -69,6 +70,9 @@ def test_bad_data_sources(tmp_path, cache_dir, setup, message):
     elif setup == "empty_text":
         src = tmp_path / "e.txt"
         src.write_text("   \n\n ")
+    elif setup == "blank_records":
+        src = tmp_path / "b.jsonl"
+        src.write_text('{"text": "  "}\n{"text": "\\n\\t"}\n')
     elif setup == "bad_json":
         src = tmp_path / "x.jsonl"
         src.write_text('{"text": "ok"}\n{broken\n')

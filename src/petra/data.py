@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
-from .prepare import MANIFEST, is_prepared, prepare_corpus
+from .prepare import MANIFEST, file_sha256, is_prepared, prepare_corpus
 from .sources import corpus_fingerprint
 from .tokenizer import Tokenizer
 
@@ -97,7 +97,7 @@ def prepare(cfg: DataConfig, vocab_size: int, log=print, show_progress: bool = F
         raise ConfigError(f"data.tokenizer {str(user_tok)!r} does not exist")
     if cfg.source != "bible" and is_prepared(source):
         m = json.loads((source / MANIFEST).read_text())
-        if user_tok is not None and hashlib.sha256(user_tok.read_bytes()).hexdigest() != m["tokenizer"]["sha256"]:
+        if user_tok is not None and file_sha256(user_tok) != m["tokenizer"]["sha256"]:
             raise ConfigError(f"data.tokenizer {str(user_tok)!r} is not the tokenizer {source} was prepared with; "
                               f"leave data.tokenizer empty or prepare the corpus with this tokenizer")
         return open_prepared(source, "prepared:" + m["sha256"])
@@ -105,7 +105,7 @@ def prepare(cfg: DataConfig, vocab_size: int, log=print, show_progress: bool = F
     cache = Path(cfg.cache_dir).expanduser()
     corpus_fp = corpus_fingerprint(cfg)
     if user_tok is not None:
-        tok_fp = _hash(str(user_tok.resolve()), hashlib.sha256(user_tok.read_bytes()).hexdigest())
+        tok_fp = _hash(str(user_tok.resolve()), file_sha256(user_tok))
     else:  # one BPE per corpus, split and size, kept beside the token caches
         bpe = cache / "tokenizers" / f"bpe-{_hash(corpus_fp, str(cfg.val_fraction), str(vocab_size))}.json"
         tok_fp = _hash(bpe.name)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, DataConfig
-from .rundir import RunDirectory
+from .rundir import LOCK, RunDirectory
 from .sources import corpus_fingerprint, documents, input_files, split_of
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -53,7 +53,7 @@ def _write(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 24):
@@ -85,12 +85,15 @@ def scan(cfg: DataConfig, sample_chars: int, bar=None) -> tuple[Scan, list[str]]
     sample leaves out validation documents when the split is by document."""
     s = Scan()
     heap: list[tuple[int, int, str, str]] = []  # (-priority, index, split, text): a max-heap
-    held = 0
+    held = nonblank = 0
     for i, doc in enumerate(documents(cfg, bar.update if bar is not None else lambda n: None)):
         part = split_of(doc.key, cfg.val_fraction)
         s.documents[part] += 1
         s.characters[part] += len(doc.text)
-        if sample_chars <= 0 or not doc.text.strip():
+        if not doc.text or doc.text.isspace():  # what strip() would empty, without copying the text
+            continue
+        nonblank += 1
+        if sample_chars <= 0:
             continue
         p = _priority(i)
         if held + len(doc.text) <= sample_chars or (heap and -heap[0][0] > p):
@@ -98,10 +101,9 @@ def scan(cfg: DataConfig, sample_chars: int, bar=None) -> tuple[Scan, list[str]]
             held += len(doc.text)
             while held > sample_chars and len(heap) > 1:
                 held -= len(heapq.heappop(heap)[3])
-    total = sum(s.characters.values())
-    if total == 0:
+    if not nonblank:
         raise ConfigError(f"data.source {cfg.source!r} holds no text")
-    share = s.characters["val"] / total
+    share = s.characters["val"] / sum(s.characters.values())
     # a corpus of a few documents misses the asked fraction badly (a side empty, or the
     # validation text under a quarter or over twice val_fraction): the tail of the tokens instead
     if not (s.documents["train"] and s.documents["val"] and cfg.val_fraction / 4 <= share <= 2 * cfg.val_fraction):
@@ -209,7 +211,7 @@ def _settings(cfg: DataConfig, tokenizer: Path | None, vocab_size: int) -> dict:
     """What the prepared tokens depend on: resuming with anything else would mix two corpora."""
     return {"source": cfg.source, "fingerprint": corpus_fingerprint(cfg), "text_field": cfg.text_field,
             "encoding": cfg.encoding, "val_fraction": cfg.val_fraction,
-            "tokenizer": _sha256(tokenizer) if tokenizer else f"bpe-{vocab_size}"}
+            "tokenizer": file_sha256(tokenizer) if tokenizer else f"bpe-{vocab_size}"}
 
 
 def prepare_corpus(cfg: DataConfig, out: Path, vocab_size: int, tokenizer: Path | None = None,
@@ -230,13 +232,14 @@ def prepare_corpus(cfg: DataConfig, out: Path, vocab_size: int, tokenizer: Path 
                                   f"choose another {flag}")
             return manifest
         state = _read(out / PROGRESS) if (out / PROGRESS).is_file() else None
-        if state is not None and state.get("settings") != settings:
+        if state is None:
+            if any(p.name != LOCK for p in out.iterdir()):
+                raise ConfigError(f"{flag} {out} is not empty and holds no petra data; choose an empty or new "
+                                  f"directory")
+            state = {"settings": settings, "shards": []}
+        elif state.get("settings") != settings:
             raise ConfigError(f"{flag} {out} holds an unfinished prepare of other input or settings; remove it "
                               f"or choose another {flag}")
-        if state is None and any(p.name != ".petra.lock" for p in out.iterdir()):
-            raise ConfigError(f"{flag} {out} is not empty and holds no petra data; choose an empty or new directory")
-        if state is None:
-            state = {"settings": settings, "shards": []}
         for stale in out.glob("*.tmp"):
             stale.unlink()
 
@@ -293,7 +296,7 @@ def _manifest(cfg: DataConfig, state: dict, sc: Scan, tok: Tokenizer, tok_file: 
     digest = hashlib.sha256("".join(s[p]["sha256"] for s in shards for p in ("train", "val")).encode())
     return {"format": FORMAT, "settings": state["settings"], "dtype": tok.dtype.name,
             "inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in input_files(cfg)],
-            "tokenizer": {"file": tok_file.name, "sha256": _sha256(tok_file), "vocab_size": tok.vocab_size,
+            "tokenizer": {"file": tok_file.name, "sha256": file_sha256(tok_file), "vocab_size": tok.vocab_size,
                           "sample_documents": sc.sample_documents, "sample_characters": sc.sample_characters},
             "split": split, "documents": sc.documents, "characters": sc.characters, "tokens": tokens,
             "tokenize_seconds": round(seconds, 1), "shards": shards, "sha256": digest.hexdigest()}

@@ -204,11 +204,14 @@ def jsonl_documents(path: Path, field: str, encoding: str = "utf-8",
             yield Document(str(rec.get("key", f"{path.name}:{i}")), rec[field])
 
 
+def _uncompressed_name(path: Path) -> str:
+    return path.name.removesuffix(".gz").removesuffix(".zst")
+
+
 def text_file_documents(path: Path, encoding: str = "utf-8",
                         advance: Callable[[int], None] = lambda n: None) -> Iterator[Document]:
-    name = path.name.removesuffix(".gz").removesuffix(".zst")
     with _open(path, advance) as f:
-        yield from text_documents(_paragraphs(_decoded_chunks(f, encoding, str(path))), name)
+        yield from text_documents(_paragraphs(_decoded_chunks(f, encoding, str(path))), _uncompressed_name(path))
 
 
 def parquet_documents(path: Path, field: str, advance: Callable[[int], None] = lambda n: None
@@ -245,7 +248,7 @@ def parquet_documents(path: Path, field: str, advance: Callable[[int], None] = l
 
 def file_documents(path: Path, cfg: DataConfig, advance: Callable[[int], None] = lambda n: None
                    ) -> Iterator[Document]:
-    name = path.name.removesuffix(".gz").removesuffix(".zst")
+    name = _uncompressed_name(path)
     if name.endswith(".parquet"):
         return parquet_documents(path, cfg.text_field, advance)
     if name.endswith((".jsonl", ".json")):
