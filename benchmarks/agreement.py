@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import petra.optim.adam8bit as adam8bit
 import petra.optim.galore as galore
 from petra.config import build_config
 from petra.train import train
@@ -39,10 +40,10 @@ def variant(name: str):
         galore.sides = lambda shape, t: (shape[0] <= shape[1], shape[0] > shape[1]) if t == "std" else old(shape, t)
         undo.append(lambda: setattr(galore, "sides", old))
     if name == "galore8bit-unguarded":
-        req, bound = galore._requantize, galore.adam_step_bound
-        galore._requantize = lambda x, c, s, q, positive: req(x, c, s, q, False)
-        galore.adam_step_bound = lambda *a: 1e30
-        undo += [lambda: setattr(galore, "_requantize", req), lambda: setattr(galore, "adam_step_bound", bound)]
+        req, bound = adam8bit._requantize, adam8bit.adam_step_bound
+        adam8bit._requantize = lambda x, c, s, q, positive: req(x, c, s, q, False)
+        adam8bit.adam_step_bound = lambda *a: 1e30
+        undo += [lambda: setattr(adam8bit, "_requantize", req), lambda: setattr(adam8bit, "adam_step_bound", bound)]
     method = {"squares-right": "galore", "squares-left": "galore", "galore": "galore", "galore8bit": "galore8bit",
               "galore8bit-unguarded": "galore8bit", "relora-joint": "relora", "relora-independent": "relora"}[name]
     ov = {"method.name": method}

@@ -38,14 +38,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from petra import distributed as distr  # noqa: E402
+from petra import parallel as par_  # noqa: E402
 from petra.config import build_config  # noqa: E402
 from petra.methods import make_method  # noqa: E402
 from petra.metrics import flops_per_token  # noqa: E402
 from petra.model import build_model  # noqa: E402
-from petra.train import _compiled, compile_by_layer, optimizer_state_bytes  # noqa: E402
+from petra.compiling import compile_model  # noqa: E402
+from petra.metrics import optimizer_state_bytes  # noqa: E402
 
-DIST = distr.Dist()  # the process group under torchrun (set in main)
+DIST = par_.NoParallel()  # the process group under torchrun (set in main)
 
 GAP = 200
 
@@ -124,27 +125,30 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
     if name.startswith("petra"):
         torch.manual_seed(0)
         model = build_model(cfg.model, device(), torch.bfloat16)
-        m = make_method(cfg)
-        d = distr.Dist(pmode, DIST.rank, DIST.world, DIST.local_rank) if par else distr.Dist()
-        m.parallel = d.mode
+        if pmode == "fsdp":
+            d = par_.FSDP(DIST.rank, DIST.world, DIST.local_rank, unit_layers=units[0] if units else 1,
+                          reshard_after_forward="keep" not in opts)
+        else:
+            d = par_.STRATEGIES[pmode if par else "none"](DIST.rank, DIST.world, DIST.local_rank)
+        m = make_method(cfg, d)
         if method == "relora":
             m.lora_phase = True
         model = m.prepare(model)
-        wrapped = distr.wrap(model, d, device(), reshard_after_forward="keep" not in opts,
-                             unit_layers=units[0] if units else 1)
+        wrapped = d.wrap(model, device())
         if DIST.main and par:  # what runs: FSDP2 classes are named FSDP<model class>
             print(f"{full_name}: {type(wrapped).__name__} on {DIST.world} process(es)", flush=True)
         opt = m.optimizer(model)
         import torch._dynamo.config as dynamo_config
         dynamo_config.optimize_ddp = "nosplit" not in opts  # DDP: one graph, no bucket-sized pieces
-        parts = model if compile_by_layer(m, d) and "whole" not in opts else None
-        fwd = _compiled(wrapped, compile_, lambda *a: None, parts_of=parts)  # as the training loop compiles
+        by_layer = (d.compile_by_layer or m.layerwise is not None) and "whole" not in opts
+        # as the training loop compiles
+        fwd = compile_model(wrapped, lambda *a: None, parts_of=model if by_layer else None) if compile_ else wrapped
 
         def step(batches):
             for j, (x, y) in enumerate(batches):
                 last = j == len(batches) - 1
                 m.before_backward(last)
-                with distr.grad_sync(wrapped, d, last):
+                with d.grad_sync(wrapped, last):
                     (fwd(x, y) / len(batches)).backward()
             m.step(model, opt)
         return step, method.startswith("galore"), cfg, opt
@@ -241,7 +245,7 @@ def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=Fa
     flops = flops_per_token(cfg.model, T) * tokens
     used = torch.cuda.max_memory_allocated() if CUDA else 0
     peak = DIST.all_reduce(torch.tensor(float(used), device=device()),
-                           distr.dist.ReduceOp.MAX)
+                           par_.dist.ReduceOp.MAX)
     if profile:
         show_profile(step, batches, profile, impl)
     return {"impl": impl, "preset": preset, "rank": rank, "batch": batch, "micro_batch": micro,
@@ -287,8 +291,8 @@ def main():
     ap.add_argument("--out", default="bench.json")
     a = ap.parse_args()
     global DIST
-    if distr.launched():
-        DIST = distr.setup("ddp", "cuda" if CUDA else "cpu")
+    if par_.launched():
+        DIST = par_.setup("ddp", "cuda" if CUDA else "cpu")
     extra = dict(kv.split("=", 1) for kv in a.set)  # strings, cast by build_config as for the CLI
     ranks = dict(kv.split("=") for kv in a.ranks.split(","))
     micro = dict(kv.split("=") for kv in a.micro.split(","))
@@ -312,7 +316,7 @@ def main():
         print(table(rows))
         print(ratios(rows))
     if DIST.active:
-        distr.dist.destroy_process_group()
+        par_.dist.destroy_process_group()
 
 
 # what each petra impl is compared with (by base name: ':compile', '+pad', '@...' stripped);

@@ -17,17 +17,17 @@ import time
 
 import torch
 
-from petra import distributed as distr
+from petra.compiling import compile_model
 from petra.config import build_config
 from petra.data import Batches, prepare
 from petra.methods import make_method
 from petra.model import build_model
 from petra.schedule import set_lr
-from petra.train import _compiled, compile_by_layer
+from petra.parallel import NoParallel, setup
 
 mode = sys.argv[1]
 cuda = torch.cuda.is_available()
-d = distr.setup(mode, "cuda" if cuda else "cpu") if mode != "none" else distr.Dist()
+d = setup(mode, "cuda" if cuda else "cpu") if mode != "none" else NoParallel()
 dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
 if not cuda:
     torch.cuda.synchronize = lambda *a: None
@@ -37,12 +37,12 @@ data = prepare(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
 batches = Batches(data.train, cfg.seq_len, 64, 0)
 torch.manual_seed(0)
 model = build_model(cfg.model, dev, torch.bfloat16 if cuda else torch.float32)
-m = make_method(cfg)
-m.parallel = d.mode
+m = make_method(cfg, d)
 model = m.prepare(model)
-wrapped = distr.wrap(model, d, dev)
+wrapped = d.wrap(model, dev)
 opt = m.optimizer(model)
-fwd = _compiled(wrapped, cuda, print, parts_of=model if compile_by_layer(m, d) else None)
+by_layer = d.compile_by_layer or m.layerwise is not None
+fwd = compile_model(wrapped, print, parts_of=model if by_layer else None) if cuda else wrapped
 x0, y0 = (t.to(dev) for t in batches.get(0))
 
 def run(level, n=25):
@@ -53,7 +53,7 @@ def run(level, n=25):
         if level >= 1:
             set_lr(opt, m.lr_factor(step))
         x, y = (x0, y0) if level < 3 else (t.to(dev, non_blocking=True) for t in batches.get(step))
-        with distr.grad_sync(wrapped, d, True):
+        with d.grad_sync(wrapped, True):
             loss = fwd(x, y)
             loss.backward()
         m.step(model, opt)

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from petra.config import build_config  # noqa: E402
 from petra.optim.projector import captured_energy, randomized_basis, subspace_basis, svd_basis  # noqa: E402
-from petra.optim.galore import sides  # noqa: E402
+from petra.optim.functional import sides  # noqa: E402
 from petra.train import train  # noqa: E402
 
 

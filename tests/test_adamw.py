@@ -55,3 +55,34 @@ def test_petra_optim_imports_with_torch_alone():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert "petra.optim.galore" in loaded
     assert not {"petra.config", "petra.distributed", "petra.methods", "petra.train"} & set(loaded), loaded
+
+
+def test_petras_plain_adamw_is_torchs_and_takes_no_low_rank_group():
+    """petra.optim.AdamW (what full-rank layer-wise training steps with) gives torch's
+    numbers bit for bit with torch's defaults, and refuses a 'rank' group by name."""
+    from petra.optim import AdamW
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(5))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours, ref = AdamW(ps, lr=1e-2), torch.optim.AdamW(qs, lr=1e-2, foreach=False)
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    with pytest.raises(ValueError, match="AdamW takes no low-rank groups"):
+        AdamW([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "rank": 2}])
+
+
+def test_the_optimizers_choices_are_the_configs():
+    """optim/ is importable without petra.config, so it declares its group options itself;
+    they must be the config's."""
+    from petra.config import CHOICES, MethodConfig
+    from petra.optim import DEFAULT_TARGETS
+    from petra.optim.galore import PROJ_TYPES, PROJECTORS, SWITCH_STATES
+    assert (PROJ_TYPES, PROJECTORS, SWITCH_STATES) == tuple(
+        CHOICES[f"method.{k}"] for k in ("proj_type", "projector", "switch_state"))
+    assert MethodConfig().targets == DEFAULT_TARGETS

@@ -210,7 +210,7 @@ def test_validation_is_sized_in_tokens_and_reports_a_standard_error():
     import torch
     from petra.config import ModelConfig
     from petra.model import build_model
-    from petra.train import evaluate
+    from petra.validation import evaluate
     tokens = np.random.default_rng(0).integers(0, 100, 5000).astype(np.uint16)
     v = val_batches(tokens, 16, 4, 1000)  # 1000 tokens: 62 windows, whole batches of 4 -> 60
     assert sum(len(x) for x, _ in v) == 60

@@ -228,7 +228,7 @@ def test_8bit_tracks_fp32_and_stores_quantized_moments():
 def test_8bit_update_equals_torchao_subclass_ops(device):
     """The update on codes and scales (compiled on CUDA) equals the same math done through
     torchao's OptimState8bit: dequantize(), float ops, copy_() back."""
-    from petra.optim.galore import _optim_state_8bit, _update_8bit
+    from petra.optim.adam8bit import _optim_state_8bit, _update_8bit
     q = _optim_state_8bit()
     torch.manual_seed(0)
     r, m0 = torch.randn(64, 96, device=device), torch.randn(64, 96, device=device)
@@ -384,7 +384,7 @@ def test_updates_in_chunks_equal_one_batched_update(monkeypatch, cls, device):
 
 
 def test_adam_step_bound_is_what_exact_adam_reaches():
-    from petra.optim.galore import adam_step_bound
+    from petra.optim.functional import adam_step_bound
     b1, b2 = 0.9, 0.999
     assert adam_step_bound(b1, b2, 1) == pytest.approx(1.0)
     # the worst case of Cauchy-Schwarz: gradients g_{t-k} proportional to (b1/b2)^k
@@ -419,7 +419,7 @@ def test_8bit_embedding_rows_move_no_further_than_fp32_adam_could():
     next step moved it by lr * m / eps: 12,707 against 4.7 in fp32 in the issue's test."""
     fp32 = _zipf_embedding_run(GaLoreAdamW)
     eight = _zipf_embedding_run(GaLoreAdamW8bit)
-    from petra.optim.galore import adam_step_bound
+    from petra.optim.functional import adam_step_bound
     worst = 1e-3 * sum(adam_step_bound(0.9, 0.999, t) for t in range(1, 301))
     assert eight.max() <= worst  # the hard guarantee
     assert eight.max() <= 1.5 * fp32.max()  # and in practice: as far as fp32 moves

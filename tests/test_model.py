@@ -78,7 +78,7 @@ def test_compiled_model_gives_the_eager_loss_and_gradients(monkeypatch, recwarn,
     forward and backward graphs without generating kernels, so no C++ compiler is needed."""
     import functools
 
-    from petra.train import _compiled
+    from petra.compiling import compile_model
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def test_compiled_model_gives_the_eager_loss_and_gradients(monkeypatch, recwarn,
     ref.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    fwd = _compiled(model, True, lambda *a: None, parts_of=model if how == "parts" else None)
+    fwd = compile_model(model, lambda *a: None, parts_of=model if how == "parts" else None)
     loss = fwd(x, y)
     loss.backward()
     assert not [w for w in recwarn if "torch.compile failed" in str(w.message)]  # compiled, not the fallback

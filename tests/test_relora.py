@@ -201,7 +201,7 @@ def _steps_after_a_merge(joint: bool, lr=1e-3):
 def test_joint_pruning_bounds_the_first_steps_after_a_merge():
     # exact Adam never moves an entry by more than lr * 7.3 (betas 0.9, 0.999; see
     # optim.galore.adam_step_bound); independent masks leave m where v is zeroed: lr * m / eps
-    from petra.optim.galore import adam_step_bound
+    from petra.optim.functional import adam_step_bound
     joint, independent = _steps_after_a_merge(True), _steps_after_a_merge(False)
     assert joint <= adam_step_bound(0.9, 0.999, 1000)
     assert independent > 100 * joint

@@ -129,7 +129,7 @@ def test_collapse_and_finite_divergence_stop_the_run(tmp_path, tiny_cfg, monkeyp
                 p.grad.zero_()
         return real_step(self, closure, found_inf)
     monkeypatch.setattr(LocalAdamW, "step", zero_step)
-    monkeypatch.setattr("petra.methods.base.clip_grad_norm", lambda ps, c: torch.zeros(()))
+    monkeypatch.setattr("petra.parallel.NoParallel.clip_grad_norm", lambda self, ps, c: torch.zeros(()))
     with pytest.raises(TrainingError, match="collapsed: the gradient norm has been exactly 0 for 4 steps"):
         train(tiny_cfg(**{"train.divergence_patience": 4}), tmp_path / "c", **quiet)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+from .health import TrainingError
 from .lora import merged_state_dict
 
 CKPT = "checkpoint.pt"
@@ -142,6 +144,48 @@ def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # a run's own copy: BPE or SentencePiece
+
+
+def load_initial(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `weights` (from `initial_weights`) into `model`; every name and shape must match."""
+    own = model.state_dict()
+    bad = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
+    extra = sorted(set(weights) - set(own))
+    if bad or extra:
+        k = (bad or extra)[0]
+        raise ConfigError(f"train.init_from={source!r} does not fit this model: {k} "
+                          + (f"has shape {tuple(weights[k].shape)}, the model's is {tuple(own[k].shape)}"
+                             if k in weights and k in own else "is missing on one side")
+                          + " (use the same preset and vocabulary)")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(weights[k])
+
+
+class Checkpointer:
+    """Saves a run's checkpoints and decides when: every `every` steps and at `last_step`,
+    or when asked. It never writes weights that are not finite (the last good checkpoint
+    stays), and it knows what is on disk for the messages that tell the user."""
+
+    def __init__(self, out: Path, parallel, every: int, last_step: int, saved_step: int | None):
+        self.out, self.parallel, self.every, self.last_step = Path(out), parallel, every, last_step
+        self.saved_step = saved_step  # the step of the checkpoint on disk, None before the first
+
+    def due(self, step: int) -> bool:
+        return bool(self.every and step % self.every == 0) or step == self.last_step
+
+    def on_disk(self) -> str:
+        if self.saved_step is None:
+            return f"no checkpoint was saved in {self.out}"
+        return f"the last good checkpoint in {self.out} (step {self.saved_step}) is intact"
+
+    def save(self, step: int, model: torch.nn.Module, device: torch.device, state) -> None:
+        """Write `state()` (called only once the weights are known to be finite)."""
+        if not self.parallel.all_finite(model, device):
+            raise TrainingError(f"the weights are not finite after step {step}; nothing was saved and "
+                                f"{self.on_disk()} (lower train.lr or raise train.grad_clip)")
+        self.parallel.save(self.out, state())
+        self.saved_step = step
 
 
 def keep_tokenizer(run_dir: Path, source: Path) -> Path:

@@ -7,35 +7,18 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import METHODS, PRESET_RANKS, PRESETS, SECTIONS, ConfigError, build_config
+from .config import METHODS, PRESET_RANKS, PRESETS, SECTIONS, ConfigError, build_config, field_help, field_types
 
-# flag -> config field; each becomes --flag-name with this help text
-TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
-    "steps": ("train.steps", int, "optimizer steps in the schedule"),
-    "batch_size": ("train.batch_size", int, "sequences per optimizer step (total batch)"),
-    "micro_batch_size": ("train.micro_batch_size", int, "sequences per forward pass (0 = batch size); "
-                         "the rest is gradient accumulation"),
-    "seq_len": ("train.seq_len", int, "tokens per sequence (0 = the model's maximum)"),
-    "lr": ("train.lr", float, "peak learning rate"),
-    "seed": ("train.seed", int, "seed for initialization and data order"),
-    "device": ("train.device", str, "auto, cpu, cuda or cuda:N"),
-    "dtype": ("train.dtype", str, "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32"),
-    "compile": ("train.compile", str, "torch.compile the model: auto (on for CUDA), on, off"),
-    "eval_every": ("train.eval_every", int, "steps between validation evaluations"),
-    "save_every": ("train.save_every", int, "steps between checkpoints (0 = only at the end)"),
-    "log_every": ("train.log_every", int, "steps between metrics lines"),
-    "stop_after": ("train.stop_after", int, "end the run at this step as if interrupted (0 = off)"),
-    "method": ("method.name", str, f"training method: {', '.join(METHODS)}"),
-    "rank": ("method.rank", int, "rank of GaLore projections / ReLoRA factors (0 = the preset's)"),
-    "update_proj_gap": ("method.update_proj_gap", int, "GaLore: steps between projector refreshes"),
-    "projector": ("method.projector", str, "GaLore projector refresh: svd, randomized, subspace"),
-    "reset_interval": ("method.reset_interval", int, "ReLoRA: steps between merge-and-restart"),
-    "warm_start_steps": ("method.warm_start_steps", int, "ReLoRA: full-rank steps before LoRA"),
-    "init_from": ("train.init_from", str, "start from the weights of a run directory or a model.safetensors "
-                  "export (e.g. ReLoRA after a full-rank run)"),
-    "data": ("data.source", str, "'bible', a directory from `petra data prepare` or `petra data build`, or "
-             ".txt/.jsonl(.gz/.zst)/.parquet files, directories and globs"),
-    "tokenizer": ("data.tokenizer", str, "tokenizer.json or SentencePiece .model (default: train a BPE)"),
+# flag -> config field; each becomes --flag-name, its help the field's description (config.py)
+TRAIN_FLAGS: dict[str, str] = {
+    "steps": "train.steps", "batch_size": "train.batch_size", "micro_batch_size": "train.micro_batch_size",
+    "seq_len": "train.seq_len", "lr": "train.lr", "seed": "train.seed", "device": "train.device",
+    "dtype": "train.dtype", "compile": "train.compile", "eval_every": "train.eval_every",
+    "save_every": "train.save_every", "log_every": "train.log_every", "stop_after": "train.stop_after",
+    "method": "method.name", "rank": "method.rank", "update_proj_gap": "method.update_proj_gap",
+    "projector": "method.projector", "reset_interval": "method.reset_interval",
+    "warm_start_steps": "method.warm_start_steps", "init_from": "train.init_from", "data": "data.source",
+    "tokenizer": "data.tokenizer",
 }
 
 
@@ -55,11 +38,12 @@ def _default_text(dotted: str) -> str:
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=list(PRESETS), default=None, help="model preset (default: mini)")
     p.add_argument("--config", type=Path, help="YAML file with sections model/data/train/method (default: none)")
-    for name, (dotted, typ, help_) in TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       help=f"{help_} (default: {_default_text(dotted)})")
+    for name, dotted in TRAIN_FLAGS.items():
+        section, _, key = dotted.partition(".")
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=field_types(SECTIONS[section])[key],
+                       default=None, help=f"{field_help(dotted)} (default: {_default_text(dotted)})")
     p.add_argument("--layerwise", action="store_true", default=None,
-                   help="update each parameter inside backward (full and galore methods; default: off)")
+                   help=f"{field_help('method.layerwise')} (default: off)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any config field, e.g. --set method.scale=0.25 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,7 +53,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
     out: dict = {}
     if args.preset:
         out["preset"] = args.preset
-    for name, (dotted, _, _) in TRAIN_FLAGS.items():
+    for name, dotted in TRAIN_FLAGS.items():
         v = getattr(args, name, None)
         if v is not None:
             out[dotted] = v
@@ -104,7 +88,7 @@ def cmd_train(args) -> int:
     else:
         cfg = build_config(overrides=ov, file=args.config)
         summary = train(cfg, args.out, show_progress=not args.no_progress)
-    from .distributed import main_process
+    from .parallel import main_process
     from .health import fmt_ppl
     if summary["val_loss"] is not None and main_process() and summary["status"] == "finished":
         print(f"done: step {summary['step']}, validation loss {summary['val_loss']:.4f}, "

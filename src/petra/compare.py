@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import ConfigError, RunConfig, from_dict, replace
-from .distributed import main_process
+from .config import RESUMABLE_CHANGES, ConfigError, RunConfig, from_dict, replace
+from .parallel import main_process
 from .memory import SEED_FIGURES, breakdown_gib, paper_estimate_gib
 from .metrics import read_metrics
 from .rundir import RunDirectory
-from .train import RESUMABLE_CHANGES
 
 COLUMNS = [("method", "method"), ("status", "status"), ("val_loss", "val loss ± s.e."), ("val_ppl", "val ppl"),
            ("gap", "gap to full"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,22 +19,29 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and what is allowed."""
 
 
+def _f(default, help: str, factory=None):
+    """A config field with its description: the one text the CLI's --help and the docs show."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 512
-    intermediate_size: int = 1376
-    num_attention_heads: int = 8
-    num_hidden_layers: int = 8
-    max_position_embeddings: int = 256
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
-    # Round the MLP width up to a multiple of this (0 = off). Off for the paper presets so
-    # their parameter counts stay the papers'; 128 makes eager bf16 matmuls much faster.
-    pad_intermediate_to: int = 0
-    # Recompute each decoder layer in backward instead of storing its activations.
-    activation_checkpointing: bool = False
+    vocab_size: int = _f(32000, "tokens in the vocabulary (raised to the tokenizer's size if that is larger)")
+    hidden_size: int = _f(512, "width of the residual stream")
+    intermediate_size: int = _f(1376, "width of the SwiGLU MLP")
+    num_attention_heads: int = _f(8, "attention heads per layer")
+    num_hidden_layers: int = _f(8, "decoder layers")
+    max_position_embeddings: int = _f(256, "longest sequence the model takes")
+    rms_norm_eps: float = _f(1e-6, "RMSNorm epsilon")
+    rope_theta: float = _f(10000.0, "RoPE base")
+    init_std: float = _f(0.02, "standard deviation of the initial weights")
+    # Off for the paper presets so their parameter counts stay the papers'; 128 makes eager
+    # bf16 matmuls much faster.
+    pad_intermediate_to: int = _f(0, "round the MLP width up to a multiple of this (0 = off)")
+    activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward instead of storing "
+                                        "its activations")
 
     @property
     def head_dim(self) -> int:
@@ -62,93 +70,95 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_RANKS = {"tiny": 16, "mini": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 
 METHODS = ("full", "full8bit", "galore", "galore8bit", "galore-adafactor", "relora")
-PROJ_TYPES = ("std", "left", "right", "full")
-PROJECTORS = ("svd", "randomized", "subspace")
-SWITCH_STATES = ("keep", "reproject", "reset")
-PRUNE_MODES = ("magnitude", "random", "reset")
-PRUNE_MASKS = ("joint", "independent")
-QUANTIZE = ("none", "int8", "nf4")
-SHUFFLES = ("feistel", "randperm")
+
+# every field whose value is one of a few words, declared once: validation and --help read this
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.shuffle": ("feistel", "randperm"),
+    "train.dtype": ("auto", "bf16", "fp32"),
+    "train.compile": ("auto", "on", "off"),
+    "train.parallel": ("auto", "none", "ddp", "fsdp"),
+    "method.name": METHODS,
+    "method.proj_type": ("std", "left", "right", "full"),
+    "method.projector": ("svd", "randomized", "subspace"),
+    "method.switch_state": ("keep", "reproject", "reset"),
+    "method.prune": ("magnitude", "random", "reset"),
+    "method.prune_mask": ("joint", "independent"),
+    "method.quantize": ("none", "int8", "nf4"),
+}
 
 
 @dataclass
 class DataConfig:
-    # "bible" (default corpus, installed with petra), a directory written by `petra data prepare`
-    # or `petra data build`, or a comma-separated list of files (.txt, .jsonl, either one .gz or
-    # .zst compressed, .parquet), directories and glob patterns
-    source: str = "bible"
-    # tokenizer.json, a SentencePiece .model, or "" to train a byte-level BPE on the corpus.
-    tokenizer: str = ""
-    val_fraction: float = 0.05
-    text_field: str = "text"      # the text's field in JSON lines, its column in parquet
-    # text files are decoded with this codec; anything else is an error naming the byte
-    # offset, so text is never silently changed (set e.g. latin-1 for such a corpus)
-    encoding: str = "utf-8"
-    cache_dir: str = "~/.cache/petra"
-    # the order of the training windows in each pass: feistel (computed, any corpus size) or
-    # randperm (a stored permutation, as runs made before token shards drew them)
-    shuffle: str = "feistel"
+    source: str = _f("bible", "'bible' (installed with petra), a directory written by `petra data prepare` or "
+                     "`petra data build`, or a comma-separated list of .txt/.jsonl(.gz/.zst)/.parquet files, "
+                     "directories and glob patterns")
+    tokenizer: str = _f("", "tokenizer.json, a SentencePiece .model, or '' to train a byte-level BPE on the corpus")
+    val_fraction: float = _f(0.05, "share of documents held out for validation")
+    text_field: str = _f("text", "the text's field in JSON lines, its column in parquet")
+    # anything not in the codec is an error naming the byte offset: text is never silently changed
+    encoding: str = _f("utf-8", "codec of text files (e.g. latin-1 for such a corpus)")
+    cache_dir: str = _f("~/.cache/petra", "where prepared token shards of raw sources are kept")
+    shuffle: str = _f("feistel", "order of the training windows in each pass (feistel: computed, any corpus "
+                      "size; randperm: a stored permutation, as runs made before token shards drew them)")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    batch_size: int = 32          # sequences per optimizer step (the total batch, all processes)
-    micro_batch_size: int = 0     # sequences per forward and process; 0 = all of its share
-    seq_len: int = 0              # 0 = the model's max_position_embeddings
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1     # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = -1        # -1 = 10% of steps
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0        # 0 = off
-    seed: int = 0
-    eval_every: int = 50
-    val_tokens: int = 1_000_000   # the validation set's size (the whole split if it is smaller)
-    save_every: int = 100         # 0 = only at the end
-    log_every: int = 10
-    device: str = "auto"          # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: str = "auto"         # auto (on for CUDA) | on | off
-    stop_after: int = 0           # end the run at this step as if interrupted (0 = off)
-    parallel: str = "auto"        # under torchrun: auto (= ddp) | ddp | fsdp; none = one process
-    fsdp_unit_layers: int = 1     # FSDP2: decoder layers sharded and gathered as one unit
-    init_from: str = ""           # a run directory or HF-format export: its weights start this run
-    # a step whose loss or gradient is not finite is skipped (no update); this many in a
-    # row stop the run (the last good checkpoint stays as it was)
-    max_skipped_steps: int = 5
-    # steps the loss may stay above ln(vocab) + 1 (worse than guessing: diverging) or the
-    # gradient norm at exactly 0 (collapsed) before the run stops as failed; 0 = never
-    divergence_patience: int = 50
+    steps: int = _f(200, "optimizer steps in the schedule")
+    batch_size: int = _f(32, "sequences per optimizer step (the total batch, all processes)")
+    micro_batch_size: int = _f(0, "sequences per forward and process (0 = all of its share); the rest is "
+                               "gradient accumulation")
+    seq_len: int = _f(0, "tokens per sequence (0 = the model's max_position_embeddings)")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "the cosine decays to lr x this")
+    warmup_steps: int = _f(-1, "linear warm-up steps (-1 = 10% of steps)")
+    weight_decay: float = _f(0.0, "decoupled weight decay")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.999, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    seed: int = _f(0, "seed for initialization and data order")
+    eval_every: int = _f(50, "steps between validation evaluations")
+    val_tokens: int = _f(1_000_000, "size of the validation set in tokens (the whole split if it is smaller)")
+    save_every: int = _f(100, "steps between checkpoints (0 = only at the end)")
+    log_every: int = _f(10, "steps between metrics lines")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = _f("auto", "weights and compute (auto = bf16 on CUDA, fp32 on CPU)")
+    compile: str = _f("auto", "torch.compile the model (auto = on for CUDA)")
+    stop_after: int = _f(0, "end the run at this step as if interrupted (0 = off)")
+    parallel: str = _f("auto", "processes under torchrun (auto = ddp; none = one process)")
+    fsdp_unit_layers: int = _f(1, "FSDP2: decoder layers sharded and gathered as one unit")
+    init_from: str = _f("", "start from the weights of a run directory or a model.safetensors export "
+                        "(e.g. ReLoRA after a full-rank run)")
+    # the last good checkpoint stays as it was
+    max_skipped_steps: int = _f(5, "a step whose loss or gradient is not finite is skipped (no update); this "
+                                "many in a row stop the run")
+    divergence_patience: int = _f(50, "steps the loss may stay above ln(vocab) + 1 (diverging) or the gradient "
+                                  "norm at exactly 0 (collapsed) before the run stops as failed; 0 = never")
 
 
 @dataclass
 class MethodConfig:
-    name: str = "full"
-    # low-rank targets: regex on parameter names (attention and MLP matrices by default)
-    targets: str = r"(self_attn|mlp)\.\w+_proj"
-    rank: int = 0                 # 0 = the preset's paper rank (PRESET_RANKS)
-    # GaLore
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"
+    name: str = _f("full", "training method")
+    targets: str = _f(r"(self_attn|mlp)\.\w+_proj", "low-rank targets: a regex searched in parameter names "
+                      "(attention and MLP matrices)")
+    rank: int = _f(0, "rank of GaLore projections / ReLoRA factors (0 = the preset's paper rank)")
+    update_proj_gap: int = _f(200, "GaLore: steps between projector refreshes")
+    scale: float = _f(0.25, "GaLore: scale of the back-projected update")
+    proj_type: str = _f("std", "GaLore: side to project (std = the shorter; squares from the right)")
     # warm subspace iteration: 99.4% of exact SVD's captured energy on real gradients, equal
     # loss, 15-40x cheaper refresh (docs/projector_energy.json, docs/benchmarks.md)
-    projector: str = "subspace"
-    switch_state: str = "keep"
-    layerwise: bool = False
-    # ReLoRA
-    lora_alpha: float = 32.0
-    reset_interval: int = 1000
-    prune: str = "magnitude"
-    prune_fraction: float = 0.99
-    # one mask for both moments (joint), or one each as the reference code does (independent)
-    prune_mask: str = "joint"
-    restart_warmup_steps: int = 50
-    warm_start_steps: int = 0
-    quantize: str = "none"
+    projector: str = _f("subspace", "GaLore projector refresh")
+    switch_state: str = _f("keep", "GaLore: what the moments do at a refresh")
+    layerwise: bool = _f(False, "update each parameter inside backward (full and galore methods)")
+    lora_alpha: float = _f(32.0, "ReLoRA: LoRA scaling alpha (the update is alpha / rank x B A)")
+    reset_interval: int = _f(1000, "ReLoRA: steps between merge-and-restart")
+    prune: str = _f("magnitude", "ReLoRA: how the factors' moments are pruned at a restart")
+    prune_fraction: float = _f(0.99, "ReLoRA: share of moment entries pruned at a restart")
+    prune_mask: str = _f("joint", "ReLoRA: one mask for both moments (joint) or one each, as the reference code")
+    restart_warmup_steps: int = _f(50, "ReLoRA: learning-rate re-warm-up after each restart")
+    warm_start_steps: int = _f(0, "ReLoRA: full-rank steps before LoRA")
+    quantize: str = _f("none", "ReLoRA: frozen weights held in int8 or nf4 (bitsandbytes)")
 
 
 @dataclass
@@ -188,32 +198,44 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
 
 
+def field_types(cls) -> dict[str, type]:
+    """The (resolved) type of each field of a config section."""
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in {f.name for f in fields(cls)}}
+
+
+def field_help(dotted: str) -> str:
+    """The description of a field, e.g. 'train.lr' -> 'peak learning rate', with its choices."""
+    section, _, key = dotted.partition(".")
+    f = next(f for f in fields(SECTIONS[section]) if f.name == key)
+    text = f.metadata.get("help", "")
+    return f"{text}: {', '.join(CHOICES[dotted])}" if dotted in CHOICES else text
+
+
 def _coerce(section: str, key: str, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, naming the field on failure."""
-    cls = SECTIONS[section]
-    types = {f.name: f.type for f in fields(cls)}
+    types = field_types(SECTIONS[section])
     if key not in types:
         raise ConfigError(f"unknown option {section}.{key}; {section} options are: {', '.join(types)}")
     t = types[key]
     try:
-        if t == "bool":
+        if t is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                     raise ValueError
                 return value.lower() in ("true", "1", "yes", "on")
             return bool(value)
-        if t == "int":
+        if t is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if t == "float":
+        if t is float:
             f = float(value)
             if not math.isfinite(f):
                 raise ValueError
             return f
         return str(value)
     except (TypeError, ValueError):
-        what = "finite number" if t == "float" else t
+        what = "finite number" if t is float else t.__name__
         raise ConfigError(f"{section}.{key}={value!r} is not a valid {what}") from None
 
 
@@ -279,7 +301,34 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     return RunConfig(preset=d["preset"], **{s: cls(**d[s]) for s, cls in SECTIONS.items()})
 
 
+def _check_section(name: str, section) -> None:
+    """What every section shares: choices from CHOICES, finite floats."""
+    for f in fields(section):
+        v, dotted = getattr(section, f.name), f"{name}.{f.name}"
+        if dotted in CHOICES:
+            _choice(dotted, v, CHOICES[dotted])
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{dotted}={v} must be a finite number")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{name}={value} must be at least {low}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    _check_section("model", m)
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        _at_least(f"model.{k}", getattr(m, k), 1)
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by "
+                          f"model.num_attention_heads={m.num_attention_heads}")
+    if m.head_dim % 2:
+        raise ConfigError(f"head dimension {m.head_dim} must be even for rotary embeddings")
+
+
 def validate_data(d: DataConfig) -> None:
+    _check_section("data", d)
     try:
         "".encode(d.encoding)
     except LookupError:
@@ -287,79 +336,76 @@ def validate_data(d: DataConfig) -> None:
                           f"(e.g. utf-8, latin-1, cp1252)") from None
     if not 0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
-    _choice("data.shuffle", d.shuffle, SHUFFLES)
 
 
-def validate(cfg: RunConfig) -> None:
-    m, t, me = cfg.model, cfg.train, cfg.method
-    for name, v in [("model.hidden_size", m.hidden_size), ("model.num_hidden_layers", m.num_hidden_layers),
-                    ("model.num_attention_heads", m.num_attention_heads), ("model.vocab_size", m.vocab_size),
-                    ("model.intermediate_size", m.intermediate_size), ("train.steps", t.steps),
-                    ("train.batch_size", t.batch_size)]:
-        if v < 1:
-            raise ConfigError(f"{name}={v} must be at least 1")
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by "
-                          f"model.num_attention_heads={m.num_attention_heads}")
-    if m.head_dim % 2:
-        raise ConfigError(f"head dimension {m.head_dim} must be even for rotary embeddings")
-    if cfg.seq_len > m.max_position_embeddings:
-        raise ConfigError(f"train.seq_len={cfg.seq_len} is longer than the model allows "
-                          f"(model.max_position_embeddings={m.max_position_embeddings})")
-    if t.micro_batch_size < 0 or cfg.train.batch_size % cfg.micro_batch:
+def validate_train(t: TrainConfig) -> None:
+    _check_section("train", t)
+    for k, low in (("steps", 1), ("batch_size", 1), ("val_tokens", 1), ("fsdp_unit_layers", 1),
+                   ("max_skipped_steps", 0), ("divergence_patience", 0), ("micro_batch_size", 0)):
+        _at_least(f"train.{k}", getattr(t, k), low)
+    if t.batch_size % (t.micro_batch_size or t.batch_size):
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size}")
-    for name, v in [(f"train.{f.name}", getattr(t, f.name)) for f in fields(t) if f.type == "float"] + \
-            [(f"method.{f.name}", getattr(me, f.name)) for f in fields(me) if f.type == "float"]:
-        if not math.isfinite(v):
-            raise ConfigError(f"{name}={v} must be a finite number")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
-    if t.max_skipped_steps < 0 or t.divergence_patience < 0:
-        raise ConfigError("train.max_skipped_steps and train.divergence_patience must be >= 0")
-    validate_data(cfg.data)
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if t.warmup_steps > t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
-    if t.val_tokens < 1:
-        raise ConfigError(f"train.val_tokens={t.val_tokens} must be at least 1")
-    _choice("train.dtype", t.dtype, ("auto", "bf16", "fp32"))
-    _choice("train.compile", t.compile, ("auto", "on", "off"))
-    _choice("train.parallel", t.parallel, ("auto", "none", "ddp", "fsdp"))
-    if t.fsdp_unit_layers < 1:
-        raise ConfigError(f"train.fsdp_unit_layers={t.fsdp_unit_layers} must be at least 1 (decoder layers "
-                          f"per FSDP2 unit)")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
-    _choice("method.name", me.name, METHODS)
-    _choice("method.proj_type", me.proj_type, PROJ_TYPES)
-    _choice("method.projector", me.projector, PROJECTORS)
-    _choice("method.switch_state", me.switch_state, SWITCH_STATES)
-    _choice("method.prune", me.prune, PRUNE_MODES)
-    _choice("method.prune_mask", me.prune_mask, PRUNE_MASKS)
-    _choice("method.quantize", me.quantize, QUANTIZE)
-    if me.rank < 1:
-        raise ConfigError(f"method.rank={me.rank} must be at least 1")
-    if me.update_proj_gap < 1:
-        raise ConfigError(f"method.update_proj_gap={me.update_proj_gap} must be at least 1")
-    if me.reset_interval < 1:
-        raise ConfigError(f"method.reset_interval={me.reset_interval} must be at least 1")
+
+
+def validate_method(me: MethodConfig, m: ModelConfig, preset: str) -> None:
+    _check_section("method", me)
+    for k, low in (("rank", 1), ("update_proj_gap", 1), ("reset_interval", 1), ("restart_warmup_steps", 0),
+                   ("warm_start_steps", 0)):
+        _at_least(f"method.{k}", getattr(me, k), low)
     if not 0 <= me.prune_fraction <= 1:
         raise ConfigError(f"method.prune_fraction={me.prune_fraction} must be in [0, 1]")
-    if me.restart_warmup_steps < 0 or me.warm_start_steps < 0:
-        raise ConfigError("method.restart_warmup_steps and method.warm_start_steps must be >= 0")
-    if me.name.startswith("galore"):
-        short = min(m.hidden_size, m.intermediate_size)
-        if me.rank > short and me.proj_type != "full":
-            raise ConfigError(f"method.rank={me.rank} is larger than the smallest side ({short}) of the "
-                              f"{cfg.preset} matrices; use rank <= {short} or method.proj_type=full")
+    short = min(m.hidden_size, m.intermediate_size)
+    if me.rank > short and (me.name == "relora" or (me.name.startswith("galore") and me.proj_type != "full")):
+        raise ConfigError(f"method.rank={me.rank} is larger than the smallest side ({short}) of the {preset} "
+                          f"matrices; use rank <= {short}" + (" or method.proj_type=full"
+                                                              if me.name.startswith("galore") else ""))
     if me.quantize != "none" and me.name != "relora":
         raise ConfigError(f"method.quantize={me.quantize} holds ReLoRA's frozen weights quantized; "
                           f"it needs method.name=relora (got {me.name})")
-    if me.name == "relora" and me.rank > min(m.hidden_size, m.intermediate_size):
-        raise ConfigError(f"method.rank={me.rank} is larger than the smallest side "
-                          f"({min(m.hidden_size, m.intermediate_size)}) of the {cfg.preset} matrices")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Each section checks itself; then what spans sections."""
+    validate_model(cfg.model)
+    validate_data(cfg.data)
+    validate_train(cfg.train)
+    validate_method(cfg.method, cfg.model, cfg.preset)
+    if cfg.seq_len > cfg.model.max_position_embeddings:
+        raise ConfigError(f"train.seq_len={cfg.seq_len} is longer than the model allows "
+                          f"(model.max_position_embeddings={cfg.model.max_position_embeddings})")
+
+
+# fields that may differ when resuming; anything else must match the saved run
+RESUMABLE_CHANGES = {("train", k) for k in ("stop_after", "device", "compile", "eval_every", "save_every",
+                                           "log_every", "parallel")}
+
+
+def merge_resume_config(saved: RunConfig, requested: RunConfig | None, explicit: set[tuple[str, str]]) -> RunConfig:
+    """The saved config, with the few fields a resume may change taken from the request."""
+    saved.train.stop_after = 0  # a stop is one-shot: the resumed run goes on unless told again
+    if requested is None:
+        return saved
+    for section, key in explicit:
+        new = getattr(getattr(requested, section), key)
+        old = getattr(getattr(saved, section), key)
+        if new == old:
+            continue
+        if (section, key) not in RESUMABLE_CHANGES:
+            allowed = ", ".join(f"{s}.{k}" for s, k in sorted(RESUMABLE_CHANGES))
+            raise ConfigError(f"cannot resume with {section}.{key}={new!r}: the run was started with {old!r}. "
+                              f"A resume may change only: {allowed}")
+        setattr(getattr(saved, section), key, new)
+    validate(saved)
+    return saved
 
 
 def replace(cfg: RunConfig, **sections: dict[str, Any]) -> RunConfig:

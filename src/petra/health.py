@@ -38,9 +38,13 @@ class Health:
         self.above = self.zero = 0  # consecutive diverged / collapsed steps
         self.warned = False
 
+    @staticmethod
+    def finite(loss: float, grad_norm: float) -> bool:
+        return math.isfinite(loss) and math.isfinite(grad_norm)
+
     def check(self, step: int, loss: float, grad_norm: float) -> str | None:
         """After step `step` (1-based); returns why the run must stop, or None."""
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if not self.finite(loss, grad_norm):
             self.skipped += 1
             self.skipped_in_row += 1
             self.log(f"step {step}: loss {loss}, gradient norm {grad_norm}: not finite, update skipped "

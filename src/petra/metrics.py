@@ -1,12 +1,16 @@
-"""Metrics: JSONL log, throughput, peak memory, model FLOPs utilization."""
+"""Metrics: the run's JSONL log and progress bar, throughput, peak memory, model FLOPs
+utilization, optimizer state size."""
 from __future__ import annotations
 
 import json
 import resource
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .config import ModelConfig
 
@@ -76,3 +80,99 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state this process holds (petra's optimizers keep FSDP2 state as
+    plain local rows; torchao 8-bit moments count their codes and scales)."""
+    total = 0
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and k not in ("step", "moment_step"):
+                inner = getattr(v, "codes", None)
+                if inner is not None:
+                    total += inner.numel() * inner.element_size() + v.scale.numel() * v.scale.element_size()
+                else:
+                    total += v.numel() * v.element_size()
+    return total
+
+
+class TrainLog:
+    """What a run reports as it goes, each part at its own time: a metrics line every
+    `log_every` steps (and at the last) with the window's throughput and MFU, every skipped
+    step, each method event and validation; the progress bar; printed lines above the bar.
+    Only the writing process (`write=True`) keeps metrics.jsonl. Time spent inside
+    `paused()` (evaluation, saving) is not counted as training time."""
+
+    def __init__(self, path: Path, write: bool, resume_step: int | None, step: int, last_step: int,
+                 log_every: int, tokens_per_step: int, device: torch.device, flops_per_step: float,
+                 world: int, show_progress: bool, log=print):
+        self.metrics = MetricsLog(path, resume_step) if write else None
+        if self.metrics is not None and resume_step is None:
+            self.metrics.path.write_text("")
+        self.last_step, self.log_every, self.tokens_per_step = last_step, log_every, tokens_per_step
+        self.device, self.world, self.log = device, world, log
+        peak = peak_flops(device)
+        self.flops_per_token_peak = flops_per_step / tokens_per_step / (peak * world) if peak else None
+        self.show_progress = show_progress
+        self.bar = tqdm(total=last_step, initial=step, disable=not show_progress, unit="step", dynamic_ncols=True)
+        self.windows: list[float] = []  # tokens/s of each logging window
+        self._t, self._steps = time.perf_counter(), 0
+
+    def print(self, line: str) -> None:
+        """A line for the user; above the progress bar while it is up."""
+        (tqdm.write if self.show_progress else self.log)(line)
+
+    def write(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, skipped: bool) -> None:
+        self._steps += 1
+        self.bar.update(1)
+        record = {"step": step, "tokens": step * self.tokens_per_step}
+        due = step % self.log_every == 0 or step == self.last_step
+        if skipped:  # every skipped step is on record
+            record["skipped"] = True
+            if not due:
+                self.write({**record, "loss": loss, "grad_norm": grad_norm})
+        if not due:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - self._t
+        tps = self._steps * self.tokens_per_step / dt
+        self.windows.append(tps)
+        rec = {**record, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 5),
+               "tokens_per_s": round(tps, 1), "step_ms": round(1000 * dt / self._steps, 2),
+               "peak_mem_gib": round(peak_memory_gib(self.device), 3)}
+        if self.flops_per_token_peak:
+            rec["mfu"] = round(tps * self.flops_per_token_peak, 4)
+        self.write(rec)
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+        self._t, self._steps = time.perf_counter(), 0
+
+    def event(self, step: int, event: str, fields: dict) -> None:
+        self.write({"step": step, "tokens": step * self.tokens_per_step, "event": event, **fields})
+        self.log(f"step {step}: {event} {' '.join(str(v) for v in fields.values())}".rstrip())
+
+    def validation(self, step: int, loss: float, se: float, ppl: float | None, ppl_text: str) -> None:
+        self.write({"step": step, "tokens": step * self.tokens_per_step, "val_loss": round(loss, 5),
+                    "val_loss_se": round(se, 5), "val_ppl": round(ppl, 3) if ppl is not None else None})
+        self.print(f"step {step}: val loss {loss:.4f} ± {se:.4f}, ppl {ppl_text}")
+
+    @contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t += time.perf_counter() - t0
+
+    def rate(self) -> dict:
+        return steady_rate(self.windows)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()

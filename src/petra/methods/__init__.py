@@ -2,8 +2,9 @@
 here; the loop (train.py) sees only the `Method` interface and never branches on a name."""
 from __future__ import annotations
 
-from ..config import RunConfig
-from .base import Method
+from ..config import ConfigError, RunConfig
+from ..parallel import NoParallel
+from .base import Method, StepEnd
 from .full import Full8bit
 from .galore import GaLore
 from .relora import ReLoRA
@@ -12,10 +13,13 @@ REGISTRY: dict[str, type[Method]] = {"full": Method, "full8bit": Full8bit, "galo
                                      "galore-adafactor": GaLore, "relora": ReLoRA}
 
 
-def make_method(cfg: RunConfig) -> Method:
+def make_method(cfg: RunConfig, parallel: NoParallel | None = None) -> Method:
+    """The method of `cfg` under `parallel` (one process by default), its checks passed."""
     if cfg.method.name not in REGISTRY:
-        raise ValueError(f"unknown method {cfg.method.name!r}; methods are: {', '.join(REGISTRY)}")
-    return REGISTRY[cfg.method.name](cfg)
+        raise ConfigError(f"method.name={cfg.method.name!r} is not allowed; choose one of: {', '.join(REGISTRY)}")
+    method = REGISTRY[cfg.method.name](cfg, parallel)
+    method.check()
+    return method
 
 
-__all__ = ["REGISTRY", "Method", "make_method"]
+__all__ = ["REGISTRY", "Method", "StepEnd", "make_method"]

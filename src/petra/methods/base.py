@@ -1,14 +1,29 @@
-"""The method as the loop sees it: an optimizer, an optional model transform, a per-step
-hook and a schedule. `Method` itself is full-rank AdamW; every other method refines it."""
+"""The method as the loop sees it: checks, an optional model transform, an optimizer, a
+schedule and a per-step hook. `Method` itself is full-rank AdamW; every other method refines it."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..config import RunConfig
-from ..dtensor import clip_grad_norm
-from ..optim import GaLoreAdamW, LayerwiseStepper, LocalAdamW
+from ..config import ConfigError, RunConfig
+from ..optim import AdamW, LayerwiseStepper, LocalAdamW
+from ..parallel import NoParallel
 from ..schedule import lr_factor
+
+
+@dataclass
+class StepEnd:
+    """What a method's step-end hook did. `model` and `optimizer` are the ones to go on
+    with; `params_changed` says the set of trainable parameters changed (the parallel
+    strategy re-wraps); `event` and `fields` go to the log and metrics."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    params_changed: bool = False
+    event: str = ""
+    fields: dict = field(default_factory=dict)
 
 
 class Method:
@@ -18,14 +33,22 @@ class Method:
     optimizer_name = "AdamW"
     warm_start = False
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, parallel: NoParallel | None = None):
         self.cfg = cfg
+        self.parallel = parallel or NoParallel()
         self.layerwise: LayerwiseStepper | None = None
-        self.parallel = "none"  # set by the loop: none | ddp | fsdp
+
+    def check(self) -> None:
+        """Refuse what this method cannot do under its parallel strategy, before any work."""
+        if self.cfg.method.layerwise and not self.supports_layerwise:
+            raise ConfigError(f"method.layerwise is for the full and galore methods, not {self.name}")
+
+    supports_layerwise = True
 
     def _layerwise(self, opt) -> LayerwiseStepper:
-        # under DDP a hook would see the gradient before its all-reduce
-        self.layerwise = LayerwiseStepper(opt, self.cfg.train.grad_clip, after_backward=self.parallel == "ddp")
+        # where a hook sees the gradient before its all-reduce (DDP), update after backward
+        self.layerwise = LayerwiseStepper(opt, self.cfg.train.grad_clip,
+                                          after_backward=not self.parallel.hooks_see_synced_grads)
         return self.layerwise
 
     # -- model and optimizer -------------------------------------------------------------
@@ -36,7 +59,7 @@ class Method:
         t = self.cfg.train
         params = [p for p in model.parameters() if p.requires_grad]
         if self.cfg.method.layerwise:  # petra's AdamW matches torch's and can step in backward
-            opt = GaLoreAdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+            opt = AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
             self._layerwise(opt)
             return opt
         fused = all(p.is_cuda for p in params)
@@ -58,7 +81,7 @@ class Method:
         if self.layerwise is not None:
             return self.layerwise.finish()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = clip_grad_norm(params, self.cfg.train.grad_clip)
+        norm = self.parallel.clip_grad_norm(params, self.cfg.train.grad_clip)
         if isinstance(optimizer, LocalAdamW):  # decided on the device where the kernel allows
             optimizer.step(found_inf=(~torch.isfinite(norm)).float())
         elif bool(torch.isfinite(norm)):
@@ -66,10 +89,9 @@ class Method:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
-                    ) -> tuple[nn.Module, torch.optim.Optimizer, dict]:
-        """After update `step`: may change the model or optimizer (ReLoRA); returns log fields."""
-        return model, optimizer, {}
+    def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> StepEnd:
+        """After update `step` (0-based): may change the model or optimizer (ReLoRA)."""
+        return StepEnd(model, optimizer)
 
     # -- what compare reports ------------------------------------------------------------
     def describe(self) -> dict:

@@ -1,7 +1,7 @@
 """GaLore: the gradient projected onto a low-rank subspace, the optimizer run there."""
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups
 from .base import Method
 
@@ -12,10 +12,16 @@ class GaLore(Method):
     OPTIMIZERS = {"galore": (GaLoreAdamW, "AdamW"), "galore8bit": (GaLoreAdamW8bit, "AdamW 8-bit"),
                   "galore-adafactor": (GaLoreAdafactor, "Adafactor")}
 
-    def __init__(self, cfg: RunConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: RunConfig, parallel=None):
+        super().__init__(cfg, parallel)
         self.name = cfg.method.name
         self.cls, self.optimizer_name = self.OPTIMIZERS[self.name]
+
+    def check(self):
+        super().check()
+        if self.parallel.sharded and self.cls is GaLoreAdafactor:
+            raise ConfigError("galore-adafactor does not run under FSDP2 (its factored second moment needs whole "
+                              "rows and columns); use train.parallel=ddp")
 
     def optimizer(self, model):
         t, m = self.cfg.train, self.cfg.method

@@ -6,19 +6,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..lora import ReLoRALinear, lora_modules, prune_moments, wrap
 from ..schedule import lr_factor
-from .base import Method
+from .base import Method, StepEnd
 
 
 class ReLoRA(Method):
     name, optimizer_name, warm_start = "relora", "AdamW", True
+    supports_layerwise = False
 
-    def __init__(self, cfg: RunConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: RunConfig, parallel=None):
+        super().__init__(cfg, parallel)
         self.merges = 0              # merges done so far (the cycle)
         self.lora_phase = cfg.method.warm_start_steps == 0
+
+    def check(self):
+        super().check()
+        if self.parallel.sharded and self.cfg.method.quantize != "none":
+            raise ConfigError("method.quantize does not run under FSDP2 (bitsandbytes codes are not sharded); "
+                              "use train.parallel=ddp")
 
     # steps whose update starts a new cycle (lr re-warms from 0 there)
     def restarts(self) -> list[int]:
@@ -67,10 +74,10 @@ class ReLoRA(Method):
                 for p in (q for g in optimizer.param_groups for q in g["params"]):
                     if p in old.state:  # embeddings, norms, head keep their moments
                         optimizer.state[p] = old.state[p]
-                return model, optimizer, {"event": "warm start ended: LoRA phase begins", "params_changed": True}
-            return model, optimizer, {}
+                return StepEnd(model, optimizer, params_changed=True, event="warm start ended: LoRA phase begins")
+            return StepEnd(model, optimizer)
         if (done - m.warm_start_steps) % m.reset_interval or done >= self.cfg.train.steps:
-            return model, optimizer, {}
+            return StepEnd(model, optimizer)
         mods = lora_modules(model)
         for mod in mods:
             mod.merge()
@@ -79,7 +86,7 @@ class ReLoRA(Method):
         lora_params = [p for mod in mods for p in (mod.lora_A, mod.lora_B)]
         g = torch.Generator().manual_seed(self.cfg.train.seed * 104729 + self.merges)
         frac = prune_moments(optimizer, lora_params, m.prune, m.prune_fraction, g, joint=m.prune_mask == "joint")
-        return model, optimizer, {"event": f"merge {self.merges}", "pruned_fraction": round(frac, 4)}
+        return StepEnd(model, optimizer, event=f"merge {self.merges}", fields={"pruned_fraction": round(frac, 4)})
 
     def describe(self):
         m = self.cfg.method

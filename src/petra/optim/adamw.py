@@ -1,4 +1,10 @@
-"""torch's AdamW for FSDP2-sharded parameters, run on each process's local rows.
+"""Two AdamWs with torch.optim.AdamW's numbers.
+
+`AdamW` is petra's own (the GaLore machinery without projection): the same operations as
+torch's, and it can update one parameter at a time inside backward, which layer-wise
+training needs.
+
+`LocalAdamW` is torch's AdamW for FSDP2-sharded parameters, run on each process's local rows.
 
 torch.optim.AdamW accepts DTensor parameters, but then each of its multi-tensor kernels
 (and the clip before it) goes through DTensor dispatch: on one GPU at 60m that host-side
@@ -14,6 +20,20 @@ import torch
 from torch.optim.adamw import adamw
 
 from ..dtensor import local
+from .galore import GaLoreAdamW
+
+
+class AdamW(GaLoreAdamW):
+    """torch.optim.AdamW's math and defaults; no low-rank param groups."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("rank") is not None:
+            raise ValueError("AdamW takes no low-rank groups (a 'rank' key); use GaLoreAdamW for those")
+        super().add_param_group(param_group)
 
 
 class LocalAdamW(torch.optim.AdamW):

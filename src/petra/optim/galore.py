@@ -17,7 +17,7 @@ gradient G. The optimizer works on the local rows and no process holds a whole m
 - left projection (P, m x r, held by every rank): R = sum_i P_i^T G_i is one all-reduce of
   an (r, n) matrix; each rank keeps the moments of its share of R's columns and the updates
   are all-gathered before W_i += P_i D;
-- a refresh runs the projector on `distributed.RowSharded`: only thin matrices travel.
+- a refresh runs the projector on `rowsharded.RowSharded`: only thin matrices travel.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..dtensor import is_sharded, local
+from .functional import adafactor_direction, adam_denominators, adam_moments_, add_back_, project, sides
 from .projector import Dense, compute_basis
 from .rowsharded import RowSharded, row_shards
 
@@ -62,16 +63,6 @@ def _validate_group(group: dict, allowed: Iterable[str]) -> None:
         if p.dim() == 2 and r > min(p.shape) and group.get("proj_type", "std") != "full":
             raise ValueError(f"rank={r} exceeds the smaller side of a {tuple(p.shape)} parameter; "
                              f"use rank <= {min(p.shape)} or proj_type='full'")
-
-
-def sides(shape: torch.Size, proj_type: str) -> tuple[bool, bool]:
-    """(project rows, project columns) for an (m, n) matrix. std projects the shorter side
-    and a square matrix from the right, as galore-torch does (measured better: on the mini
-    preset 0.1 nats lower loss than from the left; docs/agreement.md)."""
-    m, n = shape
-    if proj_type == "std":
-        return (m < n, m >= n)
-    return {"left": (True, False), "right": (False, True), "full": (True, True)}[proj_type]
 
 
 class GaLoreOptimizer(Optimizer):
@@ -147,15 +138,13 @@ class GaLoreOptimizer(Optimizer):
             self._store(state, key, x)
 
     def project(self, g: torch.Tensor, state: dict, shards=None) -> torch.Tensor:
-        dt = g.dtype
-        if "P" in state:
-            P = state["P"].to(dt)
-            g = P.t() @ g if shards is None else shards.sum(shards.rows(P).t() @ g)
-        if "Q" in state:
-            g = g @ state["Q"].to(dt)
-        if shards is not None and "P" in state:  # this rank's columns of the summed R
-            g = g[:, shards.columns(g.shape[1])]
-        return g
+        P, Q = state.get("P"), state.get("Q")
+        if shards is None:
+            return project(g, P, Q)
+        if P is not None:  # R = sum_i P_i^T G_i, then this rank's columns of it
+            g = shards.sum(shards.rows(P).to(g.dtype).t() @ g)
+        g = project(g, None, Q)
+        return g[:, shards.columns(g.shape[1])] if P is not None else g
 
     def _lowrank(self, p: torch.Tensor, group: dict) -> bool:
         return group.get("rank") is not None and p.dim() == 2
@@ -272,17 +261,11 @@ class GaLoreOptimizer(Optimizer):
 
     def _add_back(self, p: torch.Tensor, d: torch.Tensor, state: dict, shards=None) -> None:
         """p += back-projection of the low-rank update d (one fused addmm where possible)."""
-        d = d.to(p.dtype)
         P, Q = state.get("P"), state.get("Q")
         if shards is not None and P is not None:  # gather the column shares; this rank's rows of P
-            d = shards.gather_columns(d, Q.shape[1] if Q is not None else p.shape[1])
+            d = shards.gather_columns(d.to(p.dtype), Q.shape[1] if Q is not None else p.shape[1])
             P = shards.rows(P)
-        if P is not None and Q is not None:
-            p.addmm_(P.to(p.dtype) @ d, Q.to(p.dtype).t())
-        elif P is not None:
-            p.addmm_(P.to(p.dtype), d)
-        else:
-            p.addmm_(d, Q.to(p.dtype).t())
+        add_back_(p, d, P, Q)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -295,7 +278,7 @@ class GaLoreOptimizer(Optimizer):
             self.apply_updates(params, [self.project_grad(p, group) for p in params], group)
         return loss
 
-    # -- state storage (fp32 here; 8-bit in GaLoreAdamW8bit) --------------------------------
+    # -- state storage (fp32 here; 8-bit in adam8bit.py) -------------------------------------
     def _store(self, state: dict, key: str, value: torch.Tensor) -> None:
         state[key] = value
 
@@ -366,174 +349,12 @@ class GaLoreAdamW(GaLoreOptimizer):
         b1, b2 = group["betas"]
         ms = [self._dequant(st, "exp_avg") for st in states]
         vs = [self._dequant(st, "exp_avg_sq") for st in states]
-        torch._foreach_lerp_(ms, rs, 1 - b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, rs, rs, value=1 - b2)
+        adam_moments_(ms, vs, rs, b1, b2)
         for st, m, v in zip(states, ms, vs):
             self._store(st, "exp_avg", m)
             self._store(st, "exp_avg_sq", v)
         ts = [float(st["moment_step"]) for st in states]
-        # the same operations as torch.optim.AdamW, so groups without rank match it exactly
-        den = torch._foreach_sqrt(vs)
-        torch._foreach_div_(den, [math.sqrt(1 - b2 ** t) for t in ts])
-        torch._foreach_add_(den, [self._eps(group, t) for t in ts])
-        return ms, den, [1 - b1 ** t for t in ts]
-
-
-class GaLoreAdamW8bit(GaLoreAdamW):
-    """GaLoreAdamW with both moments held in blockwise 8-bit (torchao's OptimState8bit).
-
-    Tensors under 4096 elements (norms) stay fp32, as in bitsandbytes. The math is the
-    fp32 AdamW's, on dequantized moments that are quantized again after the update; no
-    coordinate steps further than fp32 Adam could (see `_update_8bit`).
-    """
-
-    min_8bit_size = 4096
-    block_size = 256
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, convention: str = "torch"):
-        self._q = _optim_state_8bit()
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention)
-
-    def _quantized(self, t: torch.Tensor) -> bool:
-        return t.numel() >= self.min_8bit_size and t.numel() % self.block_size == 0
-
-    def _store(self, state: dict, key: str, value: torch.Tensor) -> None:
-        if not self._quantized(value):
-            state[key] = value
-            return
-        q = state.get(key)
-        if not isinstance(q, self._q) or q.shape != value.shape:
-            self._zeros(state, key, value)
-        q = state[key]
-        _requantize(value.float(), q.codes, q.scale, q.qmap, positive=key == "exp_avg_sq")
-
-    def _zeros(self, state: dict, key: str, like: torch.Tensor) -> None:
-        # created quantized: storing a float zero tensor would quantize it through int64
-        # temporaries (5 GiB at once for the 7b embedding and head)
-        if not self._quantized(like):
-            super()._zeros(state, key, like)
-        else:
-            state[key] = self._q.zeros(like.shape, signed=(key == "exp_avg"), block_size=self.block_size,
-                                       device=like.device)
-
-    def _dequant(self, state: dict, key: str) -> torch.Tensor:
-        v = state[key]
-        return v.dequantize() if isinstance(v, self._q) else v
-
-    def _inner(self, rs, states, group):
-        b1, b2 = group["betas"]
-        quant = [i for i, st in enumerate(states) if isinstance(st["exp_avg"], self._q)]
-        plain = [i for i, st in enumerate(states) if not isinstance(st["exp_avg"], self._q)]
-        nums: list = [None] * len(rs)
-        dens: list = [None] * len(rs)
-        divs: list = [None] * len(rs)
-        if plain:  # small tensors keep fp32 moments: the foreach path of GaLoreAdamW
-            n, d, v = super()._inner([rs[i] for i in plain], [states[i] for i in plain], group)
-            for j, i in enumerate(plain):
-                nums[i], dens[i], divs[i] = n[j], d[j], v[j]
-        for i in quant:
-            st = states[i]
-            t = float(st["moment_step"])
-            # the step-dependent scalar goes in as a tensor: as a Python float, the compiled
-            # function would be specialized (recompiled) for every step
-            bc2 = torch.full((), math.sqrt(1 - b2 ** t), device=rs[i].device)
-            bound = torch.full((), adam_step_bound(b1, b2, t) * (1 - b1 ** t), device=rs[i].device)
-            nums[i] = _update_8bit(st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, self._eps(group, t), bc2, bound,
-                                   compiled=rs[i].is_cuda)
-            dens[i] = torch.ones((), device=rs[i].device)  # the direction is complete but for 1 / bc1
-            divs[i] = 1 - b1 ** t
-        return nums, dens, divs
-
-
-def adam_step_bound(b1: float, b2: float, t: float) -> float:
-    """The largest |m_hat| / sqrt(v_hat) exact Adam can reach at step t, whatever the
-    gradients: by Cauchy-Schwarz, m_t^2 <= (1-b1)^2 S_t v_t / (1-b2) with
-    S_t = sum_{k<t} (b1^2/b2)^k. (1 at the first step; 7.3 for betas 0.9, 0.999 later.)
-    Infinite when b1^2 >= b2, where no bound holds."""
-    rho = b1 * b1 / b2
-    if rho >= 1:
-        return math.inf
-    s = (1 - rho ** t) / (1 - rho)
-    return (1 - b1) / (1 - b1 ** t) * math.sqrt(s * (1 - b2 ** t) / (1 - b2))
-
-
-def _update_8bit(m, v, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor, bound: torch.Tensor,
-                 compiled: bool = False) -> torch.Tensor:
-    """Adam moments m, v held in 8-bit (torchao's OptimState8bit): dequantize, update,
-    quantize again; returns m / (sqrt(v) / bc2_sqrt + eps), each entry within +-bound.
-
-    Two guards keep every coordinate's step within what fp32 Adam could take (bound =
-    adam_step_bound * (1 - b1^t)): a positive second moment is never stored as 0 (the
-    smallest code instead; the first code of the unsigned map is 3.25e-7 of the block's
-    maximum, and a rare token's v below half of that once made m / eps steps), and the
-    direction is clipped to the exact-Adam bound, which only quantization error can reach.
-
-    The math runs on the moments' codes and scales through torchao's own quantization
-    functions (what the subclass's dequantize() and copy_() call), so that the compiled
-    version takes plain tensors: with tensor-subclass inputs each compiled call cost about
-    1 ms of host time, 70 ms a step at 60m. Under torch.compile on CUDA it is one fused
-    kernel per moment shape."""
-    fn = _update_8bit_codes_compiled if compiled else _update_8bit_codes
-    return fn(m.codes, m.scale, m.qmap, v.codes, v.scale, v.qmap, r, b1, b2, eps, bc2_sqrt, bound)
-
-
-def _requantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, qmap: torch.Tensor, positive: bool):
-    """Store x into (codes, scale) blockwise; a positive x of an unsigned map never becomes code 0."""
-    scaled, new_scale = _ao["scale"](x, codes.numel() // scale.numel())
-    q = _ao["quantize"](scaled, qmap)
-    if positive:
-        q = torch.where((q == 0) & (x > 0), torch.ones_like(q), q)
-    codes.copy_(q)
-    scale.copy_(new_scale)
-
-
-def _update_8bit_codes(mc, ms, mq, vc, vs, vq, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor,
-                       bound: torch.Tensor):
-    m32 = _ao["dequant"](mc, mq, ms).lerp(r, 1 - b1)
-    v32 = _ao["dequant"](vc, vq, vs).mul(b2).addcmul(r, r, value=1 - b2)
-    _requantize(m32, mc, ms, mq, positive=False)
-    _requantize(v32, vc, vs, vq, positive=True)
-    d = m32 / (v32.sqrt() / bc2_sqrt + eps)
-    return torch.minimum(torch.maximum(d, -bound), bound)
-
-
-_compiled_8bit = {"fn": None, "ok": True}
-
-
-def _update_8bit_codes_compiled(*args):
-    """The compiled update; if compiling fails, the eager one, with a warning, once."""
-    if _compiled_8bit["ok"]:
-        try:
-            if _compiled_8bit["fn"] is None:
-                # one specialization per moment shape; a model has a few dozen at most
-                import torch._dynamo.config as dc
-                for knob in ("recompile_limit", "cache_size_limit"):
-                    if hasattr(dc, knob):
-                        setattr(dc, knob, max(getattr(dc, knob), 64))
-                _compiled_8bit["fn"] = torch.compile(_update_8bit_codes, dynamic=False)
-            return _compiled_8bit["fn"](*args)
-        except Exception as e:  # compile trouble must not stop training
-            import warnings
-            warnings.warn(f"compiling the 8-bit Adam update failed ({type(e).__name__}: {e}); running it eagerly")
-            _compiled_8bit["ok"] = False
-    return _update_8bit_codes(*args)
-
-
-_ao: dict = {}  # torchao's 8-bit quantization functions, imported with the first GaLoreAdamW8bit
-
-
-def _optim_state_8bit():
-    try:
-        from torchao.optim import quant_utils
-        from torchao.optim.subclass_8bit import OptimState8bit
-    except ImportError:
-        raise ImportError("8-bit optimizer state needs torchao: pip install torchao "
-                          "(or use GaLoreAdamW / method 'galore', which keeps fp32 state)") from None
-    _ao.update(dequant=quant_utils.dequant_with_qmap, quantize=quant_utils.quantize_8bit_with_qmap,
-               scale=quant_utils.scale_tensor)
-    return OptimState8bit
+        return ms, adam_denominators(vs, ts, b2, [self._eps(group, t) for t in ts]), [1 - b1 ** t for t in ts]
 
 
 class GaLoreAdafactor(GaLoreOptimizer):
@@ -579,25 +400,5 @@ class GaLoreAdafactor(GaLoreOptimizer):
         return [self._one(r, st, group) for r, st in zip(rs, states)], None, [1.0] * len(rs)
 
     def _one(self, r, state, group):
-        t = float(state["moment_step"])
-        beta2t = 1.0 - t ** group["decay_rate"]
-        sq = r * r + group["eps"][0]
-        if r.dim() == 2:
-            if "exp_avg_sq_row" not in state:
-                state["exp_avg_sq_row"] = torch.zeros(r.shape[0], device=r.device)
-                state["exp_avg_sq_col"] = torch.zeros(r.shape[1], device=r.device)
-            row = state["exp_avg_sq_row"].mul_(beta2t).add_(sq.mean(dim=1), alpha=1 - beta2t)
-            col = state["exp_avg_sq_col"].mul_(beta2t).add_(sq.mean(dim=0), alpha=1 - beta2t)
-            u = r * (row / row.mean()).rsqrt()[:, None] * col.rsqrt()[None, :]
-        else:
-            if "exp_avg_sq" not in state:
-                state["exp_avg_sq"] = torch.zeros_like(r)
-            v = state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1 - beta2t)
-            u = r * v.rsqrt()
-        rms = u.pow(2).mean().sqrt()
-        u = u / (rms / group["clip_threshold"]).clamp(min=1.0)
-        if group["beta1"] is not None:
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(u)
-            u = state["exp_avg"].lerp_(u, 1 - group["beta1"]).clone()
-        return u
+        return adafactor_direction(r, state, float(state["moment_step"]), group["eps"], group["decay_rate"],
+                                   group["clip_threshold"], group["beta1"])

@@ -10,7 +10,7 @@ Every function returns an orthonormal basis of shape (m, r) for the column space
   optimizer moments that live in the old coordinates meaningful.
 
 All work happens in fp32 (SVD/QR in bf16 are unstable). The gradient enters as an operator
-with products G X and G^T Y (`Dense` here; `distributed.RowSharded` for an FSDP2 shard),
+with products G X and G^T Y (`Dense` here; `rowsharded.RowSharded` for an FSDP2 shard),
 so the same code runs on a gradient whose rows are spread over processes: only thin
 (m, k) and (n, k) matrices ever travel, never the (m, n) gradient.
 """

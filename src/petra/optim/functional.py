@@ -1,0 +1,102 @@
+"""The optimizers' math as pure functions on tensors (the classes in this package are thin
+shells that keep state and call these). No state, no param groups, no petra imports.
+
+    R = project(G, P, Q)                  # the gradient in the low-rank space
+    m, v = adam_moments_(m, v, R, b1, b2) # moments updated in place (lists: one foreach kernel)
+    den = adam_denominators(v, t, b2, eps)
+    W += back(-lr * scale * m / den / (1 - b1^t))   # add_back_
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sides(shape: torch.Size, proj_type: str) -> tuple[bool, bool]:
+    """(project rows, project columns) for an (m, n) matrix. std projects the shorter side
+    and a square matrix from the right, as galore-torch does (measured better: on the mini
+    preset 0.1 nats lower loss than from the left; docs/agreement.md)."""
+    m, n = shape
+    if proj_type == "std":
+        return (m < n, m >= n)
+    return {"left": (True, False), "right": (False, True), "full": (True, True)}[proj_type]
+
+
+def project(g: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None) -> torch.Tensor:
+    """P^T G Q with either side optional: (r, n), (m, r) or (r, r)."""
+    if P is not None:
+        g = P.to(g.dtype).t() @ g
+    if Q is not None:
+        g = g @ Q.to(g.dtype)
+    return g
+
+
+def add_back_(w: torch.Tensor, d: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None) -> None:
+    """w += P d Q^T (either side optional) as one fused addmm."""
+    d = d.to(w.dtype)
+    if P is not None and Q is not None:
+        w.addmm_(P.to(w.dtype) @ d, Q.to(w.dtype).t())
+    elif P is not None:
+        w.addmm_(P.to(w.dtype), d)
+    else:
+        w.addmm_(d, Q.to(w.dtype).t())
+
+
+def adam_moments_(ms: list[torch.Tensor], vs: list[torch.Tensor], grads: list[torch.Tensor],
+                  b1: float, b2: float) -> None:
+    """m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, in place, as torch.optim.AdamW does."""
+    torch._foreach_lerp_(ms, grads, 1 - b1)
+    torch._foreach_mul_(vs, b2)
+    torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
+
+
+def adam_denominators(vs: list[torch.Tensor], steps: list[float], b2: float, eps: list[float]
+                      ) -> list[torch.Tensor]:
+    """sqrt(v) / sqrt(1 - b2^t) + eps: torch.optim.AdamW's operations in its order, so a
+    parameter without projection is updated bit for bit as torch updates it."""
+    den = torch._foreach_sqrt(vs)
+    torch._foreach_div_(den, [math.sqrt(1 - b2 ** t) for t in steps])
+    torch._foreach_add_(den, eps)
+    return den
+
+
+def adam_step_bound(b1: float, b2: float, t: float) -> float:
+    """The largest |m_hat| / sqrt(v_hat) exact Adam can reach at step t, whatever the
+    gradients: by Cauchy-Schwarz, m_t^2 <= (1-b1)^2 S_t v_t / (1-b2) with
+    S_t = sum_{k<t} (b1^2/b2)^k. (1 at the first step; 7.3 for betas 0.9, 0.999 later.)
+    Infinite when b1^2 >= b2, where no bound holds."""
+    rho = b1 * b1 / b2
+    if rho >= 1:
+        return math.inf
+    s = (1 - rho ** t) / (1 - rho)
+    return (1 - b1) / (1 - b1 ** t) * math.sqrt(s * (1 - b2 ** t) / (1 - b2))
+
+
+def adafactor_direction(r: torch.Tensor, state: dict, t: float, eps: tuple[float, float], decay_rate: float,
+                        clip_threshold: float, beta1: float | None) -> torch.Tensor:
+    """Adafactor's update direction for gradient r (Shazeer & Stern 2018), with a fixed
+    learning rate: a factored second moment for matrices (row and column means), a full one
+    otherwise, RMS clipping, and an optional first moment of the unscaled update. The
+    moments live in `state` (created on first use) and are updated in place."""
+    beta2t = 1.0 - t ** decay_rate
+    sq = r * r + eps[0]
+    if r.dim() == 2:
+        if "exp_avg_sq_row" not in state:
+            state["exp_avg_sq_row"] = torch.zeros(r.shape[0], device=r.device)
+            state["exp_avg_sq_col"] = torch.zeros(r.shape[1], device=r.device)
+        row = state["exp_avg_sq_row"].mul_(beta2t).add_(sq.mean(dim=1), alpha=1 - beta2t)
+        col = state["exp_avg_sq_col"].mul_(beta2t).add_(sq.mean(dim=0), alpha=1 - beta2t)
+        u = r * (row / row.mean()).rsqrt()[:, None] * col.rsqrt()[None, :]
+    else:
+        if "exp_avg_sq" not in state:
+            state["exp_avg_sq"] = torch.zeros_like(r)
+        v = state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1 - beta2t)
+        u = r * v.rsqrt()
+    rms = u.pow(2).mean().sqrt()
+    u = u / (rms / clip_threshold).clamp(min=1.0)
+    if beta1 is not None:
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(u)
+        u = state["exp_avg"].lerp_(u, 1 - beta1).clone()
+    return u
