@@ -15,6 +15,7 @@ Variants (the first of each pair is petra's behaviour now):
   relora-joint / relora-independent: ReLoRA pruning both moments with one mask, or each on
       its own (the reference; petra before).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,15 @@ def variant(name: str):
         adam8bit._requantize = lambda x, c, s, q, positive: req(x, c, s, q, False)
         adam8bit.adam_step_bound = lambda *a: 1e30
         undo += [lambda: setattr(adam8bit, "_requantize", req), lambda: setattr(adam8bit, "adam_step_bound", bound)]
-    method = {"squares-right": "galore", "squares-left": "galore", "galore": "galore", "galore8bit": "galore8bit",
-              "galore8bit-unguarded": "galore8bit", "relora-joint": "relora", "relora-independent": "relora"}[name]
+    method = {
+        "squares-right": "galore",
+        "squares-left": "galore",
+        "galore": "galore",
+        "galore8bit": "galore8bit",
+        "galore8bit-unguarded": "galore8bit",
+        "relora-joint": "relora",
+        "relora-independent": "relora",
+    }[name]
     ov = {"method.name": method}
     if method == "relora":
         ov["method.prune_mask"] = "independent" if name.endswith("independent") else "joint"
@@ -74,19 +82,37 @@ def main() -> None:
         for seed in seeds:
             with variant(name) as ov, tempfile.TemporaryDirectory() as tmp:
                 steps = a.steps
-                extra = {"method.warm_start_steps": steps // 4, "method.reset_interval": max(4, steps // 4),
-                         "method.restart_warmup_steps": 10} if ov["method.name"] == "relora" else {}
-                overrides = {"preset": a.preset, "train.steps": steps, "train.batch_size": a.batch_size,
-                             "train.lr": a.lr, "train.seed": seed, "train.eval_every": steps, "train.log_every": 50,
-                             "train.save_every": 0, **ov, **extra,
-                             **dict(kv.split("=", 1) for kv in a.set)}
+                extra = (
+                    {
+                        "method.warm_start_steps": steps // 4,
+                        "method.reset_interval": max(4, steps // 4),
+                        "method.restart_warmup_steps": 10,
+                    }
+                    if ov["method.name"] == "relora"
+                    else {}
+                )
+                overrides = {
+                    "preset": a.preset,
+                    "train.steps": steps,
+                    "train.batch_size": a.batch_size,
+                    "train.lr": a.lr,
+                    "train.seed": seed,
+                    "train.eval_every": steps,
+                    "train.log_every": 50,
+                    "train.save_every": 0,
+                    **ov,
+                    **extra,
+                    **dict(kv.split("=", 1) for kv in a.set),
+                }
                 t0 = time.time()
-                s = train(build_config(overrides=overrides), Path(tmp) / "r", show_progress=False,
-                          log=lambda *x: None)
+                s = train(build_config(overrides=overrides), Path(tmp) / "r", show_progress=False, log=lambda *x: None)
                 losses.append(s["val_loss"])
                 print(f"{name} seed {seed}: val loss {s['val_loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
-        results[name] = {"val_loss": losses, "mean": statistics.mean(losses),
-                         "stdev": statistics.stdev(losses) if len(losses) > 1 else None}
+        results[name] = {
+            "val_loss": losses,
+            "mean": statistics.mean(losses),
+            "stdev": statistics.stdev(losses) if len(losses) > 1 else None,
+        }
     print(f"\n{a.preset}, {a.steps} steps of batch {a.batch_size}, lr {a.lr}, seeds {seeds}")
     for name, r in results.items():
         sd = f" +- {r['stdev']:.4f}" if r["stdev"] is not None else ""

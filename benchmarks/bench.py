@@ -24,6 +24,7 @@ Rows then report tokens/s in all and per GPU, the peak memory of the fullest GPU
 optimizer state one process holds. --profile N prints torch.profiler's busiest operators
 over N more steps of each impl (host and GPU time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from petra import parallel as par_  # noqa: E402
+from petra.compiling import compile_model  # noqa: E402
 from petra.config import build_config  # noqa: E402
 from petra.methods import make_method  # noqa: E402
-from petra.metrics import flops_per_token  # noqa: E402
+from petra.metrics import (
+    flops_per_token,  # noqa: E402
+    optimizer_state_bytes,  # noqa: E402
+)
 from petra.model import build_model  # noqa: E402
-from petra.compiling import compile_model  # noqa: E402
-from petra.metrics import optimizer_state_bytes  # noqa: E402
 
 DIST = par_.NoParallel()  # the process group under torchrun (set in main)
 
@@ -53,7 +56,9 @@ GAP = 200
 
 def hf_model(cfg):
     import transformers
+
     from petra.checkpoint import hf_config
+
     c = hf_config(cfg.model.__dict__, 0)
     c = {k: v for k, v in c.items() if k not in ("architectures", "model_type", "torch_dtype")}
     hc = transformers.LlamaConfig(**c, attn_implementation="sdpa")
@@ -72,6 +77,7 @@ def hf_model(cfg):
 def hf_loss(model):
     def f(x, y):
         return model(input_ids=x, labels=y).loss  # HF shifts labels itself: pass inputs as labels
+
     return f
 
 
@@ -87,30 +93,55 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: int = GAP, ckpt: bool = False,
-          extra: dict | None = None):
+def build(
+    impl: str,
+    preset: str,
+    rank: int,
+    micro: int,
+    batch: int = 64,
+    gap: int = GAP,
+    ckpt: bool = False,
+    extra: dict | None = None,
+):
     """Returns (step_fn(batches) -> None, whether it refreshes projectors every `gap` steps, config,
     optimizer)."""
     full_name = impl
     impl, _, par = impl.partition("@")
     pmode, *opts = par.split("-") if par else ("",)
     units = [int(o[1:]) for o in opts if o[:1] == "u" and o[1:].isdigit()]
-    if pmode not in ("", "ddp", "fsdp") or any(o not in ("keep", "whole", "nosplit") and not o[:1] == "u"
-                                              for o in opts):
+    if pmode not in ("", "ddp", "fsdp") or any(
+        o not in ("keep", "whole", "nosplit") and not o[:1] == "u" for o in opts
+    ):
         raise ValueError(f"unknown parallel mode @{par}: use @ddp[-nosplit] or @fsdp[-keep][-whole][-uN]")
     if (par or DIST.world > 1) and not (DIST.active and par and impl.startswith("petra")):
-        raise ValueError(f"{impl}@{par}: parallel modes are for petra impls under torchrun, and under "
-                         f"torchrun with several processes every impl needs one")
+        raise ValueError(
+            f"{impl}@{par}: parallel modes are for petra impls under torchrun, and under "
+            f"torchrun with several processes every impl needs one"
+        )
     name, _, mode = impl.partition(":")
     name, _, pad = name.partition("+")
     compile_ = mode == "compile"
-    method = {"petra-full": "full", "petra-galore": "galore", "petra-galore8bit": "galore8bit",
-              "petra-galore8bit-lw": "galore8bit", "petra-relora": "relora", "petra-galore-sub": "galore",
-              "petra-galore8bit-lw-sub": "galore8bit", "petra-relora-int8": "relora",
-              "petra-relora-nf4": "relora", "petra-full8bit": "full8bit"}.get(name, "full")
-    ov = {"preset": preset, "method.name": method, "method.rank": rank, "train.batch_size": batch,
-          "train.micro_batch_size": micro, "method.update_proj_gap": gap,
-          "model.activation_checkpointing": ckpt}
+    method = {
+        "petra-full": "full",
+        "petra-galore": "galore",
+        "petra-galore8bit": "galore8bit",
+        "petra-galore8bit-lw": "galore8bit",
+        "petra-relora": "relora",
+        "petra-galore-sub": "galore",
+        "petra-galore8bit-lw-sub": "galore8bit",
+        "petra-relora-int8": "relora",
+        "petra-relora-nf4": "relora",
+        "petra-full8bit": "full8bit",
+    }.get(name, "full")
+    ov = {
+        "preset": preset,
+        "method.name": method,
+        "method.rank": rank,
+        "train.batch_size": batch,
+        "train.micro_batch_size": micro,
+        "method.update_proj_gap": gap,
+        "model.activation_checkpointing": ckpt,
+    }
     if pad:
         ov["model.pad_intermediate_to"] = 128
     ov.update(extra or {})
@@ -126,8 +157,13 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
         torch.manual_seed(0)
         model = build_model(cfg.model, device(), torch.bfloat16)
         if pmode == "fsdp":
-            d = par_.FSDP(DIST.rank, DIST.world, DIST.local_rank, unit_layers=units[0] if units else 1,
-                          reshard_after_forward="keep" not in opts)
+            d = par_.FSDP(
+                DIST.rank,
+                DIST.world,
+                DIST.local_rank,
+                unit_layers=units[0] if units else 1,
+                reshard_after_forward="keep" not in opts,
+            )
         else:
             d = par_.STRATEGIES[pmode if par else "none"](DIST.rank, DIST.world, DIST.local_rank)
         m = make_method(cfg, d)
@@ -139,6 +175,7 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
             print(f"{full_name}: {type(wrapped).__name__} on {DIST.world} process(es)", flush=True)
         opt = m.optimizer(model)
         import torch._dynamo.config as dynamo_config
+
         dynamo_config.optimize_ddp = "nosplit" not in opts  # DDP: one graph, no bucket-sized pieces
         by_layer = (d.compile_by_layer or m.layerwise is not None) and "whole" not in opts
         # as the training loop compiles
@@ -151,13 +188,18 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
                 with d.grad_sync(wrapped, last):
                     (fwd(x, y) / len(batches)).backward()
             m.step(model, opt)
+
         return step, method.startswith("galore"), cfg, opt
 
     model = hf_model(cfg)
     if name == "hf-lora":
         import peft
-        lc = peft.LoraConfig(r=rank, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                    "gate_proj", "up_proj", "down_proj"])
+
+        lc = peft.LoraConfig(
+            r=rank,
+            lora_alpha=32,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
         model = peft.get_peft_model(model, lc)
         for n, p in model.named_parameters():  # embeddings, norms, head trainable, as in ReLoRA
             if "lora_" not in n and ("embed" in n or "norm" in n or "lm_head" in n):
@@ -168,24 +210,39 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
     elif name == "hf-adamw8bit":
         import bitsandbytes as bnb
+
         opt = bnb.optim.AdamW8bit(params, lr=1e-3)
     elif name.startswith("galore-torch"):
         import galore_torch
+
         low = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
         ids = {id(p) for p in low}
         rest = [p for p in params if id(p) not in ids]
-        groups = [{"params": rest}, {"params": low, "rank": rank, "update_proj_gap": gap, "scale": 0.25,
-                                     "proj_type": "std"}]
+        groups = [
+            {"params": rest},
+            {"params": low, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"},
+        ]
         cls = galore_torch.GaLoreAdamW8bit if "8bit" in name else galore_torch.GaLoreAdamW
         opt = cls(groups, lr=1e-3)
         refresh = True
     elif name == "apollo":  # APOLLO's recommended setting: random projection, channel-wise scaling
         import apollo_torch
+
         low = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
         ids = {id(p) for p in low}
         rest = [p for p in params if id(p) not in ids]
-        groups = [{"params": rest}, {"params": low, "rank": rank, "proj": "random", "scale_type": "channel",
-                                     "scale": 1, "update_proj_gap": gap, "proj_type": "std"}]
+        groups = [
+            {"params": rest},
+            {
+                "params": low,
+                "rank": rank,
+                "proj": "random",
+                "scale_type": "channel",
+                "scale": 1,
+                "update_proj_gap": gap,
+                "proj_type": "std",
+            },
+        ]
         opt = apollo_torch.APOLLOAdamW(groups, lr=1e-3)
         refresh = True
     else:
@@ -198,6 +255,7 @@ def build(impl: str, preset: str, rank: int, micro: int, batch: int = 64, gap: i
             (loss(x, x) / len(batches)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step, refresh, cfg, opt
 
 
@@ -214,9 +272,13 @@ def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=Fa
     if batch % DIST.world or rows % micro:
         raise ValueError(f"batch {batch} does not split into {DIST.world} processes x micro-batches of {micro}")
     T = cfg.seq_len
-    batches = [(torch.randint(0, cfg.model.vocab_size, (micro, T), device=device(), generator=g),
-                torch.randint(0, cfg.model.vocab_size, (micro, T), device=device(), generator=g))
-               for _ in range(rows // micro)]
+    batches = [
+        (
+            torch.randint(0, cfg.model.vocab_size, (micro, T), device=device(), generator=g),
+            torch.randint(0, cfg.model.vocab_size, (micro, T), device=device(), generator=g),
+        )
+        for _ in range(rows // micro)
+    ]
     times, enqueue = [], []  # enqueue: until the host has issued the step (about the step: host-bound)
     for i in range(warmup + steps):
         sync()
@@ -244,22 +306,36 @@ def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=Fa
     tokens = batch * T
     flops = flops_per_token(cfg.model, T) * tokens
     used = torch.cuda.max_memory_allocated() if CUDA else 0
-    peak = DIST.all_reduce(torch.tensor(float(used), device=device()),
-                           par_.dist.ReduceOp.MAX)
+    peak = DIST.all_reduce(torch.tensor(float(used), device=device()), par_.dist.ReduceOp.MAX)
     if profile:
         show_profile(step, batches, profile, impl)
-    return {"impl": impl, "preset": preset, "rank": rank, "batch": batch, "micro_batch": micro,
-            "gpus": DIST.world, "activation_checkpointing": ckpt, "overrides": extra or {},
-            "median_ms": 1000 * med, "enqueue_ms": 1000 * statistics.median(enqueue[warmup:]),
-            "amortized_ms": 1000 * amort, "refresh_s": refresh_s, "first_step_s": first,
-            "tokens_per_s": tokens / amort, "tokens_per_s_per_gpu": tokens / amort / DIST.world,
-            "mfu": flops / amort / 989e12 / DIST.world, "peak_gib": float(peak) / 2**30,
-            "optimizer_state_mib": optimizer_state_bytes(opt) / 2**20, "setup_s": time.perf_counter() - t_build}
+    return {
+        "impl": impl,
+        "preset": preset,
+        "rank": rank,
+        "batch": batch,
+        "micro_batch": micro,
+        "gpus": DIST.world,
+        "activation_checkpointing": ckpt,
+        "overrides": extra or {},
+        "median_ms": 1000 * med,
+        "enqueue_ms": 1000 * statistics.median(enqueue[warmup:]),
+        "amortized_ms": 1000 * amort,
+        "refresh_s": refresh_s,
+        "first_step_s": first,
+        "tokens_per_s": tokens / amort,
+        "tokens_per_s_per_gpu": tokens / amort / DIST.world,
+        "mfu": flops / amort / 989e12 / DIST.world,
+        "peak_gib": float(peak) / 2**30,
+        "optimizer_state_mib": optimizer_state_bytes(opt) / 2**20,
+        "setup_s": time.perf_counter() - t_build,
+    }
 
 
 def show_profile(step, batches, n: int, impl: str) -> None:
     """torch.profiler over n steps: the operators with the most host time, then GPU time."""
     from torch.profiler import ProfilerActivity, profile
+
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
@@ -285,8 +361,13 @@ def main():
     ap.add_argument("--batch", type=int, default=64, help="sequences per step (the papers' tables: 64)")
     ap.add_argument("--gap", type=int, default=GAP, help="projector refresh interval (update_proj_gap)")
     ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="config override for petra impls, e.g. train.grad_clip=0")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config override for petra impls, e.g. train.grad_clip=0",
+    )
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps of each impl")
     ap.add_argument("--out", default="bench.json")
     a = ap.parse_args()
@@ -300,8 +381,19 @@ def main():
     for preset in a.presets.split(","):
         for impl in a.impls.split(","):
             try:
-                r = measure(impl, preset, int(ranks[preset]), int(micro[preset]), a.steps, a.warmup,
-                            a.batch, a.gap, a.ckpt, extra, a.profile)
+                r = measure(
+                    impl,
+                    preset,
+                    int(ranks[preset]),
+                    int(micro[preset]),
+                    a.steps,
+                    a.warmup,
+                    a.batch,
+                    a.gap,
+                    a.ckpt,
+                    extra,
+                    a.profile,
+                )
             except Exception as e:
                 traceback.print_exc()
                 r = {"impl": impl, "preset": preset, "error": f"{type(e).__name__}: {str(e)[:200]}"}
@@ -321,11 +413,16 @@ def main():
 
 # what each petra impl is compared with (by base name: ':compile', '+pad', '@...' stripped);
 # GaLore is also set against petra's own full rank (the issue's "within 10%")
-PEERS = {"petra-full": ("hf-full", "hf-adamw8bit"), "petra-full8bit": ("hf-adamw8bit",),
-         "petra-galore": ("galore-torch", "apollo", "petra-full"),
-         "petra-galore8bit": ("galore-torch-8bit", "hf-adamw8bit", "petra-full"),
-         "petra-galore8bit-lw": ("galore-torch-8bit", "petra-full"),
-         "petra-relora": ("hf-lora",), "petra-relora-int8": ("hf-lora",), "petra-relora-nf4": ("hf-lora",)}
+PEERS = {
+    "petra-full": ("hf-full", "hf-adamw8bit"),
+    "petra-full8bit": ("hf-adamw8bit",),
+    "petra-galore": ("galore-torch", "apollo", "petra-full"),
+    "petra-galore8bit": ("galore-torch-8bit", "hf-adamw8bit", "petra-full"),
+    "petra-galore8bit-lw": ("galore-torch-8bit", "petra-full"),
+    "petra-relora": ("hf-lora",),
+    "petra-relora-int8": ("hf-lora",),
+    "petra-relora-nf4": ("hf-lora",),
+}
 
 
 def base(impl: str) -> str:
@@ -343,24 +440,31 @@ def ratios(rows):
         for q in ok:
             if q["preset"] == r["preset"] and base(q["impl"]) in PEERS.get(base(r["impl"]), ()):
                 mem = f"{r['peak_gib'] / q['peak_gib']:.2f}" if q["peak_gib"] else "-"
-                out.append(f"| {r['preset']} | {r['impl']} | {q['impl']} | "
-                           f"{r['tokens_per_s'] / q['tokens_per_s']:.2f}x | {mem} |")
+                out.append(
+                    f"| {r['preset']} | {r['impl']} | {q['impl']} | "
+                    f"{r['tokens_per_s'] / q['tokens_per_s']:.2f}x | {mem} |"
+                )
     return "\n".join(out)
 
 
 def table(rows):
-    out = ["| preset | impl | GPUs | median ms | host ms | amortized ms | refresh s | tokens/s | tokens/s/GPU | MFU | "
-           "peak GiB/GPU | opt. state MiB/GPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| preset | impl | GPUs | median ms | host ms | amortized ms | refresh s | tokens/s | tokens/s/GPU | MFU | "
+        "peak GiB/GPU | opt. state MiB/GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['preset']} | {r['impl']} | | failed: {r['error'][:60]} | | | | | | | | |")
             continue
         rs = f"{r['refresh_s']:.2f}" if r["refresh_s"] is not None else "-"
         host = f"{r['enqueue_ms']:.1f}" if "enqueue_ms" in r else "-"
-        out.append(f"| {r['preset']} | {r['impl']} | {r.get('gpus', 1)} | {r['median_ms']:.1f} | {host} | "
-                   f"{r['amortized_ms']:.1f} | {rs} | {r['tokens_per_s']:,.0f} | "
-                   f"{r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | {100 * r['mfu']:.1f}% | "
-                   f"{r['peak_gib']:.1f} | {r.get('optimizer_state_mib', float('nan')):.0f} |")
+        out.append(
+            f"| {r['preset']} | {r['impl']} | {r.get('gpus', 1)} | {r['median_ms']:.1f} | {host} | "
+            f"{r['amortized_ms']:.1f} | {rs} | {r['tokens_per_s']:,.0f} | "
+            f"{r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | {100 * r['mfu']:.1f}% | "
+            f"{r['peak_gib']:.1f} | {r.get('optimizer_state_mib', float('nan')):.0f} |"
+        )
     return "\n".join(out)
 
 

@@ -10,6 +10,7 @@ cache, 4 + the method's step-end hook. Prints the median step in ms per level.
 The token cache comes from data.cache_dir=.carry/cache (change CACHE=...). On CPU it runs
 eagerly with fp32 (a check that it works, not a measurement).
 """
+
 import os
 import statistics
 import sys
@@ -22,8 +23,8 @@ from petra.config import build_config
 from petra.data import Batches, prepare
 from petra.methods import make_method
 from petra.model import build_model
-from petra.schedule import set_lr
 from petra.parallel import NoParallel, setup
+from petra.schedule import set_lr
 
 mode = sys.argv[1]
 cuda = torch.cuda.is_available()
@@ -31,8 +32,15 @@ d = setup(mode, "cuda" if cuda else "cpu") if mode != "none" else NoParallel()
 dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
 if not cuda:
     torch.cuda.synchronize = lambda *a: None
-cfg = build_config(overrides={"preset": os.environ.get("PRESET", "60m"), "method.name": "full", "train.batch_size": 64,
-                              "data.cache_dir": os.environ.get("CACHE", ".carry/cache"), "train.parallel": mode})
+cfg = build_config(
+    overrides={
+        "preset": os.environ.get("PRESET", "60m"),
+        "method.name": "full",
+        "train.batch_size": 64,
+        "data.cache_dir": os.environ.get("CACHE", ".carry/cache"),
+        "train.parallel": mode,
+    }
+)
 data = prepare(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
 batches = Batches(data.train, cfg.seq_len, 64, 0)
 torch.manual_seed(0)
@@ -44,6 +52,7 @@ opt = m.optimizer(model)
 by_layer = d.compile_by_layer or m.layerwise is not None
 fwd = compile_model(wrapped, print, parts_of=model if by_layer else None) if cuda else wrapped
 x0, y0 = (t.to(dev) for t in batches.get(0))
+
 
 def run(level, n=25):
     ts = []
@@ -66,6 +75,7 @@ def run(level, n=25):
         ts.append(time.perf_counter() - t0)
     return 1000 * statistics.median(ts[5:])
 
+
 run(0, 8)
-for level in [int(v) for v in os.environ.get('LEVELS', '0,1,2,3,4,0').split(',')]:
+for level in [int(v) for v in os.environ.get("LEVELS", "0,1,2,3,4,0").split(",")]:
     print(f"{mode} level {level}: {run(level):.1f} ms", flush=True)

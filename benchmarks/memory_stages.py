@@ -9,6 +9,7 @@ allocation history.
 The impl names and --set overrides are bench.py's; the model runs eagerly unless the impl
 says ':compile'.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def alive_at_peak(events: list[dict], start: int = 0) -> tuple[int, list[dict]]:
         if i >= start and total > best:
             best, best_i = total, i
     alive: dict = {}
-    for e in events[:best_i + 1]:
+    for e in events[: best_i + 1]:
         if e["action"] == "alloc":
             alive[e["addr"]] = e
         elif e["action"] == "free_requested":
@@ -71,21 +72,29 @@ def main():
     torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     step, _, cfg, opt = bench.build(a.impl, a.preset, a.rank, a.micro, a.batch, a.gap, a.ckpt, extra)
     dev = bench.device()
-    print(f"{a.preset} {a.impl}: after build {torch.cuda.memory_allocated() / GiB:.2f} GiB "
-          f"(peak so far {torch.cuda.max_memory_allocated() / GiB:.2f}); optimizer state "
-          f"{bench.optimizer_state_bytes(opt) / GiB:.2f} GiB", flush=True)
+    print(
+        f"{a.preset} {a.impl}: after build {torch.cuda.memory_allocated() / GiB:.2f} GiB "
+        f"(peak so far {torch.cuda.max_memory_allocated() / GiB:.2f}); optimizer state "
+        f"{bench.optimizer_state_bytes(opt) / GiB:.2f} GiB",
+        flush=True,
+    )
     g = torch.Generator(device=dev).manual_seed(0)
-    batches = [tuple(torch.randint(0, cfg.model.vocab_size, (a.micro, cfg.seq_len), device=dev, generator=g)
-                     for _ in range(2)) for _ in range(a.batch // a.micro)]
+    batches = [
+        tuple(torch.randint(0, cfg.model.vocab_size, (a.micro, cfg.seq_len), device=dev, generator=g) for _ in range(2))
+        for _ in range(a.batch // a.micro)
+    ]
     starts = []  # where each step's events begin
     for i in range(a.steps):
         starts.append(len(torch.cuda.memory._snapshot()["device_traces"][dev.index or 0]))
         torch.cuda.reset_peak_memory_stats()
         step(batches)
         torch.cuda.synchronize()
-        print(f"step {i}: peak {torch.cuda.max_memory_allocated() / GiB:.2f} GiB, after "
-              f"{torch.cuda.memory_allocated() / GiB:.2f} GiB, optimizer state "
-              f"{bench.optimizer_state_bytes(opt) / GiB:.2f} GiB", flush=True)
+        print(
+            f"step {i}: peak {torch.cuda.max_memory_allocated() / GiB:.2f} GiB, after "
+            f"{torch.cuda.memory_allocated() / GiB:.2f} GiB, optimizer state "
+            f"{bench.optimizer_state_bytes(opt) / GiB:.2f} GiB",
+            flush=True,
+        )
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     events = snap["device_traces"][dev.index or 0]
@@ -97,7 +106,7 @@ def main():
             groups[k][0] += e["size"]
             groups[k][1] += 1
         print(f"alive at the peak of {name} ({peak / GiB:.2f} GiB):")
-        for k, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:a.top]:
+        for k, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[: a.top]:
             print(f"  {size / GiB:7.3f} GiB  {n:5d} tensors  {k}")
 
 

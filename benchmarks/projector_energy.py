@@ -8,6 +8,7 @@
 
     python benchmarks/projector_energy.py --steps 150 --out docs/projector_energy.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from petra.config import build_config  # noqa: E402
-from petra.optim.projector import captured_energy, randomized_basis, subspace_basis, svd_basis  # noqa: E402
 from petra.optim.functional import sides  # noqa: E402
+from petra.optim.projector import captured_energy, randomized_basis, subspace_basis, svd_basis  # noqa: E402
 from petra.train import train  # noqa: E402
 
 
@@ -30,9 +31,18 @@ def energy_study(args) -> dict:
     from petra.data import Batches, prepare
     from petra.methods import make_method
     from petra.model import LlamaForCausalLM
-    cfg = build_config(overrides={"preset": "mini", "method.name": "galore", "method.rank": args.rank,
-                                  "method.update_proj_gap": args.gap, "train.batch_size": args.batch,
-                                  "train.steps": args.steps, "train.lr": args.lr})
+
+    cfg = build_config(
+        overrides={
+            "preset": "mini",
+            "method.name": "galore",
+            "method.rank": args.rank,
+            "method.update_proj_gap": args.gap,
+            "train.batch_size": args.batch,
+            "train.steps": args.steps,
+            "train.lr": args.lr,
+        }
+    )
     data = prepare(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
     batches = Batches(data.train, cfg.seq_len, cfg.train.batch_size, 0)
     torch.manual_seed(0)
@@ -62,10 +72,19 @@ def energy_study(args) -> dict:
 def loss_study(args, out_dir: Path) -> dict:
     res = {}
     for proj in ("svd", "randomized", "subspace"):
-        cfg = build_config(overrides={"preset": "mini", "method.name": "galore", "method.rank": args.rank,
-                                      "method.update_proj_gap": args.gap, "method.projector": proj,
-                                      "train.batch_size": args.batch, "train.steps": args.steps,
-                                      "train.lr": args.lr, "train.eval_every": args.steps})
+        cfg = build_config(
+            overrides={
+                "preset": "mini",
+                "method.name": "galore",
+                "method.rank": args.rank,
+                "method.update_proj_gap": args.gap,
+                "method.projector": proj,
+                "train.batch_size": args.batch,
+                "train.steps": args.steps,
+                "train.lr": args.lr,
+                "train.eval_every": args.steps,
+            }
+        )
         t0 = time.time()
         s = train(cfg, out_dir / proj, show_progress=False, log=lambda *a: None)
         res[proj] = {"val_loss": s["val_loss"], "seconds": round(time.time() - t0, 1)}
@@ -83,6 +102,7 @@ def main():
     ap.add_argument("--out", default="docs/projector_energy.json")
     a = ap.parse_args()
     import shutil
+
     shutil.rmtree(a.runs, ignore_errors=True)
     result = {"setup": vars(a), "energy_vs_svd": energy_study(a), "val_loss": loss_study(a, Path(a.runs))}
     Path(a.out).write_text(json.dumps(result, indent=2))

@@ -4,8 +4,10 @@ import torch
 from petra.config import build_config
 
 # tests of code with a separate GPU path run on both; CI has no GPU and skips the second
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a CUDA device"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
 
 
 @pytest.fixture(scope="session")
@@ -17,9 +19,18 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_cfg(cache_dir):
     def make(**ov):
-        base = {"preset": "tiny", "data.cache_dir": cache_dir, "train.steps": 12, "train.batch_size": 4,
-                "train.eval_every": 6, "train.val_tokens": 512, "train.log_every": 1, "train.save_every": 0,
-                "train.seq_len": 64}
+        base = {
+            "preset": "tiny",
+            "data.cache_dir": cache_dir,
+            "train.steps": 12,
+            "train.batch_size": 4,
+            "train.eval_every": 6,
+            "train.val_tokens": 512,
+            "train.log_every": 1,
+            "train.save_every": 0,
+            "train.seq_len": 64,
+        }
         base.update(ov)
         return build_config(overrides=base)
+
     return make

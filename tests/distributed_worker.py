@@ -1,5 +1,6 @@
 """Run under torchrun by test_distributed.py: the training jobs listed in a JSON file, in order,
 in one process group (one launch, several runs)."""
+
 import json
 import sys
 

@@ -51,6 +51,7 @@ def test_petra_optim_imports_with_torch_alone():
     process-group code (only the leaf that handles tensors that may be FSDP2 shards)."""
     import subprocess
     import sys
+
     code = "import sys, petra.optim; print(' '.join(sorted(m for m in sys.modules if m.startswith('petra'))))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert "petra.optim.galore" in loaded
@@ -61,6 +62,7 @@ def test_petras_plain_adamw_is_torchs_and_takes_no_low_rank_group():
     """petra.optim.AdamW (what full-rank layer-wise training steps with) gives torch's
     numbers bit for bit with torch's defaults, and refuses a 'rank' group by name."""
     from petra.optim import AdamW
+
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(5))]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
@@ -83,6 +85,8 @@ def test_the_optimizers_choices_are_the_configs():
     from petra.config import CHOICES, MethodConfig
     from petra.optim import DEFAULT_TARGETS
     from petra.optim.galore import PROJ_TYPES, PROJECTORS, SWITCH_STATES
+
     assert (PROJ_TYPES, PROJECTORS, SWITCH_STATES) == tuple(
-        CHOICES[f"method.{k}"] for k in ("proj_type", "projector", "switch_state"))
+        CHOICES[f"method.{k}"] for k in ("proj_type", "projector", "switch_state")
+    )
     assert MethodConfig().targets == DEFAULT_TARGETS

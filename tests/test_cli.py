@@ -13,23 +13,33 @@ def test_help_text_on_every_train_flag_with_its_default(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for flag in ("--preset", "--steps", "--method", "--rank", "--resume", "--stop-after", "--set", "--data"):
         assert flag in out
-    for default in ("(default: 0.001)", "(default: 200)", "(default: full)", "(default: bible)",
-                    "(default: the preset's: tiny 16", "exit codes: 0 finished", "143 SIGTERM"):
+    for default in (
+        "(default: 0.001)",
+        "(default: 200)",
+        "(default: full)",
+        "(default: bible)",
+        "(default: the preset's: tiny 16",
+        "exit codes: 0 finished",
+        "143 SIGTERM",
+    ):
         assert default in out
     with pytest.raises(SystemExit) as e:  # a run directory is not optional
         main(["train", "--preset", "tiny"])
     assert e.value.code == 2 and "one of the arguments --out --resume is required" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--preset", "tiny", "--out", "X", "--method", "lora"], "method.name='lora' is not allowed"),
-    (["train", "--preset", "tiny", "--out", "X", "--data", "/no/such/file.txt"], "does not exist"),
-    (["train", "--preset", "tiny", "--out", "X", "--set", "train.lrr=1"], "unknown option train.lrr"),
-    (["train", "--resume", "/no/such/run"], "--resume /no/such/run: the directory does not exist"),
-    (["train", "--preset", "tiny", "--out", "X", "--lr", "nan"], "train.lr=nan is not a valid finite number"),
-    (["train", "--preset", "tiny", "--out", "/proc/X"], "--out /proc/X: cannot create the directory"),
-    (["export", "/tmp", "--hf", "X"], "/tmp is not a petra run directory with a checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--preset", "tiny", "--out", "X", "--method", "lora"], "method.name='lora' is not allowed"),
+        (["train", "--preset", "tiny", "--out", "X", "--data", "/no/such/file.txt"], "does not exist"),
+        (["train", "--preset", "tiny", "--out", "X", "--set", "train.lrr=1"], "unknown option train.lrr"),
+        (["train", "--resume", "/no/such/run"], "--resume /no/such/run: the directory does not exist"),
+        (["train", "--preset", "tiny", "--out", "X", "--lr", "nan"], "train.lr=nan is not a valid finite number"),
+        (["train", "--preset", "tiny", "--out", "/proc/X"], "--out /proc/X: cannot create the directory"),
+        (["export", "/tmp", "--hf", "X"], "/tmp is not a petra run directory with a checkpoint"),
+    ],
+)
 def test_bad_input_exits_with_a_clear_message(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main(argv)
@@ -50,12 +60,32 @@ def test_console_entry_point_runs():
 
 
 def test_compare_writes_table_plots_report_and_skips_finished_runs(tmp_path, cache_dir, capsys, monkeypatch):
-    argv = ["compare", "--preset", "tiny", "--methods", "full,galore,relora", "--steps", "8", "--batch-size", "4",
-            "--seq-len", "64", "--eval-every", "4", "--out", str(tmp_path / "cmp"), "--no-progress",
-            "--set", f"data.cache_dir={cache_dir}", "--set", "train.val_tokens=512"]
+    argv = [
+        "compare",
+        "--preset",
+        "tiny",
+        "--methods",
+        "full,galore,relora",
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--eval-every",
+        "4",
+        "--out",
+        str(tmp_path / "cmp"),
+        "--no-progress",
+        "--set",
+        f"data.cache_dir={cache_dir}",
+        "--set",
+        "train.val_tokens=512",
+    ]
     assert main(argv) == 0
     out = tmp_path / "cmp"
     import json
+
     rows = json.loads((out / "comparison.json").read_text())
     assert [r["method"] for r in rows] == ["full", "galore", "relora"]
     assert all(r["status"] == "finished" and r["val_ppl"] > 0 for r in rows)
@@ -72,12 +102,14 @@ def test_compare_writes_table_plots_report_and_skips_finished_runs(tmp_path, cac
     assert "data:image/png;base64," in (out / "report.html").read_text()
     # repeating the command reruns nothing; a failing method becomes a row, the others finish
     import petra.train as tr
+
     real = tr.train
 
     def flaky(cfg, run_dir, **kw):
         if "galore8bit" in str(run_dir):
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(cfg, run_dir, **kw)
+
     monkeypatch.setattr(tr, "train", flaky)
     argv[4] = "full,galore,galore8bit"
     assert main(argv) == 0
@@ -97,9 +129,30 @@ def test_resume_with_a_different_preset_is_refused(tmp_path, cache_dir, capsys):
 
 def test_compare_never_reports_old_runs_under_new_settings(tmp_path, cache_dir, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", "--preset", "tiny", "--methods", "full,galore", "--steps", "6", "--batch-size", "4",
-            "--seq-len", "32", "--eval-every", "3", "--out", str(out), "--no-progress",
-            "--set", f"data.cache_dir={cache_dir}", "--set", "train.val_tokens=128", "--rank", "8"]
+    argv = [
+        "compare",
+        "--preset",
+        "tiny",
+        "--methods",
+        "full,galore",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        f"data.cache_dir={cache_dir}",
+        "--set",
+        "train.val_tokens=128",
+        "--rank",
+        "8",
+    ]
     assert main(argv) == 0
     capsys.readouterr()
     changed = argv[:6] + ["4"] + argv[7:] + ["--lrs", "galore=0.01"]

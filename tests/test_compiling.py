@@ -1,4 +1,5 @@
 """torch.compile with a fallback: a failing compile warns once and runs eagerly from then on."""
+
 import pytest
 
 from petra.compiling import with_fallback

@@ -26,20 +26,23 @@ def test_padding_option_rounds_mlp_width_only_when_asked():
     assert m.mlp_width == 5504
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"preset": "huge"}, "unknown preset 'huge'; presets are: tiny"),
-    ({"train.nonsense": 1}, "unknown option train.nonsense"),
-    ({"method.name": "lora"}, "method.name='lora' is not allowed; choose one of: full"),
-    ({"train.batch_size": 10, "train.micro_batch_size": 4}, "must be a multiple of train.micro_batch_size=4"),
-    ({"train.seq_len": 512}, "longer than the model allows (model.max_position_embeddings=128)"),
-    ({"method.name": "galore", "method.rank": 100}, "rank=100 is larger than the smallest side (64)"),
-    ({"method.name": "relora", "method.rank": 65}, "rank=65 is larger than the smallest side (64)"),
-    ({"method.rank": -1}, "method.rank=-1 must be at least 1"),
-    ({"train.steps": "ten"}, "train.steps='ten' is not a valid int"),
-    ({"method.update_proj_gap": 0}, "method.update_proj_gap=0 must be at least 1"),
-    ({"bogus": 1}, "override 'bogus' must look like section.key"),
-    ({"train.fsdp_unit_layers": 0}, "train.fsdp_unit_layers=0 must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"preset": "huge"}, "unknown preset 'huge'; presets are: tiny"),
+        ({"train.nonsense": 1}, "unknown option train.nonsense"),
+        ({"method.name": "lora"}, "method.name='lora' is not allowed; choose one of: full"),
+        ({"train.batch_size": 10, "train.micro_batch_size": 4}, "must be a multiple of train.micro_batch_size=4"),
+        ({"train.seq_len": 512}, "longer than the model allows (model.max_position_embeddings=128)"),
+        ({"method.name": "galore", "method.rank": 100}, "rank=100 is larger than the smallest side (64)"),
+        ({"method.name": "relora", "method.rank": 65}, "rank=65 is larger than the smallest side (64)"),
+        ({"method.rank": -1}, "method.rank=-1 must be at least 1"),
+        ({"train.steps": "ten"}, "train.steps='ten' is not a valid int"),
+        ({"method.update_proj_gap": 0}, "method.update_proj_gap=0 must be at least 1"),
+        ({"bogus": 1}, "override 'bogus' must look like section.key"),
+        ({"train.fsdp_unit_layers": 0}, "train.fsdp_unit_layers=0 must be at least 1"),
+    ],
+)
 def test_bad_config_values_name_field_and_allowed(overrides, message):
     with pytest.raises(ConfigError) as e:
         build_config(overrides={"preset": "tiny", **overrides})
@@ -51,7 +54,12 @@ def test_yaml_file_then_overrides(tmp_path):
     f.write_text("preset: tiny\ntrain:\n  lr: 0.01\n  steps: 7\nmethod:\n  name: galore\n  rank: 8\n")
     cfg = build_config(overrides={"train.steps": 9}, file=f)
     assert (cfg.preset, cfg.train.lr, cfg.train.steps, cfg.method.name, cfg.method.rank) == (
-        "tiny", 0.01, 9, "galore", 8)
+        "tiny",
+        0.01,
+        9,
+        "galore",
+        8,
+    )
     f.write_text("trian:\n  lr: 1\n")
     with pytest.raises(ConfigError, match="unknown section 'trian'"):
         build_config(file=f)

@@ -54,15 +54,18 @@ def test_user_text_and_jsonl_files(tmp_path, cache_dir):
     assert "stones" in text or "record" in text
 
 
-@pytest.mark.parametrize("setup, message", [
-    ("missing", "does not exist"),
-    ("empty_dir", "holds no .txt/.*/.parquet files"),
-    ("empty_text", "holds no text"),
-    ("blank_records", "holds no text"),
-    ("bad_json", "is not valid JSON"),
-    ("no_field", "has no string field 'text'"),
-    ("csv", "must end in one of .txt, .*, .parquet"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing", "does not exist"),
+        ("empty_dir", "holds no .txt/.*/.parquet files"),
+        ("empty_text", "holds no text"),
+        ("blank_records", "holds no text"),
+        ("bad_json", "is not valid JSON"),
+        ("no_field", "has no string field 'text'"),
+        ("csv", "must end in one of .txt, .*, .parquet"),
+    ],
+)
 def test_bad_data_sources(tmp_path, cache_dir, setup, message):
     src = tmp_path / "data"
     if setup == "empty_dir":
@@ -99,8 +102,9 @@ def test_sentencepiece_tokenizer_is_used_and_model_vocab_follows(tmp_path, cache
     spm = pytest.importorskip("sentencepiece")
     text = tmp_path / "train.txt"
     text.write_text("\n".join(d.text for d in list(bible_documents("kjv"))[:200]))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=500,
-                                   model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=500, model_type="bpe", minloglevel=2
+    )
     cfg = DataConfig(source="bible", tokenizer=str(tmp_path / "sp.model"), cache_dir=cache_dir)
     data = prepare(cfg, vocab_size=256, log=lambda *_: None)
     assert data.vocab_size == 500
@@ -121,6 +125,7 @@ def test_text_that_is_not_utf8_is_an_error_naming_file_and_byte_unless_its_encod
     assert "café" in text and "\ufffd" not in text
     with pytest.raises(ConfigError, match="data.encoding='latin-9x' is not a text encoding"):
         from petra.config import build_config
+
         build_config(overrides={"data.encoding": "latin-9x"})
 
 
@@ -138,8 +143,9 @@ def test_binary_files_are_refused(tmp_path, cache_dir, encoding):
 
 def test_a_single_small_notes_file_trains_on_a_token_tail_split(tmp_path, cache_dir):
     f = tmp_path / "notes.txt"  # about 35 KB in 7 documents: too few to split by document
-    f.write_text("\n\n".join(f"Meeting {i}: we planned the garden, the roof and the {i}th budget line. " * 60
-                             for i in range(7)))
+    f.write_text(
+        "\n\n".join(f"Meeting {i}: we planned the garden, the roof and the {i}th budget line. " * 60 for i in range(7))
+    )
     logs = []
     for frac in (0.05, 0.2, 0.45):
         cfg = DataConfig(source=str(f), cache_dir=cache_dir, val_fraction=frac)
@@ -150,17 +156,28 @@ def test_a_single_small_notes_file_trains_on_a_token_tail_split(tmp_path, cache_
         if frac == 0.05:  # no document lands in validation: the tail of the tokens does
             assert len(data.val) == round(frac * total)
     assert any("too few to split by document" in line for line in logs)
-    from petra.train import train
     from petra.config import build_config
-    cfg = build_config(overrides={"preset": "tiny", "data.source": str(f), "data.cache_dir": cache_dir,
-                                  "train.steps": 3, "train.batch_size": 2, "train.seq_len": 32,
-                                  "train.val_tokens": 64, "model.vocab_size": 300})
+    from petra.train import train
+
+    cfg = build_config(
+        overrides={
+            "preset": "tiny",
+            "data.source": str(f),
+            "data.cache_dir": cache_dir,
+            "train.steps": 3,
+            "train.batch_size": 2,
+            "train.seq_len": 32,
+            "train.val_tokens": 64,
+            "model.vocab_size": 300,
+        }
+    )
     assert train(cfg, tmp_path / "run", show_progress=False, log=lambda *a: None)["status"] == "finished"
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4097])
 def test_the_feistel_order_is_a_permutation_of_every_size(n):
     from petra.data import feistel
+
     out = feistel(np.arange(n), n, key=12345)
     assert sorted(out.tolist()) == list(range(n))
     if n >= 64:  # shuffled, and another key gives another order
@@ -171,7 +188,7 @@ def test_the_feistel_order_is_a_permutation_of_every_size(n):
 def test_the_batch_order_needs_no_table_and_differs_per_pass_and_seed():
     tokens = np.zeros(64 * 1000 + 1, dtype=np.uint16)
     b = Batches(tokens, seq_len=64, batch_size=10, seed=1)
-    first = [w for s in range(100) for w in b.sample_ids(s)]   # pass 0
+    first = [w for s in range(100) for w in b.sample_ids(s)]  # pass 0
     second = [w for s in range(100, 200) for w in b.sample_ids(s)]  # pass 1
     assert sorted(first) == sorted(second) == list(range(1000)) and first != second
     assert first != [w for s in range(100) for w in Batches(tokens, 64, 10, seed=2).sample_ids(s)]
@@ -184,7 +201,9 @@ def test_the_batch_order_needs_no_table_and_differs_per_pass_and_seed():
 
 def test_runs_saved_before_the_feistel_order_resume_with_their_randperm_order():
     import torch
+
     from petra.config import build_config, from_dict
+
     saved = build_config(overrides={"preset": "tiny"}).to_dict()
     del saved["data"]["shuffle"]
     cfg = from_dict(saved)
@@ -197,6 +216,7 @@ def test_runs_saved_before_the_feistel_order_resume_with_their_randperm_order():
 
 def test_configs_saved_with_eval_batches_and_jsonl_field_load_with_the_same_meaning():
     from petra.config import build_config, from_dict
+
     saved = build_config(overrides={"preset": "tiny", "train.batch_size": 8, "train.seq_len": 64}).to_dict()
     del saved["train"]["val_tokens"]
     saved["train"]["eval_batches"] = 3
@@ -208,16 +228,28 @@ def test_configs_saved_with_eval_batches_and_jsonl_field_load_with_the_same_mean
 
 def test_validation_is_sized_in_tokens_and_reports_a_standard_error():
     import torch
+
     from petra.config import ModelConfig
     from petra.model import build_model
     from petra.validation import evaluate
+
     tokens = np.random.default_rng(0).integers(0, 100, 5000).astype(np.uint16)
     v = val_batches(tokens, 16, 4, 1000)  # 1000 tokens: 62 windows, whole batches of 4 -> 60
     assert sum(len(x) for x, _ in v) == 60
     assert sum(len(x) for x, _ in val_batches(tokens, 16, 4, 10**9)) == (5000 - 1) // 16 // 4 * 4  # all of it
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                    num_hidden_layers=1, max_position_embeddings=16), "cpu", torch.float32)
+    model = build_model(
+        ModelConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            max_position_embeddings=16,
+        ),
+        "cpu",
+        torch.float32,
+    )
     mean, se = evaluate(model, v, "cpu")
     rows = torch.cat([model(x, y, per_row=True) for x, y in v]).double()
     assert mean == pytest.approx(rows.mean().item(), rel=1e-9)

@@ -4,6 +4,7 @@ The 2-process runs split each global batch of 4 sequences into 2 x 2; the 1-proc
 reference takes all 4. Losses must agree to float tolerance, and a 2-process run stopped
 in the middle of a projector period / ReLoRA cycle must resume exactly.
 """
+
 import json
 import os
 import subprocess
@@ -23,10 +24,20 @@ METHODS = {
     "full-accum": {"method.name": "full", "train.micro_batch_size": 1},
     "full-unit2": {"method.name": "full", "train.fsdp_unit_layers": 2},  # FSDP2: both layers one unit
     "galore": {"method.name": "galore", "method.rank": 8, "method.update_proj_gap": 5},
-    "galore-layerwise": {"method.name": "galore", "method.rank": 8, "method.update_proj_gap": 5,
-                         "method.layerwise": True},
-    "relora": {"method.name": "relora", "method.rank": 8, "method.reset_interval": 4,
-               "method.warm_start_steps": 3, "method.restart_warmup_steps": 2, "method.prune": "random"},
+    "galore-layerwise": {
+        "method.name": "galore",
+        "method.rank": 8,
+        "method.update_proj_gap": 5,
+        "method.layerwise": True,
+    },
+    "relora": {
+        "method.name": "relora",
+        "method.rank": 8,
+        "method.reset_interval": 4,
+        "method.warm_start_steps": 3,
+        "method.restart_warmup_steps": 2,
+        "method.prune": "random",
+    },
 }
 RESUMED = ("galore", "relora")
 
@@ -36,21 +47,38 @@ def _losses(run):
 
 
 def _torchrun(spec: Path, nproc: int = 2) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(WORKER), str(spec)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(WORKER),
+        str(spec),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     err = r.stderr
     at = err.find("Traceback")
-    assert r.returncode == 0, r.stdout[-2000:] + (err[at:at + 6000] if at >= 0 else err[-4000:])
+    assert r.returncode == 0, r.stdout[-2000:] + (err[at : at + 6000] if at >= 0 else err[-4000:])
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("dist")
-    base = {"preset": "tiny", "data.cache_dir": cache_dir, "train.steps": 12, "train.batch_size": 4,
-            "train.eval_every": 6, "train.val_tokens": 512, "train.log_every": 1, "train.save_every": 0,
-            "train.seq_len": 64}
+    base = {
+        "preset": "tiny",
+        "data.cache_dir": cache_dir,
+        "train.steps": 12,
+        "train.batch_size": 4,
+        "train.eval_every": 6,
+        "train.val_tokens": 512,
+        "train.log_every": 1,
+        "train.save_every": 0,
+        "train.seq_len": 64,
+    }
     from petra.config import build_config
+
     for name, ov in METHODS.items():  # the 1-process references (this also fills the token cache)
         if name not in ("full-accum", "full-unit2"):
             train(build_config(overrides={**base, **ov}), root / "one" / name, show_progress=False, log=lambda *a: None)
@@ -60,8 +88,10 @@ def runs(tmp_path_factory, cache_dir):
             jobs.append({"out": str(root / mode / name), "overrides": {**base, **ov, "train.parallel": mode}})
         for name in RESUMED:
             ov = {**base, **METHODS[name], "train.parallel": mode, "train.stop_after": 7}
-            jobs += [{"out": str(root / mode / f"{name}-resumed"), "overrides": ov},
-                     {"out": str(root / mode / f"{name}-resumed"), "resume": True}]
+            jobs += [
+                {"out": str(root / mode / f"{name}-resumed"), "overrides": ov},
+                {"out": str(root / mode / f"{name}-resumed"), "resume": True},
+            ]
         spec = root / f"{mode}.json"
         spec.write_text(json.dumps(jobs))
         _torchrun(spec)
@@ -113,6 +143,7 @@ def test_fsdp_checkpoint_is_sharded_and_consolidates(runs):
 
 def test_ddp_checkpoint_resumes_on_one_process(runs, tmp_path):
     import shutil
+
     run = tmp_path / "r"
     shutil.copytree(runs / "ddp" / "galore-resumed", run)
     payload = checkpoint.load(run)
@@ -121,6 +152,7 @@ def test_ddp_checkpoint_resumes_on_one_process(runs, tmp_path):
 
 def test_a_save_killed_between_its_renames_leaves_the_old_shards(runs, tmp_path):
     import shutil
+
     run = tmp_path / "r"
     shutil.copytree(runs / "fsdp" / "galore", run)
     (run / checkpoint.SHARDED).rename(run / (checkpoint.SHARDED + ".old"))  # as if killed mid-save
@@ -132,6 +164,7 @@ def test_a_save_killed_between_its_renames_leaves_the_old_shards(runs, tmp_path)
 
 def test_parallel_modes_need_torchrun(tiny_cfg, tmp_path, monkeypatch):
     from petra.config import ConfigError
+
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ConfigError, match="needs a launch by torchrun"):

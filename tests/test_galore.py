@@ -3,8 +3,8 @@ import io
 
 import pytest
 import torch
-
 from conftest import DEVICES
+
 from petra.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseStepper, galore_param_groups
 from petra.optim.projector import captured_energy, compute_basis, randomized_basis, subspace_basis, svd_basis
 
@@ -32,7 +32,7 @@ def naive_galore_adamw(w0, grads, rank, gap, lr, scale, b1=0.9, b2=0.999, eps=1e
         r = p.t() @ g if left else g @ p
         m = (1 - b1) * r if m is None else b1 * m + (1 - b1) * r
         v = (1 - b2) * r * r if v is None else b2 * v + (1 - b2) * r * r
-        n = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+        n = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
         w -= lr * scale * (p @ n if left else n @ p.t())
     return w
 
@@ -43,8 +43,7 @@ def test_galore_adamw_matches_naive_reference(shape):
     w = torch.nn.Parameter(torch.randn(*shape, dtype=torch.float64))
     grads = [torch.randn(*shape, dtype=torch.float64) for _ in range(7)]
     ref = naive_galore_adamw(w.detach(), grads, rank=4, gap=3, lr=0.01, scale=0.5)
-    opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 3, "scale": 0.5, "projector": "svd"}],
-                      lr=0.01)
+    opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 3, "scale": 0.5, "projector": "svd"}], lr=0.01)
     for g in grads:
         w.grad = g.clone()
         opt.step()
@@ -96,8 +95,10 @@ def test_one_dimensional_params_in_a_lowrank_group_get_plain_adamw():
     assert torch.equal(b, b2) and "P" not in opt.state[b]
 
 
-@pytest.mark.parametrize("proj_type, keys, state_shape", [
-    ("left", {"P"}, (3, 20)), ("right", {"Q"}, (12, 3)), ("full", {"P", "Q"}, (3, 3)), ("std", {"P"}, (3, 20))])
+@pytest.mark.parametrize(
+    "proj_type, keys, state_shape",
+    [("left", {"P"}, (3, 20)), ("right", {"Q"}, (12, 3)), ("full", {"P", "Q"}, (3, 3)), ("std", {"P"}, (3, 20))],
+)
 def test_projection_types(proj_type, keys, state_shape):
     w = torch.nn.Parameter(torch.randn(12, 20))
     opt = GaLoreAdamW([{"params": [w], "rank": 3, "proj_type": proj_type}], lr=0.01)
@@ -108,14 +109,17 @@ def test_projection_types(proj_type, keys, state_shape):
     assert st["exp_avg"].shape == state_shape
 
 
-@pytest.mark.parametrize("group, message", [
-    ({"rank": 0}, "rank=0 must be an integer >= 1"),
-    ({"rank": 4, "update_proj_gap": 0}, "update_proj_gap=0"),
-    ({"rank": 4, "ranks": 3}, "unknown param group key(s) ['ranks']"),
-    ({"rank": 13}, "rank=13 exceeds the smaller side of a (12, 20) parameter"),
-    ({"rank": 4, "proj_type": "diag"}, "proj_type='diag' is not allowed"),
-    ({"rank": 4, "projector": "qr"}, "projector='qr' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "group, message",
+    [
+        ({"rank": 0}, "rank=0 must be an integer >= 1"),
+        ({"rank": 4, "update_proj_gap": 0}, "update_proj_gap=0"),
+        ({"rank": 4, "ranks": 3}, "unknown param group key(s) ['ranks']"),
+        ({"rank": 13}, "rank=13 exceeds the smaller side of a (12, 20) parameter"),
+        ({"rank": 4, "proj_type": "diag"}, "proj_type='diag' is not allowed"),
+        ({"rank": 4, "projector": "qr"}, "projector='qr' is not allowed"),
+    ],
+)
 def test_invalid_group_keys_fail_clearly(group, message):
     w = torch.nn.Parameter(torch.randn(12, 20))
     with pytest.raises(ValueError) as e:
@@ -229,6 +233,7 @@ def test_8bit_update_equals_torchao_subclass_ops(device):
     """The update on codes and scales (compiled on CUDA) equals the same math done through
     torchao's OptimState8bit: dequantize(), float ops, copy_() back."""
     from petra.optim.adam8bit import _optim_state_8bit, _update_8bit
+
     q = _optim_state_8bit()
     torch.manual_seed(0)
     r, m0 = torch.randn(64, 96, device=device), torch.randn(64, 96, device=device)
@@ -277,8 +282,9 @@ def test_adafactor_factored_update_against_formula():
 
 
 def _tiny_model():
-    from petra.config import ModelConfig, PRESETS
+    from petra.config import PRESETS, ModelConfig
     from petra.model import LlamaForCausalLM
+
     torch.manual_seed(0)
     return LlamaForCausalLM(ModelConfig(**PRESETS["tiny"]))
 
@@ -308,8 +314,7 @@ def _run_galore(layerwise: bool, clip: float, data):
 @pytest.mark.parametrize("clip", [0.0, 0.05])
 def test_layerwise_equals_standard_step_with_accumulation_and_clipping(clip):
     torch.manual_seed(1)
-    data = [[(torch.randint(0, 2048, (2, 16)), torch.randint(0, 2048, (2, 16))) for _ in range(3)]
-            for _ in range(4)]
+    data = [[(torch.randint(0, 2048, (2, 16)), torch.randint(0, 2048, (2, 16))) for _ in range(3)] for _ in range(4)]
     ref, ref_norms = _run_galore(False, clip, data)
     lw, lw_norms = _run_galore(True, clip, data)
     assert lw_norms == pytest.approx(ref_norms, rel=1e-5)
@@ -332,6 +337,7 @@ def test_resume_of_a_bf16_model_keeps_fp32_moments_and_step_counts(cls):
 
     def make(ps):
         return cls([{"params": [ps[0]], "rank": 32}, {"params": [ps[1]]}], lr=1e-3)
+
     opt = make([w, n])
     grads = [(torch.randn(64, 128).bfloat16(), torch.randn(64).bfloat16()) for _ in range(6)]
     for g, gn in grads[:3]:
@@ -357,6 +363,7 @@ def test_resume_of_a_bf16_model_keeps_fp32_moments_and_step_counts(cls):
 def test_updates_in_chunks_equal_one_batched_update(monkeypatch, cls, device):
     """On CUDA the 8-bit update is compiled, and row blocks are views of the 8-bit moments."""
     import petra.optim
+
     torch.manual_seed(0)
     # the (512, 64) parameter has no projection and is larger than a chunk of 1000: it is
     # updated in two blocks of 256 rows (views of its weights and 8-bit moments)
@@ -365,11 +372,15 @@ def test_updates_in_chunks_equal_one_batched_update(monkeypatch, cls, device):
     for chunk in (1 << 26, 1000):  # everything at once, or one or two parameters per chunk
         torch.manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(*s).to(device)) for s in shapes]
-        opt = getattr(petra.optim, cls)([{"params": ps[:3], "rank": 8, "update_proj_gap": 3},
-                                         {"params": ps[3:], "weight_decay": 0.1}], lr=1e-2)
+        opt = getattr(petra.optim, cls)(
+            [{"params": ps[:3], "rank": 8, "update_proj_gap": 3}, {"params": ps[3:], "weight_decay": 0.1}], lr=1e-2
+        )
         pieces = []
-        monkeypatch.setattr(opt, "_update_piece", lambda ps_, *a, f=opt._update_piece: (
-            pieces.append([tuple(p.shape) for p in ps_]), f(ps_, *a))[1])
+        monkeypatch.setattr(
+            opt,
+            "_update_piece",
+            lambda ps_, *a, f=opt._update_piece: (pieces.append([tuple(p.shape) for p in ps_]), f(ps_, *a))[1],
+        )
         monkeypatch.setattr(opt, "chunk_elements", chunk)
         for step in range(4):
             g = torch.Generator().manual_seed(step)
@@ -385,6 +396,7 @@ def test_updates_in_chunks_equal_one_batched_update(monkeypatch, cls, device):
 
 def test_adam_step_bound_is_what_exact_adam_reaches():
     from petra.optim.functional import adam_step_bound
+
     b1, b2 = 0.9, 0.999
     assert adam_step_bound(b1, b2, 1) == pytest.approx(1.0)
     # the worst case of Cauchy-Schwarz: gradients g_{t-k} proportional to (b1/b2)^k
@@ -393,7 +405,7 @@ def test_adam_step_bound_is_what_exact_adam_reaches():
         m = v = torch.zeros((), dtype=torch.float64)
         for x in g:
             m, v = b1 * m + (1 - b1) * x, b2 * v + (1 - b2) * x * x
-        ratio = (m / (1 - b1 ** t)) / (v / (1 - b2 ** t)).sqrt()
+        ratio = (m / (1 - b1**t)) / (v / (1 - b2**t)).sqrt()
         assert float(ratio) == pytest.approx(adam_step_bound(b1, b2, t), rel=1e-9)
     assert adam_step_bound(0.99, 0.95, 10) == float("inf")
 
@@ -420,6 +432,7 @@ def test_8bit_embedding_rows_move_no_further_than_fp32_adam_could():
     fp32 = _zipf_embedding_run(GaLoreAdamW)
     eight = _zipf_embedding_run(GaLoreAdamW8bit)
     from petra.optim.functional import adam_step_bound
+
     worst = 1e-3 * sum(adam_step_bound(0.9, 0.999, t) for t in range(1, 301))
     assert eight.max() <= worst  # the hard guarantee
     assert eight.max() <= 1.5 * fp32.max()  # and in practice: as far as fp32 moves
@@ -429,6 +442,7 @@ def test_8bit_embedding_rows_move_no_further_than_fp32_adam_could():
 @pytest.mark.parametrize("method", ["galore8bit", "full8bit"])
 def test_8bit_training_stays_within_a_small_margin_of_fp32(tmp_path, tiny_cfg, method):
     from petra.train import train
+
     quiet = dict(show_progress=False, log=lambda *a: None)
     ov = {"method.rank": 8, "train.steps": 40, "train.lr": 3e-3, "train.eval_every": 40}
     ref = train(tiny_cfg(**ov, **{"method.name": method.replace("8bit", "")}), tmp_path / "a", **quiet)

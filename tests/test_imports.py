@@ -1,5 +1,6 @@
 """The module graph: every import points one way (no cycle, lazy imports included), and the
 method registry is the config's list of methods."""
+
 import ast
 import re
 from pathlib import Path
@@ -60,12 +61,14 @@ def test_no_import_cycle_in_petra():
 
 def test_the_method_registry_is_the_configs_list():
     from petra.methods import REGISTRY
+
     assert tuple(REGISTRY) == METHODS
 
 
 def test_the_loop_names_no_method_and_no_parallel_mode():
     """train.py asks the method and the parallel strategy; it never tests their names."""
     from petra.config import CHOICES
+
     src = (SRC / "train.py").read_text()
     words = [f'"{w}"' for w in (*METHODS, *CHOICES["train.parallel"][2:])] + ["method.name =="]
     assert not [w for w in words if w in src] and not re.search(r"\.mode\b", src)

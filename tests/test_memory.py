@@ -20,7 +20,8 @@ def test_low_rank_and_8bit_shrink_state_and_layerwise_shrinks_gradients():
     full = method_bytes(build_config(overrides={"preset": "350m", "method.name": "full"}))
     gal = method_bytes(build_config(overrides={"preset": "350m", "method.name": "galore", "method.rank": 256}))
     g8 = method_bytes(build_config(overrides={"preset": "350m", "method.name": "galore8bit", "method.rank": 256}))
-    lw = breakdown_gib(build_config(overrides={"preset": "350m", "method.name": "galore8bit",
-                                               "method.layerwise": True}))
+    lw = breakdown_gib(
+        build_config(overrides={"preset": "350m", "method.name": "galore8bit", "method.layerwise": True})
+    )
     assert g8["optimizer_state"] < gal["optimizer_state"] < full["optimizer_state"]
     assert lw["gradients"] < 0.1 * full["gradients"] / GIB

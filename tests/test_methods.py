@@ -1,6 +1,7 @@
 """Methods as the loop sees them: checks made against the parallel strategy before any work,
 optimizers, and the typed step-end result; and a new method plugging in without the loop
 knowing it."""
+
 import pytest
 import torch
 
@@ -15,11 +16,14 @@ def _cfg(**ov):
     return build_config(overrides={"preset": "tiny", "train.steps": 10, **ov})
 
 
-@pytest.mark.parametrize("ov, strategy, message", [
-    ({"method.name": "relora", "method.layerwise": True}, NoParallel, "layerwise is for the full and galore"),
-    ({"method.name": "relora", "method.quantize": "int8"}, FSDP, "quantize does not run under FSDP2"),
-    ({"method.name": "galore-adafactor"}, FSDP, "galore-adafactor does not run under FSDP2"),
-])
+@pytest.mark.parametrize(
+    "ov, strategy, message",
+    [
+        ({"method.name": "relora", "method.layerwise": True}, NoParallel, "layerwise is for the full and galore"),
+        ({"method.name": "relora", "method.quantize": "int8"}, FSDP, "quantize does not run under FSDP2"),
+        ({"method.name": "galore-adafactor"}, FSDP, "galore-adafactor does not run under FSDP2"),
+    ],
+)
 def test_each_method_refuses_what_it_cannot_do_under_its_strategy(ov, strategy, message):
     with pytest.raises(ConfigError, match=message):
         make_method(_cfg(**ov), strategy())  # a strategy object needs no process group to be asked
@@ -55,8 +59,7 @@ def test_full_rank_layerwise_uses_petras_adamw_or_its_8bit_state(name, cls):
 
 
 def test_relora_step_end_results_are_typed():
-    cfg = _cfg(**{"method.name": "relora", "method.warm_start_steps": 2, "method.reset_interval": 3,
-                  "method.rank": 8})
+    cfg = _cfg(**{"method.name": "relora", "method.warm_start_steps": 2, "method.reset_interval": 3, "method.rank": 8})
     method = make_method(cfg)
     model = method.prepare(build_model(cfg.model, torch.device("cpu"), torch.float32))
     opt = method.optimizer(model)

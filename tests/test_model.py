@@ -1,9 +1,8 @@
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from petra.config import ModelConfig, PRESETS
+from petra.config import PRESETS, ModelConfig
 from petra.model import LlamaForCausalLM, fused_cross_entropy
 
 
@@ -58,11 +57,17 @@ def test_init_std_and_parameter_names_match_hf():
 def test_same_logits_as_transformers_llama(tmp_path):
     transformers = pytest.importorskip("transformers")
     from petra.checkpoint import hf_config
+
     cfg = ModelConfig(**PRESETS["tiny"])
     torch.manual_seed(0)
     ours = LlamaForCausalLM(cfg).eval()
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(cfg.__dict__, 0).items()
-                                         if k not in ("architectures", "model_type", "torch_dtype")})
+    hf_cfg = transformers.LlamaConfig(
+        **{
+            k: v
+            for k, v in hf_config(cfg.__dict__, 0).items()
+            if k not in ("architectures", "model_type", "torch_dtype")
+        }
+    )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     missing = hf.load_state_dict(ours.state_dict(), strict=False)
     assert not missing.missing_keys
@@ -79,6 +84,7 @@ def test_compiled_model_gives_the_eager_loss_and_gradients(monkeypatch, recwarn,
     import functools
 
     from petra.compiling import compile_model
+
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -94,7 +100,8 @@ def test_compiled_model_gives_the_eager_loss_and_gradients(monkeypatch, recwarn,
     assert not [w for w in recwarn if "torch.compile failed" in str(w.message)]  # compiled, not the fallback
     if how == "parts":
         assert model.loss_fn is not fused_cross_entropy and all(
-            layer._compiled_call_impl is not None for layer in model.model.layers)
+            layer._compiled_call_impl is not None for layer in model.model.layers
+        )
     assert torch.allclose(loss, ref, rtol=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-6), n

@@ -1,5 +1,6 @@
 """`petra data prepare`: every input format, shards and manifest, resume, determinism and
 bounded memory; training on prepared data."""
+
 import gzip
 import hashlib
 import json
@@ -30,8 +31,10 @@ def write(path, recs):
     if name.endswith(".parquet"):
         import pyarrow as pa
         import pyarrow.parquet as pq
-        pq.write_table(pa.table({"key": [r["key"] for r in recs], "text": [r["text"] for r in recs]}), path,
-                       row_group_size=50)
+
+        pq.write_table(
+            pa.table({"key": [r["key"] for r in recs], "text": [r["text"] for r in recs]}), path, row_group_size=50
+        )
         return path
     if ".txt" in name:
         data = "\n\n".join(r["text"] for r in recs).encode()
@@ -41,6 +44,7 @@ def write(path, recs):
         data = gzip.compress(data)
     elif name.endswith(".zst"):
         import zstandard
+
         data = zstandard.ZstdCompressor().compress(data)
     path.write_bytes(data)
     return path
@@ -93,6 +97,7 @@ def test_directories_globs_and_several_sources_in_order(tmp_path):
 def test_bad_parquet_and_json_inputs_name_the_file(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "x.parquet")
     with pytest.raises(ConfigError, match=r"x.parquet has no column 'text' .*columns are: content"):
         list(documents(DataConfig(source=str(tmp_path / "x.parquet"))))
@@ -150,6 +155,7 @@ def test_a_killed_prepare_resumes_after_its_finished_shards_and_ends_identical(t
         if calls["n"] == 9:
             raise KeyboardInterrupt
         return real(self, texts)
+
     monkeypatch.setattr(Tokenizer, "encode_documents", dies_on_the_ninth_batch)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(cfg, tmp_path / "cut", 400, shard_tokens=20_000, **QUIET)
@@ -181,6 +187,7 @@ def test_prepare_refuses_to_mix_inputs_or_write_into_foreign_directories(tmp_pat
 def test_the_tokenizer_sample_is_bounded_even_and_leaves_validation_out(tmp_path):
     from petra.prepare import scan
     from petra.sources import split_of
+
     recs = records(1000)
     src = write(tmp_path / "c.jsonl", recs)
     cfg = DataConfig(source=str(src))
@@ -209,11 +216,29 @@ def _prepare_peak_bytes(tmp_path, megabytes: int) -> int:
             size += len(line)
             i += 1
     # VmHWM: this process's own high-water mark (getrusage would count pytest's RSS copied at fork)
-    child = ("import sys; from petra.cli import main; rc = main(sys.argv[1:]); "
-             "print('PEAK', open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(rc)")
+    child = (
+        "import sys; from petra.cli import main; rc = main(sys.argv[1:]); "
+        "print('PEAK', open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(rc)"
+    )
     out = tmp_path / f"p{megabytes}"
-    proc = subprocess.run([sys.executable, "-c", child, "data", "prepare", str(src), "--out", str(out),
-                           "--vocab-size", "1024", "--sample-mb", "10"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            child,
+            "data",
+            "prepare",
+            str(src),
+            "--out",
+            str(out),
+            "--vocab-size",
+            "1024",
+            "--sample-mb",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert manifest(out)["tokens"]["train"] > 0.2 * megabytes * 1_000_000  # every document was tokenized
     src.unlink()
@@ -236,8 +261,24 @@ def test_train_on_a_prepared_directory_and_its_tokenizer_check(tmp_path, capsys)
     data = prepare(DataConfig(source=str(tmp_path / "p")), 256)
     assert data.vocab_size == 400 and data.fingerprint.startswith("prepared:")
     assert len(data.train) == manifest(tmp_path / "p")["tokens"]["train"]
-    argv = ["train", "--preset", "tiny", "--data", str(tmp_path / "p"), "--steps", "3", "--batch-size", "2",
-            "--seq-len", "32", "--out", str(tmp_path / "run"), "--no-progress", "--set", "train.val_tokens=64"]
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(tmp_path / "p"),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--set",
+        "train.val_tokens=64",
+    ]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["val_loss_se"] > 0 and summary["val_tokens"] == 64
@@ -251,6 +292,7 @@ def test_data_prepared_before_token_shards_still_opens(tmp_path, cache_dir):
     """A cache directory of the old layout (train.bin, val.bin, done) is read as it is."""
     from petra.data import _hash
     from petra.sources import corpus_fingerprint
+
     cfg = DataConfig(source="bible", cache_dir=str(tmp_path))
     new = prepare(DataConfig(source="bible", cache_dir=cache_dir), 2048, log=lambda *a: None)
     corpus_fp = corpus_fingerprint(cfg)

@@ -1,6 +1,7 @@
 """petra against the reference packages themselves, on CPU: galore-torch (GaLoreAdamW,
 GaLoreAdafactor), peft (LoRA merge) and transformers (the exported model and tokenizer).
 Same initial weights, same gradients: the same trajectory."""
+
 import copy
 
 import pytest
@@ -36,10 +37,13 @@ def test_galore_adamw_follows_galore_torch_before_the_second_refresh(wd):
     the weights, which move by ~0.05 here, agree to 1e-6."""
     low = dict(rank=6, update_proj_gap=50, scale=0.25, proj_type="std")
     ours, refs = _trajectories(
-        lambda ps: GaLoreAdamW([{"params": ps, **low, "projector": "svd"}], lr=1e-2, eps=1e-6, weight_decay=wd,
-                               convention="galore-torch"),
+        lambda ps: GaLoreAdamW(
+            [{"params": ps, **low, "projector": "svd"}], lr=1e-2, eps=1e-6, weight_decay=wd, convention="galore-torch"
+        ),
         lambda ps: galore_torch.GaLoreAdamW([{"params": ps, **low}], lr=1e-2, eps=1e-6, weight_decay=wd),
-        SHAPES, steps=20)
+        SHAPES,
+        steps=20,
+    )
     for p, q in zip(ours, refs):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
@@ -50,7 +54,10 @@ def test_the_default_torch_convention_differs_from_galore_torch_by_eps_placement
     for conv in ("torch", "galore-torch"):
         runs[conv] = _trajectories(
             lambda ps: GaLoreAdamW([{"params": ps, **low, "projector": "svd"}], lr=1e-2, eps=1e-3, convention=conv),
-            lambda ps: galore_torch.GaLoreAdamW([{"params": ps, **low}], lr=1e-2, eps=1e-3), SHAPES, steps=20)
+            lambda ps: galore_torch.GaLoreAdamW([{"params": ps, **low}], lr=1e-2, eps=1e-3),
+            SHAPES,
+            steps=20,
+        )
     diff = {c: max(float((p - q).abs().max()) for p, q in zip(*r)) for c, r in runs.items()}
     assert diff["galore-torch"] < 1e-6 and diff["torch"] > 100 * diff["galore-torch"]
 
@@ -61,24 +68,36 @@ def test_galore_adafactor_follows_galore_torch(beta1):
     low = dict(rank=6, update_proj_gap=50, scale=0.25, proj_type="std")
     shapes = SHAPES + [(17,)]
     ours, refs = _trajectories(
-        lambda ps: GaLoreAdafactor([{"params": ps[:3], **low, "projector": "svd"}, {"params": ps[3:]}], lr=1e-2,
-                                   beta1=beta1, weight_decay=0.01),
-        lambda ps: galore_torch.GaLoreAdafactor([{"params": ps[:3], **low}, {"params": ps[3:]}], lr=1e-2,
-                                                beta1=beta1, weight_decay=0.01, scale_parameter=False,
-                                                relative_step=False, warmup_init=False),
-        shapes, steps=15)
+        lambda ps: GaLoreAdafactor(
+            [{"params": ps[:3], **low, "projector": "svd"}, {"params": ps[3:]}], lr=1e-2, beta1=beta1, weight_decay=0.01
+        ),
+        lambda ps: galore_torch.GaLoreAdafactor(
+            [{"params": ps[:3], **low}, {"params": ps[3:]}],
+            lr=1e-2,
+            beta1=beta1,
+            weight_decay=0.01,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        ),
+        shapes,
+        steps=15,
+    )
     for p, q in zip(ours, refs):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(lr=None), "needs a learning rate lr >= 0"),
-    (dict(relative_step=True), "does not implement relative_step=True"),
-    (dict(scale_parameter=True), "does not implement scale_parameter=True"),
-    (dict(warmup_init=True), "does not implement warmup_init=True"),
-    (dict(beta1=1.5), "beta1=1.5 must be None"),
-    (dict(decay_rate=0.8), "decay_rate=0.8 (must be < 0)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=None), "needs a learning rate lr >= 0"),
+        (dict(relative_step=True), "does not implement relative_step=True"),
+        (dict(scale_parameter=True), "does not implement scale_parameter=True"),
+        (dict(warmup_init=True), "does not implement warmup_init=True"),
+        (dict(beta1=1.5), "beta1=1.5 must be None"),
+        (dict(decay_rate=0.8), "decay_rate=0.8 (must be < 0)"),
+    ],
+)
 def test_galore_adafactor_rejects_what_it_does_not_do_by_name(kwargs, message):
     p = torch.nn.Parameter(torch.randn(8, 8))
     with pytest.raises(ValueError) as e:
@@ -93,8 +112,9 @@ def test_relora_layers_and_merge_match_peft():
     transformers = pytest.importorskip("transformers")
     from petra import checkpoint
     from petra.config import PRESETS, ModelConfig
-    from petra.model import LlamaForCausalLM
     from petra.lora import lora_modules, merged_state_dict, wrap
+    from petra.model import LlamaForCausalLM
+
     torch.manual_seed(0)
     cfg = ModelConfig(**PRESETS["tiny"])
     ours = LlamaForCausalLM(cfg)
@@ -123,6 +143,7 @@ def test_relora_layers_and_merge_match_peft():
 def _export(tmp_path, tiny_cfg, **ov):
     from petra import checkpoint
     from petra.train import train
+
     run = tmp_path / "run"
     train(tiny_cfg(**{"train.steps": 4, **ov}), run, show_progress=False, log=lambda *a: None)
     return run, checkpoint.export_hf(run, tmp_path / "hf")
@@ -131,15 +152,19 @@ def _export(tmp_path, tiny_cfg, **ov):
 def test_export_loads_with_autotokenizer_and_generates_from_a_padded_batch(tmp_path, tiny_cfg, monkeypatch):
     transformers = pytest.importorskip("transformers")
     run, hf = _export(tmp_path, tiny_cfg)
-    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (hf / name).is_file()
     tok = transformers.AutoTokenizer.from_pretrained(hf)
     assert tok.eos_token == tok.pad_token == "<|endoftext|>" and tok.model_max_length == 64 * 2
     model = transformers.AutoModelForCausalLM.from_pretrained(hf)
     gen = transformers.pipeline("text-generation", model=model, tokenizer=tok, device="cpu")
-    out = gen(["In the beginning", "And the LORD said unto Moses, Go"], max_new_tokens=5, do_sample=False,
-              batch_size=2)
+    out = gen(["In the beginning", "And the LORD said unto Moses, Go"], max_new_tokens=5, do_sample=False, batch_size=2)
     assert all(o[0]["generated_text"].startswith(p) for o, p in zip(out, ["In the beginning", "And the LORD"]))
     batch = tok(["In the beginning", "And the LORD said unto Moses"], padding=True, return_tensors="pt")
     assert batch["input_ids"].shape[0] == 2 and tok.padding_side == "left"
@@ -147,13 +172,15 @@ def test_export_loads_with_autotokenizer_and_generates_from_a_padded_batch(tmp_p
 
 def test_the_run_keeps_its_tokenizer_so_export_never_needs_the_cache(tmp_path, tiny_cfg, cache_dir):
     import shutil
+
     from petra import checkpoint
+
     cache = tmp_path / "cache"
     shutil.copytree(cache_dir, cache)
     run = tmp_path / "run"
     from petra.train import train
-    train(tiny_cfg(**{"train.steps": 2, "data.cache_dir": str(cache)}), run, show_progress=False,
-          log=lambda *a: None)
+
+    train(tiny_cfg(**{"train.steps": 2, "data.cache_dir": str(cache)}), run, show_progress=False, log=lambda *a: None)
     shutil.rmtree(cache)  # the cache moved away
     assert (run / "tokenizer.json").is_file()
     checkpoint.export_hf(run, tmp_path / "hf")
@@ -168,10 +195,12 @@ def test_a_sentencepiece_tokenizer_is_exported_for_transformers(tmp_path, tiny_c
     spm = pytest.importorskip("sentencepiece")
     transformers = pytest.importorskip("transformers")
     from petra.sources import bible_documents
+
     text = tmp_path / "train.txt"
     text.write_text("\n".join(d.text for d in list(bible_documents("kjv"))[:100]))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=500,
-                                   model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=500, model_type="bpe", minloglevel=2
+    )
     run, hf = _export(tmp_path, tiny_cfg, **{"data.tokenizer": str(tmp_path / "sp.model")})
     assert (run / "tokenizer.model").is_file() and (hf / "tokenizer.model").is_file()
     tok = transformers.AutoTokenizer.from_pretrained(hf)

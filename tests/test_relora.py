@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from petra.config import ModelConfig, PRESETS, build_config
-from petra.model import LlamaForCausalLM
+from petra.config import PRESETS, ModelConfig, build_config
 from petra.lora import lora_modules, merged_state_dict, prune_moments, wrap
 from petra.methods import Method
 from petra.methods.relora import ReLoRA
+from petra.model import LlamaForCausalLM
 
 
 def _wrapped(rank=8, alpha=16.0):
@@ -71,9 +71,16 @@ def test_optimizer_pruning_reports_what_it_zeroed(mode, frac, expected):
 
 
 def test_restart_steps_follow_warm_start_and_interval():
-    cfg = build_config(overrides={"preset": "tiny", "method.name": "relora", "train.steps": 100,
-                                  "method.warm_start_steps": 20, "method.reset_interval": 25,
-                                  "method.restart_warmup_steps": 5})
+    cfg = build_config(
+        overrides={
+            "preset": "tiny",
+            "method.name": "relora",
+            "train.steps": 100,
+            "method.warm_start_steps": 20,
+            "method.reset_interval": 25,
+            "method.restart_warmup_steps": 5,
+        }
+    )
     r = ReLoRA(cfg)
     assert r.restarts() == [20, 45, 70, 95]
     envelope = Method(cfg).lr_factor  # plain cosine
@@ -86,6 +93,7 @@ def test_restart_steps_follow_warm_start_and_interval():
 def test_quantized_frozen_weight_merge_dequantizes_adds_and_requantizes(kind):
     pytest.importorskip("bitsandbytes")
     from petra.lora import dequantize_weight, quantize_weight
+
     model = _wrapped()
     mod = lora_modules(model)[4]  # an MLP projection, 176 x 64
     w = mod.weight.detach().clone()
@@ -122,9 +130,16 @@ def test_quantized_relora_trains_resumes_and_exports(tmp_path, tiny_cfg, kind):
     from petra import checkpoint
     from petra.metrics import read_metrics
     from petra.train import train
+
     quiet = dict(show_progress=False, log=lambda *a: None)
-    ov = {"method.name": "relora", "method.rank": 8, "method.reset_interval": 3, "method.warm_start_steps": 3,
-          "method.restart_warmup_steps": 1, "method.quantize": kind}
+    ov = {
+        "method.name": "relora",
+        "method.rank": 8,
+        "method.reset_interval": 3,
+        "method.warm_start_steps": 3,
+        "method.restart_warmup_steps": 1,
+        "method.quantize": kind,
+    }
     s = train(tiny_cfg(**ov), tmp_path / "a", **quiet)
     assert s["status"] == "finished" and kind in s["optimizer"]
     train(tiny_cfg(**ov, **{"train.stop_after": 7}), tmp_path / "b", **quiet)
@@ -140,6 +155,7 @@ def test_quantized_relora_trains_resumes_and_exports(tmp_path, tiny_cfg, kind):
 
 def test_quantize_needs_relora():
     from petra.config import ConfigError
+
     with pytest.raises(ConfigError, match="needs method.name=relora"):
         build_config(overrides={"preset": "tiny", "method.name": "galore", "method.quantize": "nf4"})
 
@@ -150,11 +166,16 @@ def test_warm_start_from_a_full_rank_run(tmp_path, tiny_cfg):
     from petra.data import Batches, prepare
     from petra.metrics import read_metrics
     from petra.train import train
+
     quiet = dict(show_progress=False, log=lambda *a: None)
     cfg = tiny_cfg(**{"train.steps": 6})
     train(cfg, tmp_path / "full", **quiet)
-    ov = {"method.name": "relora", "method.rank": 8, "method.reset_interval": 3,
-          "train.init_from": str(tmp_path / "full")}
+    ov = {
+        "method.name": "relora",
+        "method.rank": 8,
+        "method.reset_interval": 3,
+        "train.init_from": str(tmp_path / "full"),
+    }
     train(tiny_cfg(**ov), tmp_path / "r", **quiet)
     # the first ReLoRA step's loss is the full-rank run's final model on that batch (B = 0)
     model = LlamaForCausalLM(cfg.model)
@@ -167,6 +188,7 @@ def test_warm_start_from_a_full_rank_run(tmp_path, tiny_cfg):
     with pytest.raises(ConfigError, match="does not fit this model"):
         train(tiny_cfg(**{**ov, "model.hidden_size": 128}), tmp_path / "bad", **quiet)
     from petra.checkpoint import CheckpointError
+
     with pytest.raises(CheckpointError, match="neither a petra run directory"):
         train(tiny_cfg(**{**ov, "train.init_from": str(tmp_path / "nothing")}), tmp_path / "bad2", **quiet)
 
@@ -184,6 +206,7 @@ def _steps_after_a_merge(joint: bool, lr=1e-3):
         opt.zero_grad()
         model(x, x).backward()
         opt.step()
+
     for _ in range(30):
         step()
     for m in lora_modules(model):
@@ -202,6 +225,7 @@ def test_joint_pruning_bounds_the_first_steps_after_a_merge():
     # exact Adam never moves an entry by more than lr * 7.3 (betas 0.9, 0.999; see
     # optim.galore.adam_step_bound); independent masks leave m where v is zeroed: lr * m / eps
     from petra.optim.functional import adam_step_bound
+
     joint, independent = _steps_after_a_merge(True), _steps_after_a_merge(False)
     assert joint <= adam_step_bound(0.9, 0.999, 1000)
     assert independent > 100 * joint
@@ -222,6 +246,7 @@ def test_joint_pruning_zeroes_both_moments_at_the_same_places():
 
 def test_old_configs_keep_independent_pruning_on_resume():
     from petra.config import from_dict
+
     cfg = build_config(overrides={"preset": "tiny", "method.name": "relora"})
     assert cfg.method.prune_mask == "joint"
     d = cfg.to_dict()

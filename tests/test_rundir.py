@@ -20,8 +20,10 @@ def test_a_second_holder_is_refused_with_the_holders_pid(tmp_path):
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     run = tmp_path / "r"
-    code = (f"from petra.rundir import RunDirectory; r = RunDirectory({str(run)!r}).__enter__(); "
-            f"print('locked', flush=True); import time; time.sleep(60)")
+    code = (
+        f"from petra.rundir import RunDirectory; r = RunDirectory({str(run)!r}).__enter__(); "
+        f"print('locked', flush=True); import time; time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     with pytest.raises(RunDirectoryInUse, match=f"pid {proc.pid}"):

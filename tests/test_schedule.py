@@ -1,4 +1,3 @@
-
 import pytest
 
 from petra.schedule import cosine_envelope, lr_factor
@@ -20,8 +19,10 @@ def test_jagged_schedule_drops_to_zero_and_rewarms_to_envelope():
     for r in restarts:
         assert lr_factor(r, total, warm, 0.1, restarts, rw) == 0.0
         assert lr_factor(r + 25, total, warm, 0.1, restarts, rw) == pytest.approx(
-            0.5 * cosine_envelope(r + 25, total, warm, 0.1))
+            0.5 * cosine_envelope(r + 25, total, warm, 0.1)
+        )
         assert lr_factor(r + 50, total, warm, 0.1, restarts, rw) == pytest.approx(
-            cosine_envelope(r + 50, total, warm, 0.1))
+            cosine_envelope(r + 50, total, warm, 0.1)
+        )
         # just before the restart the envelope is untouched
         assert lr_factor(r - 1, total, warm, 0.1, restarts, rw) == cosine_envelope(r - 1, total, warm, 0.1)

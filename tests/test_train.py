@@ -15,12 +15,22 @@ def _losses(run):
     return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("full", {}),
-    ("galore", {"method.rank": 8, "method.update_proj_gap": 5, "method.projector": "randomized"}),
-    ("relora", {"method.rank": 8, "method.reset_interval": 4, "method.warm_start_steps": 3,
-                "method.restart_warmup_steps": 2}),
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("full", {}),
+        ("galore", {"method.rank": 8, "method.update_proj_gap": 5, "method.projector": "randomized"}),
+        (
+            "relora",
+            {
+                "method.rank": 8,
+                "method.reset_interval": 4,
+                "method.warm_start_steps": 3,
+                "method.restart_warmup_steps": 2,
+            },
+        ),
+    ],
+)
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_cfg, method, extra):
     ov = {"method.name": method, **extra}
     full = train(tiny_cfg(**ov), tmp_path / "a", **quiet)
@@ -50,6 +60,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_cfg):
 def _poison_forward(monkeypatch, bad):
     """The training forwards whose number (1-based) is in `bad` return a NaN loss."""
     import petra.model as pm
+
     real, calls = pm.fused_cross_entropy, {"n": 0}
 
     def poisoned(h, w, t, chunk=4096):
@@ -57,6 +68,7 @@ def _poison_forward(monkeypatch, bad):
             calls["n"] += 1
         loss = real(h, w, t, chunk)
         return loss * float("nan") if calls["n"] in bad and torch.is_grad_enabled() else loss
+
     monkeypatch.setattr(pm, "fused_cross_entropy", poisoned)
 
 
@@ -82,8 +94,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
     _poison_forward(monkeypatch, set(range(8, 100)))
     run = tmp_path / "r"
     with pytest.raises(TrainingError, match=r"3 steps in a row .* last good checkpoint in .* \(step 9\) is intact"):
-        train(tiny_cfg(**{"train.save_every": 3, "train.eval_every": 100, "train.max_skipped_steps": 2}), run,
-              **quiet)
+        train(tiny_cfg(**{"train.save_every": 3, "train.eval_every": 100, "train.max_skipped_steps": 2}), run, **quiet)
     payload = checkpoint.load(run)  # step 9: three skipped steps changed no weight, so it is good
     assert payload["step"] == 9
     assert all(torch.isfinite(v).all() for v in payload["model"].values())
@@ -91,6 +102,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
 
 def test_weights_made_non_finite_by_an_update_are_never_saved(tmp_path, tiny_cfg, monkeypatch):
     from petra.optim import LocalAdamW
+
     real, calls = LocalAdamW.step, {"n": 0}
 
     def step(self, closure=None, found_inf=None):  # the 4th update leaves a NaN in the weights
@@ -99,10 +111,14 @@ def test_weights_made_non_finite_by_an_update_are_never_saved(tmp_path, tiny_cfg
         if calls["n"] == 4:
             self.param_groups[0]["params"][0].data[0, 0] = float("nan")
         return out
+
     monkeypatch.setattr(LocalAdamW, "step", step)
     run = tmp_path / "r"
-    with pytest.raises(TrainingError, match=r"not finite after step 4; nothing was saved and the last good "
-                                            r"checkpoint in .* \(step 2\) is intact"):
+    with pytest.raises(
+        TrainingError,
+        match=r"not finite after step 4; nothing was saved and the last good "
+        r"checkpoint in .* \(step 2\) is intact",
+    ):
         train(tiny_cfg(**{"train.save_every": 2}), run, **quiet)
     assert checkpoint.load(run)["step"] == 2
     calls["n"] = 0
@@ -113,6 +129,7 @@ def test_weights_made_non_finite_by_an_update_are_never_saved(tmp_path, tiny_cfg
 
 def test_collapse_and_finite_divergence_stop_the_run(tmp_path, tiny_cfg, monkeypatch):
     import petra.model as pm
+
     real = pm.fused_cross_entropy
     monkeypatch.setattr(pm, "fused_cross_entropy", lambda h, w, t, chunk=4096: real(h, w, t, chunk) + 20.0)
     logs = []
@@ -121,6 +138,7 @@ def test_collapse_and_finite_divergence_stop_the_run(tmp_path, tiny_cfg, monkeyp
     assert any("worse than a uniform guess" in line for line in logs)
     monkeypatch.undo()
     from petra.optim import LocalAdamW
+
     real_step = LocalAdamW.step
 
     def zero_step(self, closure=None, found_inf=None):  # a saturated network: every gradient exactly 0
@@ -128,6 +146,7 @@ def test_collapse_and_finite_divergence_stop_the_run(tmp_path, tiny_cfg, monkeyp
             for p in g["params"]:
                 p.grad.zero_()
         return real_step(self, closure, found_inf)
+
     monkeypatch.setattr(LocalAdamW, "step", zero_step)
     monkeypatch.setattr("petra.parallel.NoParallel.clip_grad_norm", lambda self, ps, c: torch.zeros(()))
     with pytest.raises(TrainingError, match="collapsed: the gradient norm has been exactly 0 for 4 steps"):
@@ -143,6 +162,7 @@ def test_a_save_that_fails_leaves_the_previous_checkpoint_loadable(tmp_path, tin
             open(f, "wb").write(b"PK\x03\x04 half")
             raise OSError(28, "No space left on device")
         return real(obj, f, *a, **k)
+
     monkeypatch.setattr(checkpoint.torch, "save", failing_save)
     run = tmp_path / "r"
     with pytest.raises(OSError, match="No space left"):
@@ -154,10 +174,15 @@ def test_a_save_that_fails_leaves_the_previous_checkpoint_loadable(tmp_path, tin
 
 def test_startup_names_the_rank_and_a_resume_its_step(tmp_path, tiny_cfg):
     logs = []
-    train(tiny_cfg(**{"method.name": "galore", "method.rank": 8, "train.stop_after": 5}), tmp_path / "r",
-          show_progress=False, log=logs.append)
+    train(
+        tiny_cfg(**{"method.name": "galore", "method.rank": 8, "train.stop_after": 5}),
+        tmp_path / "r",
+        show_progress=False,
+        log=logs.append,
+    )
     assert "method galore, rank 8," in logs[-2 if "stopped" in logs[-1] else -1] or any(
-        "method galore, rank 8," in line for line in logs)
+        "method galore, rank 8," in line for line in logs
+    )
     logs.clear()
     train(None, tmp_path / "r", resume=True, show_progress=False, log=logs.append)
     assert any(f"resuming {tmp_path / 'r'} from step 5 of 12" in line for line in logs)
@@ -186,8 +211,9 @@ def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path, tiny_cfg):
 
 def test_export_loads_in_transformers_with_matching_logits(tmp_path, tiny_cfg):
     transformers = pytest.importorskip("transformers")
-    from petra.model import LlamaForCausalLM
     from petra.config import ModelConfig
+    from petra.model import LlamaForCausalLM
+
     run = tmp_path / "r"
     train(tiny_cfg(**{"method.name": "relora", "method.rank": 8, "method.reset_interval": 5}), run, **quiet)
     checkpoint.export_hf(run, tmp_path / "hf")
@@ -207,16 +233,40 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_run_resumes(tmp_path, cach
     import subprocess
     import sys
     import time
+
     run = tmp_path / "r"
-    cmd = [sys.executable, "-m", "petra", "train", "--preset", "tiny", "--steps", "100000", "--batch-size", "2",
-           "--seq-len", "32", "--out", str(run), "--no-progress", "--log-every", "1", "--save-every", "0",
-           "--eval-every", "100000", "--set", f"data.cache_dir={cache_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "petra",
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "100000",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        str(run),
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--save-every",
+        "0",
+        "--eval-every",
+        "100000",
+        "--set",
+        f"data.cache_dir={cache_dir}",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and len(read_metrics(run / "metrics.jsonl")) < 3:
         time.sleep(0.2)
     # while it runs, a second run or a resume of the directory is refused at once
     from petra.cli import main
+
     for argv in (["train", "--preset", "tiny", "--out", str(run)], ["train", "--resume", str(run)]):
         assert main(argv) == 2
     metrics_before = (run / "metrics.jsonl").read_text()
@@ -230,6 +280,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_run_resumes(tmp_path, cach
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     # the lock went with the process: the run resumes
     from petra.config import build_config
+
     req = build_config(overrides={"preset": "tiny", "train.stop_after": step + 2})
     s = train(req, run, resume=True, explicit={("train", "stop_after")}, **quiet)
     assert s["step"] == step + 2 and s["status"] == "stopped"

@@ -9,5 +9,6 @@ def __getattr__(name: str):
     # start without it
     if name in ("GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor"):
         from . import optim
+
         return getattr(optim, name)
     raise AttributeError(f"module 'petra' has no attribute {name!r}")

@@ -5,6 +5,7 @@ to a temporary name and renamed, so a kill at any moment leaves the previous one
 It holds everything needed to continue exactly: model, optimizer state (GaLore projectors
 included), method state (ReLoRA cycle), step, RNG states and the resolved config.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,16 +76,25 @@ def load(run_dir: Path, map_location="cpu", rank: int = 0, world: int = 1, shard
     n = len(list(sdir.glob("rank*.pt"))) if sdir is not None else 0  # processes that saved it
     if sharded:
         if sdir is None:
-            raise CheckpointError(f"no FSDP2 checkpoint in {run_dir}" + (
-                "; it holds one saved without FSDP2: resume it with train.parallel ddp or none"
-                if path.is_file() else ""))
+            raise CheckpointError(
+                f"no FSDP2 checkpoint in {run_dir}"
+                + (
+                    "; it holds one saved without FSDP2: resume it with train.parallel ddp or none"
+                    if path.is_file()
+                    else ""
+                )
+            )
         if n != world:
-            raise CheckpointError(f"the checkpoint in {sdir} was saved by {n} FSDP2 processes; resume it with "
-                                  f"torchrun --nproc_per_node {n} (this launch has {world})")
+            raise CheckpointError(
+                f"the checkpoint in {sdir} was saved by {n} FSDP2 processes; resume it with "
+                f"torchrun --nproc_per_node {n} (this launch has {world})"
+            )
         return _read(sdir / f"rank{rank:05d}.pt", map_location)
     if not path.is_file() and sdir is not None:
-        raise CheckpointError(f"{run_dir} holds an FSDP2 checkpoint of {n} shards; resume it with torchrun "
-                              f"--nproc_per_node {n} and train.parallel=fsdp (petra export consolidates it)")
+        raise CheckpointError(
+            f"{run_dir} holds an FSDP2 checkpoint of {n} shards; resume it with torchrun "
+            f"--nproc_per_node {n} and train.parallel=fsdp (petra export consolidates it)"
+        )
     return _read(path, map_location)
 
 
@@ -97,23 +107,27 @@ def load_consolidated(run_dir: Path) -> dict:
     parts = [_read(f, "cpu") for f in sorted(sdir.glob("rank*.pt"))]
     sharded = set(parts[0].get("sharded_keys", ()))
     payload = parts[0]
-    payload["model"] = {k: torch.cat([q["model"][k] for q in parts]) if k in sharded else v
-                        for k, v in parts[0]["model"].items()}
+    payload["model"] = {
+        k: torch.cat([q["model"][k] for q in parts]) if k in sharded else v for k, v in parts[0]["model"].items()
+    }
     payload.pop("optimizer", None)
     return payload
 
 
 def _read(path: Path, map_location) -> dict:
     if not path.is_file():
-        raise CheckpointError(f"{path.parent} is not a petra run directory with a checkpoint (no {path.name} "
-                              f"there); give the --out directory of a petra train run")
+        raise CheckpointError(
+            f"{path.parent} is not a petra run directory with a checkpoint (no {path.name} "
+            f"there); give the --out directory of a petra train run"
+        )
     try:
         # weights_only=False: optimizer state may hold torchao 8-bit tensor subclasses;
         # checkpoints are files this program wrote for this user
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated zip, wrong format, ...
-        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {e}); "
-                              f"it was left untouched") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {e}); it was left untouched"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a petra checkpoint of format {FORMAT_VERSION}")
     for key in ("step", "config", "model", "optimizer"):
@@ -138,9 +152,12 @@ def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
     st = path / "model.safetensors"
     if st.is_file():
         from safetensors.torch import load_file
+
         return load_file(str(st))
-    raise CheckpointError(f"train.init_from={str(source)!r} is neither a petra run directory (with {CKPT}) "
-                          f"nor a directory holding model.safetensors")
+    raise CheckpointError(
+        f"train.init_from={str(source)!r} is neither a petra run directory (with {CKPT}) "
+        f"nor a directory holding model.safetensors"
+    )
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # a run's own copy: BPE or SentencePiece
@@ -153,10 +170,15 @@ def load_initial(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     extra = sorted(set(weights) - set(own))
     if bad or extra:
         k = (bad or extra)[0]
-        raise ConfigError(f"train.init_from={source!r} does not fit this model: {k} "
-                          + (f"has shape {tuple(weights[k].shape)}, the model's is {tuple(own[k].shape)}"
-                             if k in weights and k in own else "is missing on one side")
-                          + " (use the same preset and vocabulary)")
+        raise ConfigError(
+            f"train.init_from={source!r} does not fit this model: {k} "
+            + (
+                f"has shape {tuple(weights[k].shape)}, the model's is {tuple(own[k].shape)}"
+                if k in weights and k in own
+                else "is missing on one side"
+            )
+            + " (use the same preset and vocabulary)"
+        )
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(weights[k])
@@ -182,8 +204,10 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, device: torch.device, state) -> None:
         """Write `state()` (called only once the weights are known to be finite)."""
         if not self.parallel.all_finite(model, device):
-            raise TrainingError(f"the weights are not finite after step {step}; nothing was saved and "
-                                f"{self.on_disk()} (lower train.lr or raise train.grad_clip)")
+            raise TrainingError(
+                f"the weights are not finite after step {step}; nothing was saved and "
+                f"{self.on_disk()} (lower train.lr or raise train.grad_clip)"
+            )
         self.parallel.save(self.out, state())
         self.saved_step = step
 
@@ -210,16 +234,29 @@ def run_tokenizer(run_dir: Path, payload: dict) -> Path | None:
 
 def hf_config(model_cfg: dict, eos_id: int | None) -> dict:
     from .config import ModelConfig
+
     mc = ModelConfig(**model_cfg)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": mc.vocab_size, "hidden_size": mc.hidden_size, "intermediate_size": mc.mlp_width,
-        "num_hidden_layers": mc.num_hidden_layers, "num_attention_heads": mc.num_attention_heads,
-        "num_key_value_heads": mc.num_attention_heads, "head_dim": mc.head_dim,
-        "max_position_embeddings": mc.max_position_embeddings, "rms_norm_eps": mc.rms_norm_eps,
-        "rope_theta": mc.rope_theta, "hidden_act": "silu", "tie_word_embeddings": False,
-        "attention_bias": False, "mlp_bias": False, "initializer_range": mc.init_std,
-        "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": mc.vocab_size,
+        "hidden_size": mc.hidden_size,
+        "intermediate_size": mc.mlp_width,
+        "num_hidden_layers": mc.num_hidden_layers,
+        "num_attention_heads": mc.num_attention_heads,
+        "num_key_value_heads": mc.num_attention_heads,
+        "head_dim": mc.head_dim,
+        "max_position_embeddings": mc.max_position_embeddings,
+        "rms_norm_eps": mc.rms_norm_eps,
+        "rope_theta": mc.rope_theta,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": mc.init_std,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
     }
 
 
@@ -228,6 +265,7 @@ def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32", warn=print) 
     LlamaForCausalLM, with the run's tokenizer (tokenizer.json or a SentencePiece
     tokenizer.model) and its tokenizer_config.json for AutoTokenizer."""
     from safetensors.torch import save_file
+
     payload = load_consolidated(run_dir)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -244,8 +282,10 @@ def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32", warn=print) 
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
     tok = run_tokenizer(run_dir, payload)
     if tok is None:
-        warn(f"warning: the tokenizer of {run_dir} is neither in the run directory nor at "
-             f"{payload.get('tokenizer_path')!r}: the export has no tokenizer")
+        warn(
+            f"warning: the tokenizer of {run_dir} is neither in the run directory nor at "
+            f"{payload.get('tokenizer_path')!r}: the export has no tokenizer"
+        )
     else:
         _export_tokenizer(tok, out_dir, cfg["max_position_embeddings"])
     return out_dir
@@ -256,14 +296,22 @@ def _export_tokenizer(tok: Path, out_dir: Path, context: int) -> None:
     end-of-text token also begins and pads: petra's corpora have no other), left padding
     for batched generation and the model's context as model_max_length."""
     from .tokenizer import Tokenizer
+
     t = Tokenizer(tok)
     conf = {"model_max_length": context, "padding_side": "left", "clean_up_tokenization_spaces": False}
     eos = t.token(t.eos_id)
     if t.sentencepiece:
         shutil.copyfile(tok, out_dir / "tokenizer.model")
-        conf.update(tokenizer_class="LlamaTokenizer", bos_token=t.token(t.bos_id), eos_token=eos,
-                    unk_token=t.token(t.unk_id), pad_token=t.token(t.pad_id) or eos,
-                    add_bos_token=False, add_eos_token=False, legacy=False)
+        conf.update(
+            tokenizer_class="LlamaTokenizer",
+            bos_token=t.token(t.bos_id),
+            eos_token=eos,
+            unk_token=t.token(t.unk_id),
+            pad_token=t.token(t.pad_id) or eos,
+            add_bos_token=False,
+            add_eos_token=False,
+            legacy=False,
+        )
     else:
         shutil.copyfile(tok, out_dir / "tokenizer.json")
         conf.update(tokenizer_class="PreTrainedTokenizerFast", bos_token=eos, eos_token=eos, pad_token=eos)

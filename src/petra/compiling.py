@@ -4,6 +4,7 @@
 it warns once and calls `eager`. Used for the model's forward (`compile_model`) and for the
 8-bit Adam update (optim/adam8bit.py). A leaf: torch only.
 """
+
 from __future__ import annotations
 
 import time
@@ -13,8 +14,13 @@ from typing import Callable
 import torch
 
 
-def with_fallback(compiled: Callable, eager: Callable, what: str, on_fallback: Callable[[], None] | None = None,
-                  on_first: Callable[[float], None] | None = None) -> Callable:
+def with_fallback(
+    compiled: Callable,
+    eager: Callable,
+    what: str,
+    on_fallback: Callable[[], None] | None = None,
+    on_first: Callable[[float], None] | None = None,
+) -> Callable:
     """A function that runs `compiled`, or `eager` for good once `compiled` has raised.
     `on_first(seconds)` hears how long the first (compiling) call took; `on_fallback()` may
     undo what compiling changed (e.g. per-layer compiled modules) before the eager call."""
@@ -36,6 +42,7 @@ def with_fallback(compiled: Callable, eager: Callable, what: str, on_fallback: C
                 state["first"] = False
                 return out
         return eager(*args, **kwargs)
+
     return call
 
 
@@ -43,6 +50,7 @@ def raise_recompile_limit(n: int = 64) -> None:
     """Allow `n` specializations per compiled function (one per tensor shape, where a model
     has a few dozen at most) instead of dynamo's default of 8."""
     import torch._dynamo.config as dc
+
     for knob in ("recompile_limit", "cache_size_limit"):
         if hasattr(dc, knob):
             setattr(dc, knob, max(getattr(dc, knob), n))
@@ -62,6 +70,10 @@ def compile_model(module, log, parts_of=None) -> Callable:
         compiled = module
     else:
         compiled = torch.compile(module)
-    return with_fallback(compiled, module, "the model forward",
-                         on_fallback=(lambda: parts_of.compile_parts(False)) if parts_of is not None else None,
-                         on_first=lambda s: log(f"compiled the model forward in {s:.1f}s"))
+    return with_fallback(
+        compiled,
+        module,
+        "the model forward",
+        on_fallback=(lambda: parts_of.compile_parts(False)) if parts_of is not None else None,
+        on_first=lambda s: log(f"compiled the model forward in {s:.1f}s"),
+    )

@@ -4,6 +4,7 @@ A run is described by one `RunConfig` (model, data, train, method sections). It 
 from a preset, then a YAML file, then `section.key=value` overrides, and validated before
 any expensive work starts, so a typo fails in milliseconds with the allowed values named.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,9 @@ class ModelConfig:
     # Off for the paper presets so their parameter counts stay the papers'; 128 makes eager
     # bf16 matmuls much faster.
     pad_intermediate_to: int = _f(0, "round the MLP width up to a multiple of this (0 = off)")
-    activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward instead of storing "
-                                        "its activations")
+    activation_checkpointing: bool = _f(
+        False, "recompute each decoder layer in backward instead of storing its activations"
+    )
 
     @property
     def head_dim(self) -> int:
@@ -55,10 +57,22 @@ class ModelConfig:
 
 # Presets from the GaLore paper (vocab 32000, sequence 256), plus two that train on a CPU.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=176, num_attention_heads=4,
-                 num_hidden_layers=2, max_position_embeddings=128),
-    "mini": dict(vocab_size=4096, hidden_size=128, intermediate_size=344, num_attention_heads=4,
-                 num_hidden_layers=4, max_position_embeddings=256),
+    "tiny": dict(
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=176,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=128,
+    ),
+    "mini": dict(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=344,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        max_position_embeddings=256,
+    ),
     "60m": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
     "130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12),
     "350m": dict(hidden_size=1024, intermediate_size=2736, num_attention_heads=16, num_hidden_layers=24),
@@ -89,25 +103,32 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class DataConfig:
-    source: str = _f("bible", "'bible' (installed with petra), a directory written by `petra data prepare` or "
-                     "`petra data build`, or a comma-separated list of .txt/.jsonl(.gz/.zst)/.parquet files, "
-                     "directories and glob patterns")
+    source: str = _f(
+        "bible",
+        "'bible' (installed with petra), a directory written by `petra data prepare` or "
+        "`petra data build`, or a comma-separated list of .txt/.jsonl(.gz/.zst)/.parquet files, "
+        "directories and glob patterns",
+    )
     tokenizer: str = _f("", "tokenizer.json, a SentencePiece .model, or '' to train a byte-level BPE on the corpus")
     val_fraction: float = _f(0.05, "share of documents held out for validation")
     text_field: str = _f("text", "the text's field in JSON lines, its column in parquet")
     # anything not in the codec is an error naming the byte offset: text is never silently changed
     encoding: str = _f("utf-8", "codec of text files (e.g. latin-1 for such a corpus)")
     cache_dir: str = _f("~/.cache/petra", "where prepared token shards of raw sources are kept")
-    shuffle: str = _f("feistel", "order of the training windows in each pass (feistel: computed, any corpus "
-                      "size; randperm: a stored permutation, as runs made before token shards drew them)")
+    shuffle: str = _f(
+        "feistel",
+        "order of the training windows in each pass (feistel: computed, any corpus "
+        "size; randperm: a stored permutation, as runs made before token shards drew them)",
+    )
 
 
 @dataclass
 class TrainConfig:
     steps: int = _f(200, "optimizer steps in the schedule")
     batch_size: int = _f(32, "sequences per optimizer step (the total batch, all processes)")
-    micro_batch_size: int = _f(0, "sequences per forward and process (0 = all of its share); the rest is "
-                               "gradient accumulation")
+    micro_batch_size: int = _f(
+        0, "sequences per forward and process (0 = all of its share); the rest is gradient accumulation"
+    )
     seq_len: int = _f(0, "tokens per sequence (0 = the model's max_position_embeddings)")
     lr: float = _f(1e-3, "peak learning rate")
     min_lr_ratio: float = _f(0.1, "the cosine decays to lr x this")
@@ -128,20 +149,28 @@ class TrainConfig:
     stop_after: int = _f(0, "end the run at this step as if interrupted (0 = off)")
     parallel: str = _f("auto", "processes under torchrun (auto = ddp; none = one process)")
     fsdp_unit_layers: int = _f(1, "FSDP2: decoder layers sharded and gathered as one unit")
-    init_from: str = _f("", "start from the weights of a run directory or a model.safetensors export "
-                        "(e.g. ReLoRA after a full-rank run)")
+    init_from: str = _f(
+        "",
+        "start from the weights of a run directory or a model.safetensors export (e.g. ReLoRA after a full-rank run)",
+    )
     # the last good checkpoint stays as it was
-    max_skipped_steps: int = _f(5, "a step whose loss or gradient is not finite is skipped (no update); this "
-                                "many in a row stop the run")
-    divergence_patience: int = _f(50, "steps the loss may stay above ln(vocab) + 1 (diverging) or the gradient "
-                                  "norm at exactly 0 (collapsed) before the run stops as failed; 0 = never")
+    max_skipped_steps: int = _f(
+        5, "a step whose loss or gradient is not finite is skipped (no update); this many in a row stop the run"
+    )
+    divergence_patience: int = _f(
+        50,
+        "steps the loss may stay above ln(vocab) + 1 (diverging) or the gradient "
+        "norm at exactly 0 (collapsed) before the run stops as failed; 0 = never",
+    )
 
 
 @dataclass
 class MethodConfig:
     name: str = _f("full", "training method")
-    targets: str = _f(r"(self_attn|mlp)\.\w+_proj", "low-rank targets: a regex searched in parameter names "
-                      "(attention and MLP matrices)")
+    targets: str = _f(
+        r"(self_attn|mlp)\.\w+_proj",
+        "low-rank targets: a regex searched in parameter names (attention and MLP matrices)",
+    )
     rank: int = _f(0, "rank of GaLore projections / ReLoRA factors (0 = the preset's paper rank)")
     update_proj_gap: int = _f(200, "GaLore: steps between projector refreshes")
     scale: float = _f(0.25, "GaLore: scale of the back-projected update")
@@ -239,12 +268,14 @@ def _coerce(section: str, key: str, value: Any) -> Any:
         raise ConfigError(f"{section}.{key}={value!r} is not a valid {what}") from None
 
 
-def build_config(preset: str = "mini", overrides: dict[str, Any] | None = None,
-                 file: str | Path | None = None) -> RunConfig:
+def build_config(
+    preset: str = "mini", overrides: dict[str, Any] | None = None, file: str | Path | None = None
+) -> RunConfig:
     """Preset, then YAML file, then `section.key` overrides; then validation."""
     file_data: dict[str, Any] = {}
     if file is not None:
         import yaml
+
         p = Path(file)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
@@ -277,8 +308,9 @@ def build_config(preset: str = "mini", overrides: dict[str, Any] | None = None,
     for dotted, value in flat.items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
-            raise ConfigError(f"override {dotted!r} must look like section.key with section one of "
-                              f"{', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"override {dotted!r} must look like section.key with section one of {', '.join(SECTIONS)}"
+            )
         setattr(getattr(cfg, section), key, _coerce(section, key, value))
     if cfg.method.rank == 0:
         cfg.method.rank = PRESET_RANKS[preset]
@@ -321,8 +353,9 @@ def validate_model(m: ModelConfig) -> None:
     for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
         _at_least(f"model.{k}", getattr(m, k), 1)
     if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by "
-                          f"model.num_attention_heads={m.num_attention_heads}")
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} must be divisible by model.num_attention_heads={m.num_attention_heads}"
+        )
     if m.head_dim % 2:
         raise ConfigError(f"head dimension {m.head_dim} must be even for rotary embeddings")
 
@@ -332,20 +365,29 @@ def validate_data(d: DataConfig) -> None:
     try:
         "".encode(d.encoding)
     except LookupError:
-        raise ConfigError(f"data.encoding={d.encoding!r} is not a text encoding Python knows "
-                          f"(e.g. utf-8, latin-1, cp1252)") from None
+        raise ConfigError(
+            f"data.encoding={d.encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)"
+        ) from None
     if not 0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
 
 
 def validate_train(t: TrainConfig) -> None:
     _check_section("train", t)
-    for k, low in (("steps", 1), ("batch_size", 1), ("val_tokens", 1), ("fsdp_unit_layers", 1),
-                   ("max_skipped_steps", 0), ("divergence_patience", 0), ("micro_batch_size", 0)):
+    for k, low in (
+        ("steps", 1),
+        ("batch_size", 1),
+        ("val_tokens", 1),
+        ("fsdp_unit_layers", 1),
+        ("max_skipped_steps", 0),
+        ("divergence_patience", 0),
+        ("micro_batch_size", 0),
+    ):
         _at_least(f"train.{k}", getattr(t, k), low)
     if t.batch_size % (t.micro_batch_size or t.batch_size):
-        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
-                          f"train.micro_batch_size={t.micro_batch_size}")
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={t.micro_batch_size}"
+        )
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
     if not 0 <= t.min_lr_ratio <= 1:
@@ -358,19 +400,27 @@ def validate_train(t: TrainConfig) -> None:
 
 def validate_method(me: MethodConfig, m: ModelConfig, preset: str) -> None:
     _check_section("method", me)
-    for k, low in (("rank", 1), ("update_proj_gap", 1), ("reset_interval", 1), ("restart_warmup_steps", 0),
-                   ("warm_start_steps", 0)):
+    for k, low in (
+        ("rank", 1),
+        ("update_proj_gap", 1),
+        ("reset_interval", 1),
+        ("restart_warmup_steps", 0),
+        ("warm_start_steps", 0),
+    ):
         _at_least(f"method.{k}", getattr(me, k), low)
     if not 0 <= me.prune_fraction <= 1:
         raise ConfigError(f"method.prune_fraction={me.prune_fraction} must be in [0, 1]")
     short = min(m.hidden_size, m.intermediate_size)
     if me.rank > short and (me.name == "relora" or (me.name.startswith("galore") and me.proj_type != "full")):
-        raise ConfigError(f"method.rank={me.rank} is larger than the smallest side ({short}) of the {preset} "
-                          f"matrices; use rank <= {short}" + (" or method.proj_type=full"
-                                                              if me.name.startswith("galore") else ""))
+        raise ConfigError(
+            f"method.rank={me.rank} is larger than the smallest side ({short}) of the {preset} "
+            f"matrices; use rank <= {short}" + (" or method.proj_type=full" if me.name.startswith("galore") else "")
+        )
     if me.quantize != "none" and me.name != "relora":
-        raise ConfigError(f"method.quantize={me.quantize} holds ReLoRA's frozen weights quantized; "
-                          f"it needs method.name=relora (got {me.name})")
+        raise ConfigError(
+            f"method.quantize={me.quantize} holds ReLoRA's frozen weights quantized; "
+            f"it needs method.name=relora (got {me.name})"
+        )
 
 
 def validate(cfg: RunConfig) -> None:
@@ -380,13 +430,16 @@ def validate(cfg: RunConfig) -> None:
     validate_train(cfg.train)
     validate_method(cfg.method, cfg.model, cfg.preset)
     if cfg.seq_len > cfg.model.max_position_embeddings:
-        raise ConfigError(f"train.seq_len={cfg.seq_len} is longer than the model allows "
-                          f"(model.max_position_embeddings={cfg.model.max_position_embeddings})")
+        raise ConfigError(
+            f"train.seq_len={cfg.seq_len} is longer than the model allows "
+            f"(model.max_position_embeddings={cfg.model.max_position_embeddings})"
+        )
 
 
 # fields that may differ when resuming; anything else must match the saved run
-RESUMABLE_CHANGES = {("train", k) for k in ("stop_after", "device", "compile", "eval_every", "save_every",
-                                           "log_every", "parallel")}
+RESUMABLE_CHANGES = {
+    ("train", k) for k in ("stop_after", "device", "compile", "eval_every", "save_every", "log_every", "parallel")
+}
 
 
 def merge_resume_config(saved: RunConfig, requested: RunConfig | None, explicit: set[tuple[str, str]]) -> RunConfig:
@@ -401,8 +454,10 @@ def merge_resume_config(saved: RunConfig, requested: RunConfig | None, explicit:
             continue
         if (section, key) not in RESUMABLE_CHANGES:
             allowed = ", ".join(f"{s}.{k}" for s, k in sorted(RESUMABLE_CHANGES))
-            raise ConfigError(f"cannot resume with {section}.{key}={new!r}: the run was started with {old!r}. "
-                              f"A resume may change only: {allowed}")
+            raise ConfigError(
+                f"cannot resume with {section}.{key}={new!r}: the run was started with {old!r}. "
+                f"A resume may change only: {allowed}"
+            )
         setattr(getattr(saved, section), key, new)
     validate(saved)
     return saved

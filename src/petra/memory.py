@@ -6,6 +6,7 @@ Two views:
 - a training breakdown: weights, gradients, optimizer state, projectors and an activation
   estimate for one micro-batch, for the dtype petra actually trains in.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ SEED_FIGURES = {("1b", "galore"): 4.38, ("1b", "relora"): 6.17}
 @dataclass
 class Shapes:
     targets: list[tuple[int, int]]  # (out, in) of every low-rank target matrix
-    dense: int                      # parameters that are never low-rank (embeddings, head, norms)
+    dense: int  # parameters that are never low-rank (embeddings, head, norms)
 
     @property
     def total(self) -> int:

@@ -1,5 +1,6 @@
 """Metrics: the run's JSONL log and progress bar, throughput, peak memory, model FLOPs
 utilization, optimizer state size."""
+
 from __future__ import annotations
 
 import json
@@ -43,13 +44,14 @@ def steady_rate(windows: list[float]) -> dict:
     """Throughput over the steady part of a run: the median and interquartile range of the
     logging windows after warm-up (the first tenth of them, at least one, is dropped when
     enough remain). On a shared CPU single windows swing several-fold; the median does not."""
-    xs = windows[max(1, len(windows) // 10):] if len(windows) > 2 else list(windows)
+    xs = windows[max(1, len(windows) // 10) :] if len(windows) > 2 else list(windows)
     if not xs:
         return {"median": None, "iqr": None, "n": 0}
     s = sorted(xs)
 
     def q(f: float) -> float:
         return s[min(len(s) - 1, int(f * (len(s) - 1) + 0.5))]
+
     return {"median": round(q(0.5), 1), "iqr": [round(q(0.25), 1), round(q(0.75), 1)], "n": len(s)}
 
 
@@ -62,8 +64,11 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         self._f = self.path.open("a")
 
@@ -104,9 +109,21 @@ class TrainLog:
     Only the writing process (`write=True`) keeps metrics.jsonl. Time spent inside
     `paused()` (evaluation, saving) is not counted as training time."""
 
-    def __init__(self, path: Path, write: bool, resume_step: int | None, step: int, last_step: int,
-                 log_every: int, tokens_per_step: int, device: torch.device, flops_per_step: float,
-                 world: int, show_progress: bool, log=print):
+    def __init__(
+        self,
+        path: Path,
+        write: bool,
+        resume_step: int | None,
+        step: int,
+        last_step: int,
+        log_every: int,
+        tokens_per_step: int,
+        device: torch.device,
+        flops_per_step: float,
+        world: int,
+        show_progress: bool,
+        log=print,
+    ):
         self.metrics = MetricsLog(path, resume_step) if write else None
         if self.metrics is not None and resume_step is None:
             self.metrics.path.write_text("")
@@ -143,9 +160,15 @@ class TrainLog:
         dt = time.perf_counter() - self._t
         tps = self._steps * self.tokens_per_step / dt
         self.windows.append(tps)
-        rec = {**record, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 5),
-               "tokens_per_s": round(tps, 1), "step_ms": round(1000 * dt / self._steps, 2),
-               "peak_mem_gib": round(peak_memory_gib(self.device), 3)}
+        rec = {
+            **record,
+            "loss": round(loss, 5),
+            "lr": lr,
+            "grad_norm": round(grad_norm, 5),
+            "tokens_per_s": round(tps, 1),
+            "step_ms": round(1000 * dt / self._steps, 2),
+            "peak_mem_gib": round(peak_memory_gib(self.device), 3),
+        }
         if self.flops_per_token_peak:
             rec["mfu"] = round(tps * self.flops_per_token_peak, 4)
         self.write(rec)
@@ -157,8 +180,15 @@ class TrainLog:
         self.log(f"step {step}: {event} {' '.join(str(v) for v in fields.values())}".rstrip())
 
     def validation(self, step: int, loss: float, se: float, ppl: float | None, ppl_text: str) -> None:
-        self.write({"step": step, "tokens": step * self.tokens_per_step, "val_loss": round(loss, 5),
-                    "val_loss_se": round(se, 5), "val_ppl": round(ppl, 3) if ppl is not None else None})
+        self.write(
+            {
+                "step": step,
+                "tokens": step * self.tokens_per_step,
+                "val_loss": round(loss, 5),
+                "val_loss_se": round(se, 5),
+                "val_ppl": round(ppl, 3) if ppl is not None else None,
+            }
+        )
         self.print(f"step {step}: val loss {loss:.4f} ± {se:.4f}, ppl {ppl_text}")
 
     @contextmanager

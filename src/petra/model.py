@@ -4,6 +4,7 @@ RMSNorm -> causal SDPA attention with rotary embeddings -> RMSNorm -> SwiGLU MLP
 input and output embeddings, normal(0, 0.02) init as in the GaLore/ReLoRA reference runs.
 The loss is a fused linear + cross-entropy that never holds fp32 logits for the whole batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -115,7 +116,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None
         for s in range(0, n, chunk):
-            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
             logits = (hc @ weight.t()).to(acc)  # (c, V)
             lse = torch.logsumexp(logits, dim=-1)
             valid = tc != -100
@@ -128,7 +129,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 g *= valid[:, None]
                 g = (g / count).to(h.dtype)
                 if need_h:
-                    grad_h[s:s + chunk] = g @ weight
+                    grad_h[s : s + chunk] = g @ weight
                 if need_w:
                     gw = g.t() @ hc
                     if grad_w is None:  # one chunk: this product is the gradient; more: summed in fp32
@@ -146,8 +147,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None
 
 
-def fused_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        chunk: int = 4096) -> torch.Tensor:
+def fused_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
     return FusedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk)
 
 
@@ -159,9 +161,10 @@ def row_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chu
     rows = max(1, chunk // T)
     out = []
     for s in range(0, B, rows):
-        logits = (h[s:s + rows] @ weight.t()).float()
-        out.append(F.cross_entropy(logits.flatten(0, 1), targets[s:s + rows].flatten(),
-                                   reduction="none").view(-1, T).mean(1))
+        logits = (h[s : s + rows] @ weight.t()).float()
+        out.append(
+            F.cross_entropy(logits.flatten(0, 1), targets[s : s + rows].flatten(), reduction="none").view(-1, T).mean(1)
+        )
     return torch.cat(out)
 
 
@@ -202,8 +205,9 @@ class LlamaForCausalLM(nn.Module):
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
         if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(
+                f"sequence of {T} tokens is longer than max_position_embeddings={self.config.max_position_embeddings}"
+            )
         x = self.model.embed_tokens(idx)  # (B, T, C)
         cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
         for layer in self.model.layers:

@@ -14,6 +14,7 @@ decoder layer and on the root) turns parameters into row-sharded DTensors, Shard
 Tensors that may be shards are handled by dtensor.py (a leaf); GaLore's row-sharded
 gradient lives with the optimizers (optim/rowsharded.py).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -44,9 +45,9 @@ class NoParallel:
     """One process, the whole model; the base every strategy refines."""
 
     name = "none"
-    sharded = False                 # parameters are row shards: checkpoints are written per process
-    hooks_see_synced_grads = True   # a post-accumulate-grad hook sees the step's final gradient
-    compile_by_layer = False        # compile each decoder layer alone (collectives run between layers)
+    sharded = False  # parameters are row shards: checkpoints are written per process
+    hooks_see_synced_grads = True  # a post-accumulate-grad hook sees the step's final gradient
+    compile_by_layer = False  # compile each decoder layer alone (collectives run between layers)
 
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
         self.rank, self.world, self.local_rank = rank, world, local_rank
@@ -91,8 +92,11 @@ class NoParallel:
     @torch.no_grad()
     def all_finite(self, model: nn.Module, device: torch.device) -> bool:
         """Every weight and floating buffer is finite on every process (each checks its rows)."""
-        mine = all(bool(torch.isfinite(local(t)).all()) for t in (*model.parameters(), *model.buffers())
-                   if t.is_floating_point())
+        mine = all(
+            bool(torch.isfinite(local(t)).all())
+            for t in (*model.parameters(), *model.buffers())
+            if t.is_floating_point()
+        )
         return float(self.all_reduce(torch.tensor(float(not mine), device=device))) == 0
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -121,13 +125,17 @@ class DDP(NoParallel):
 
     def wrap(self, model, device):
         from torch.nn.parallel import DistributedDataParallel
+
         # buffers (RoPE tables, ReLoRA's quantized weights) are equal on every process by
         # construction: no broadcast before every forward
-        no_sync = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                   else {"broadcast_buffers": False})
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       gradient_as_bucket_view=True, **no_sync)
+        no_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}
+        )
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True, **no_sync
+        )
 
     def rewrap(self, model, wrapped, device):
         return self.wrap(model, device)  # DDP tracks a fixed set of trainable parameters
@@ -154,10 +162,11 @@ class FSDP(NoParallel):
 
     def wrap(self, model, device):
         from torch.distributed.fsdp import FSDPModule, fully_shard
+
         if not isinstance(model, FSDPModule):
             layers = list(model.model.layers)
             for i in range(0, len(layers), self.unit_layers):
-                unit = layers[i:i + self.unit_layers]
+                unit = layers[i : i + self.unit_layers]
                 fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=self.reshard_after_forward)
             fully_shard(model, reshard_after_forward=self.reshard_after_forward)
         return model
@@ -183,8 +192,10 @@ class FSDP(NoParallel):
         for k, v in state.items():
             target = local(own[k])
             if target.shape != v.shape:
-                raise RuntimeError(f"sharded checkpoint: {k} has local shape {tuple(v.shape)}, "
-                                   f"this process holds {tuple(target.shape)}")
+                raise RuntimeError(
+                    f"sharded checkpoint: {k} has local shape {tuple(v.shape)}, "
+                    f"this process holds {tuple(target.shape)}"
+                )
             target.copy_(v)
 
 
@@ -199,8 +210,10 @@ def setup(parallel: str, device_type: str, **options) -> NoParallel:
         raise ConfigError(f"train.parallel={parallel!r} is not allowed; choose one of {', '.join(PARALLEL_MODES)}")
     if not launched():
         if parallel in ("ddp", "fsdp"):
-            raise ConfigError(f"train.parallel={parallel} needs a launch by torchrun, e.g. "
-                              f"torchrun --nproc_per_node 2 -m petra train --set train.parallel={parallel} ...")
+            raise ConfigError(
+                f"train.parallel={parallel} needs a launch by torchrun, e.g. "
+                f"torchrun --nproc_per_node 2 -m petra train --set train.parallel={parallel} ..."
+            )
         return NoParallel()
     mode = "ddp" if parallel == "auto" else parallel
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

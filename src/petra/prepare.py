@@ -13,6 +13,7 @@ directory holds manifest.json (inputs, counts, tokenizer hash, split rule, check
 the tokenizer, and the shards; training reads the shards as one token space (data.py).
 Memory is a batch of documents, the sample and the BPE trainer: not the corpus.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,9 +32,9 @@ from .tokenizer import Tokenizer, train_tokenizer
 
 FORMAT = "petra-tokens/1"
 MANIFEST, PROGRESS = "manifest.json", "progress.json"
-SHARD_TOKENS = 1 << 27                 # about 134M tokens: 256 MB of uint16 per shard
-SAMPLE_CHARS = 200_000_000             # the BPE's training sample
-_BATCH_CHARS = 4_000_000               # text per tokenizer call: enough to keep every core busy
+SHARD_TOKENS = 1 << 27  # about 134M tokens: 256 MB of uint16 per shard
+SAMPLE_CHARS = 200_000_000  # the BPE's training sample
+_BATCH_CHARS = 4_000_000  # text per tokenizer call: enough to keep every core busy
 
 
 def is_prepared(path: Path) -> bool:
@@ -63,6 +64,7 @@ def file_sha256(path: Path) -> str:
 
 # -- pass 1: scan --------------------------------------------------------------------------
 
+
 @dataclass
 class Scan:
     documents: dict = field(default_factory=lambda: {"train": 0, "val": 0})
@@ -75,8 +77,9 @@ class Scan:
 def _priority(index: int) -> int:
     """A document's place in the sample: a hash of its position, so the sample is spread
     evenly over the whole corpus and is the same every time."""
-    return int.from_bytes(hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8,
-                                          person=b"petra-sample").digest(), "little")
+    return int.from_bytes(
+        hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8, person=b"petra-sample").digest(), "little"
+    )
 
 
 def scan(cfg: DataConfig, sample_chars: int, bar=None) -> tuple[Scan, list[str]]:
@@ -116,6 +119,7 @@ def scan(cfg: DataConfig, sample_chars: int, bar=None) -> tuple[Scan, list[str]]
 
 # -- pass 2: tokenize into shards ------------------------------------------------------------
 
+
 class _ShardWriter:
     """Appends token arrays to one shard's train and val files, hashing as it writes."""
 
@@ -143,8 +147,11 @@ class _ShardWriter:
             os.fsync(f.fileno())
             f.close()
             os.replace(self.out / f"{self.name(part)}.tmp", self.out / self.name(part))
-            entry[part] = {"file": self.name(part), "tokens": self.tokens[part],
-                           "sha256": self.hashes[part].hexdigest()}
+            entry[part] = {
+                "file": self.name(part),
+                "tokens": self.tokens[part],
+                "sha256": self.hashes[part].hexdigest(),
+            }
         return entry
 
     def abandon(self) -> None:
@@ -155,12 +162,19 @@ class _ShardWriter:
 
 def _progress_bar(total: int, show: bool, desc: str):
     from tqdm.auto import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not (show and total), dynamic_ncols=True,
-                mininterval=1.0)
+
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=desc,
+        disable=not (show and total),
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
 
 
-def _tokenize(cfg: DataConfig, out: Path, tok: Tokenizer, state: dict, rule: str, shard_tokens: int,
-              bar, save) -> None:
+def _tokenize(cfg: DataConfig, out: Path, tok: Tokenizer, state: dict, rule: str, shard_tokens: int, bar, save) -> None:
     """Pass 2 from the first document no finished shard holds; every finished shard is
     recorded through `save` before the next one starts."""
     start = state["shards"][-1]["documents"][1] if state["shards"] else 0
@@ -209,14 +223,27 @@ def _tokenize(cfg: DataConfig, out: Path, tok: Tokenizer, state: dict, rule: str
 
 def _settings(cfg: DataConfig, tokenizer: Path | None, vocab_size: int) -> dict:
     """What the prepared tokens depend on: resuming with anything else would mix two corpora."""
-    return {"source": cfg.source, "fingerprint": corpus_fingerprint(cfg), "text_field": cfg.text_field,
-            "encoding": cfg.encoding, "val_fraction": cfg.val_fraction,
-            "tokenizer": file_sha256(tokenizer) if tokenizer else f"bpe-{vocab_size}"}
+    return {
+        "source": cfg.source,
+        "fingerprint": corpus_fingerprint(cfg),
+        "text_field": cfg.text_field,
+        "encoding": cfg.encoding,
+        "val_fraction": cfg.val_fraction,
+        "tokenizer": file_sha256(tokenizer) if tokenizer else f"bpe-{vocab_size}",
+    }
 
 
-def prepare_corpus(cfg: DataConfig, out: Path, vocab_size: int, tokenizer: Path | None = None,
-                   shard_tokens: int = SHARD_TOKENS, sample_chars: int = SAMPLE_CHARS, log=print,
-                   show_progress: bool = True, flag: str = "--out") -> dict:
+def prepare_corpus(
+    cfg: DataConfig,
+    out: Path,
+    vocab_size: int,
+    tokenizer: Path | None = None,
+    shard_tokens: int = SHARD_TOKENS,
+    sample_chars: int = SAMPLE_CHARS,
+    log=print,
+    show_progress: bool = True,
+    flag: str = "--out",
+) -> dict:
     """Prepare cfg's corpus into `out` (or finish an interrupted prepare there); the manifest."""
     out = Path(out)
     if shard_tokens < 1:
@@ -228,18 +255,22 @@ def prepare_corpus(cfg: DataConfig, out: Path, vocab_size: int, tokenizer: Path 
         if (out / MANIFEST).is_file():
             manifest = _read(out / MANIFEST)
             if manifest.get("format") != FORMAT or manifest.get("settings") != settings:
-                raise ConfigError(f"{flag} {out} already holds prepared data of other input or settings; "
-                                  f"choose another {flag}")
+                raise ConfigError(
+                    f"{flag} {out} already holds prepared data of other input or settings; choose another {flag}"
+                )
             return manifest
         state = _read(out / PROGRESS) if (out / PROGRESS).is_file() else None
         if state is None:
             if any(p.name != LOCK for p in out.iterdir()):
-                raise ConfigError(f"{flag} {out} is not empty and holds no petra data; choose an empty or new "
-                                  f"directory")
+                raise ConfigError(
+                    f"{flag} {out} is not empty and holds no petra data; choose an empty or new directory"
+                )
             state = {"settings": settings, "shards": []}
         elif state.get("settings") != settings:
-            raise ConfigError(f"{flag} {out} holds an unfinished prepare of other input or settings; remove it "
-                              f"or choose another {flag}")
+            raise ConfigError(
+                f"{flag} {out} holds an unfinished prepare of other input or settings; remove it "
+                f"or choose another {flag}"
+            )
         for stale in out.glob("*.tmp"):
             stale.unlink()
 
@@ -253,13 +284,17 @@ def prepare_corpus(cfg: DataConfig, out: Path, vocab_size: int, tokenizer: Path 
             with _progress_bar(total, show_progress, "scan") as bar:
                 t0 = time.perf_counter()
                 sc, sample = scan(cfg, sample_chars if train_bpe else 0, bar)
-            log(f"scanned {sum(sc.documents.values()):,} documents ({sum(sc.characters.values()) / 1e6:,.1f}M "
-                f"characters) in {time.perf_counter() - t0:.1f}s; split by {sc.rule}")
+            log(
+                f"scanned {sum(sc.documents.values()):,} documents ({sum(sc.characters.values()) / 1e6:,.1f}M "
+                f"characters) in {time.perf_counter() - t0:.1f}s; split by {sc.rule}"
+            )
             if train_bpe:
                 t0 = time.perf_counter()
                 train_tokenizer(sample, vocab_size, tok_file)
-                log(f"trained a {vocab_size}-token byte-level BPE on {sc.sample_documents:,} documents "
-                    f"({sc.sample_characters / 1e6:,.1f}M characters) in {time.perf_counter() - t0:.1f}s")
+                log(
+                    f"trained a {vocab_size}-token byte-level BPE on {sc.sample_documents:,} documents "
+                    f"({sc.sample_characters / 1e6:,.1f}M characters) in {time.perf_counter() - t0:.1f}s"
+                )
             else:
                 shutil.copyfile(tokenizer, tok_file)
             del sample
@@ -268,11 +303,15 @@ def prepare_corpus(cfg: DataConfig, out: Path, vocab_size: int, tokenizer: Path 
         sc = Scan(**state["scan"])
         tok = Tokenizer(tok_file)
         if state["shards"]:
-            log(f"resuming after {len(state['shards'])} finished shard(s) "
-                f"({state['shards'][-1]['documents'][1]:,} documents)")
+            log(
+                f"resuming after {len(state['shards'])} finished shard(s) "
+                f"({state['shards'][-1]['documents'][1]:,} documents)"
+            )
         if sc.rule == "token-tail":
-            log(f"{cfg.source!r} has {sum(sc.documents.values())} document(s), too few to split by document at "
-                f"data.val_fraction={cfg.val_fraction}: the validation set is the last tokens")
+            log(
+                f"{cfg.source!r} has {sum(sc.documents.values())} document(s), too few to split by document at "
+                f"data.val_fraction={cfg.val_fraction}: the validation set is the last tokens"
+            )
         t0 = time.perf_counter()
         with _progress_bar(total, show_progress, "tokenize") as bar:
             _tokenize(cfg, out, tok, state, sc.rule, shard_tokens, bar, save)
@@ -280,8 +319,10 @@ def prepare_corpus(cfg: DataConfig, out: Path, vocab_size: int, tokenizer: Path 
         _write(out / MANIFEST, manifest)
         (out / PROGRESS).unlink()
         n = manifest["tokens"]
-        log(f"prepared {n['train'] + n['val']:,} tokens ({n['train']:,} train, {n['val']:,} validation) in "
-            f"{len(state['shards'])} shard(s) -> {out}")
+        log(
+            f"prepared {n['train'] + n['val']:,} tokens ({n['train']:,} train, {n['val']:,} validation) in "
+            f"{len(state['shards'])} shard(s) -> {out}"
+        )
         return manifest
 
 
@@ -294,9 +335,23 @@ def _manifest(cfg: DataConfig, state: dict, sc: Scan, tok: Tokenizer, tok_file: 
         split["cut"] = total - max(1, round(cfg.val_fraction * total))
         tokens = {"train": split["cut"], "val": total - split["cut"]}
     digest = hashlib.sha256("".join(s[p]["sha256"] for s in shards for p in ("train", "val")).encode())
-    return {"format": FORMAT, "settings": state["settings"], "dtype": tok.dtype.name,
-            "inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in input_files(cfg)],
-            "tokenizer": {"file": tok_file.name, "sha256": file_sha256(tok_file), "vocab_size": tok.vocab_size,
-                          "sample_documents": sc.sample_documents, "sample_characters": sc.sample_characters},
-            "split": split, "documents": sc.documents, "characters": sc.characters, "tokens": tokens,
-            "tokenize_seconds": round(seconds, 1), "shards": shards, "sha256": digest.hexdigest()}
+    return {
+        "format": FORMAT,
+        "settings": state["settings"],
+        "dtype": tok.dtype.name,
+        "inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in input_files(cfg)],
+        "tokenizer": {
+            "file": tok_file.name,
+            "sha256": file_sha256(tok_file),
+            "vocab_size": tok.vocab_size,
+            "sample_documents": sc.sample_documents,
+            "sample_characters": sc.sample_characters,
+        },
+        "split": split,
+        "documents": sc.documents,
+        "characters": sc.characters,
+        "tokens": tokens,
+        "tokenize_seconds": round(seconds, 1),
+        "shards": shards,
+        "sha256": digest.hexdigest(),
+    }

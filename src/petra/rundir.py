@@ -7,6 +7,7 @@ kernel drops the lock when its process dies, however it dies, so a stale lock is
 over without any guessing. A directory this call created is removed again when the run
 fails before writing anything into it.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,11 +77,15 @@ class RunDirectory:
             raise RunDirectoryInUse(
                 f"{self.path} is in use by another petra process (pid {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it to end or choose "
-                f"another {self.flag}") from None
+                f"another {self.flag}"
+            ) from None
         f.seek(0)
         f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+        f.write(
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            )
+        )
         f.flush()
         self._file = f
 

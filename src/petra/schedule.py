@@ -5,6 +5,7 @@ linear warmup over `warmup` steps, cosine decay to `min_ratio` at the last step,
 ReLoRA, a jagged variant: at every restart step the factor drops to 0 and rises linearly
 back to the cosine envelope over `restart_warmup` steps.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ def cosine_envelope(step: int, total: int, warmup: int, min_ratio: float) -> flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float,
-              restarts: Sequence[int] = (), restart_warmup: int = 0) -> float:
+def lr_factor(
+    step: int, total: int, warmup: int, min_ratio: float, restarts: Sequence[int] = (), restart_warmup: int = 0
+) -> float:
     f = cosine_envelope(step, total, warmup, min_ratio)
     i = bisect_right(restarts, step)
     if i and restart_warmup > 0:

@@ -1,5 +1,6 @@
 """SIGINT and SIGTERM during a run: noted, not obeyed at once. The loop finishes its step,
 all processes agree (the flag travels in the step's all-reduce), the run saves and exits."""
+
 from __future__ import annotations
 
 import signal

@@ -7,6 +7,7 @@ so reading a 50 GB corpus takes the memory of reading a 5 MB one. Each document 
 the train/validation split hashes the key, so the same passage in two Bible translations
 always lands on the same side.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -28,13 +29,13 @@ DEFAULT_TRANSLATIONS = ("kjv", "asv")
 # what a user file may be: text or JSON lines (each optionally compressed; C4 names its JSON
 # lines .json.gz), or parquet
 SUFFIXES = tuple(f"{kind}{z}" for kind in (".txt", ".jsonl", ".json") for z in ("", ".gz", ".zst")) + (".parquet",)
-_CHUNK = 1 << 20          # bytes read from a file at a time
+_CHUNK = 1 << 20  # bytes read from a file at a time
 _MAX_PARAGRAPH = 1 << 20  # a text file's paragraph is cut (at a line end) past this many characters
 
 
 @dataclass(frozen=True)
 class Document:
-    key: str    # what the train/val split hashes
+    key: str  # what the train/val split hashes
     text: str
 
 
@@ -53,13 +54,15 @@ def bible_documents(translation: str) -> Iterator[Document]:
     try:
         mod = importlib.import_module(f"pythonbible_{translation}.plain_text_bible")
     except ImportError:
-        raise ConfigError(f"Bible translation {translation!r} is not installed; "
-                          f"pip install pythonbible-{translation}  (or pip install 'petra[corpus]')") from None
+        raise ConfigError(
+            f"Bible translation {translation!r} is not installed; "
+            f"pip install pythonbible-{translation}  (or pip install 'petra[corpus]')"
+        ) from None
     bible = mod.bible
     content, starts, ends = bible.scripture_content, bible.verse_start_indices, bible.verse_end_indices
     chapters: dict[int, list[str]] = {}
     for vid in sorted(starts):
-        verse = _VERSE_NUMBER.sub("", content[starts[vid]:ends[vid]].strip())
+        verse = _VERSE_NUMBER.sub("", content[starts[vid] : ends[vid]].strip())
         chapters.setdefault(vid // 1000, []).append(verse.replace("[", "").replace("]", ""))
     for chap, verses in chapters.items():
         yield Document(f"bible:{chap}", " ".join(v for v in verses if v))
@@ -74,15 +77,19 @@ def _check_text(data: bytes, text: str, encoding: str, where: str, offset: int, 
     nul = data.find(b"\x00")
     if nul >= 0:
         raise ConfigError(f"{where} is not text: it holds a NUL byte at byte {offset + nul} (a binary file?)")
-    head = text[:1 << 20] if sample else ""
+    head = text[: 1 << 20] if sample else ""
     if head and len(_CONTROL.findall(head)) > 0.01 * len(head):
-        raise ConfigError(f"{where} is not text: over 1% of its characters are control characters "
-                          f"(a binary file, or the wrong data.encoding={encoding!r}?)")
+        raise ConfigError(
+            f"{where} is not text: over 1% of its characters are control characters "
+            f"(a binary file, or the wrong data.encoding={encoding!r}?)"
+        )
 
 
 def _undecodable(e: UnicodeDecodeError, data: bytes, encoding: str, where: str, offset: int) -> ConfigError:
-    return ConfigError(f"{where} is not valid {encoding}: byte {offset + e.start} (0x{data[e.start]:02x}) cannot "
-                       f"be decoded; if the file is in another encoding, set data.encoding (e.g. latin-1, cp1252)")
+    return ConfigError(
+        f"{where} is not valid {encoding}: byte {offset + e.start} (0x{data[e.start]:02x}) cannot "
+        f"be decoded; if the file is in another encoding, set data.encoding (e.g. latin-1, cp1252)"
+    )
 
 
 def decode_text(data: bytes, encoding: str, where: str, offset: int = 0) -> str:
@@ -150,6 +157,7 @@ def text_documents(paragraphs: Iterator[str], name: str) -> Iterator[Document]:
 
 # -- files ---------------------------------------------------------------------------------
 
+
 class _Counted(io.RawIOBase):
     """A file that reports every byte read from disk (compressed bytes for .gz/.zst), so
     progress is exact against the files' sizes."""
@@ -175,19 +183,22 @@ def _open(path: Path, advance: Callable[[int], None]) -> BinaryIO:
     name = path.name
     if name.endswith(".gz"):
         import gzip
+
         return gzip.GzipFile(fileobj=raw)
     if name.endswith(".zst"):
         try:
             import zstandard
         except ImportError:
-            raise ConfigError(f"{path} is zstd-compressed: pip install zstandard  (or pip install "
-                              f"'petra[corpora]')") from None
+            raise ConfigError(
+                f"{path} is zstd-compressed: pip install zstandard  (or pip install 'petra[corpora]')"
+            ) from None
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), _CHUNK)
     return raw
 
 
-def jsonl_documents(path: Path, field: str, encoding: str = "utf-8",
-                    advance: Callable[[int], None] = lambda n: None) -> Iterator[Document]:
+def jsonl_documents(
+    path: Path, field: str, encoding: str = "utf-8", advance: Callable[[int], None] = lambda n: None
+) -> Iterator[Document]:
     with _open(path, advance) as f:
         offset = 0
         for i, raw in enumerate(f):
@@ -208,14 +219,14 @@ def _uncompressed_name(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".zst")
 
 
-def text_file_documents(path: Path, encoding: str = "utf-8",
-                        advance: Callable[[int], None] = lambda n: None) -> Iterator[Document]:
+def text_file_documents(
+    path: Path, encoding: str = "utf-8", advance: Callable[[int], None] = lambda n: None
+) -> Iterator[Document]:
     with _open(path, advance) as f:
         yield from text_documents(_paragraphs(_decoded_chunks(f, encoding, str(path))), _uncompressed_name(path))
 
 
-def parquet_documents(path: Path, field: str, advance: Callable[[int], None] = lambda n: None
-                      ) -> Iterator[Document]:
+def parquet_documents(path: Path, field: str, advance: Callable[[int], None] = lambda n: None) -> Iterator[Document]:
     """One document per row, read a record batch at a time; keyed by a `key` column if the
     file has one, else by file and row."""
     try:
@@ -228,13 +239,15 @@ def parquet_documents(path: Path, field: str, advance: Callable[[int], None] = l
         raise ConfigError(f"{path} is not a readable parquet file ({e})") from None
     names = pf.schema_arrow.names
     if field not in names:
-        raise ConfigError(f"{path} has no column {field!r} (set data.text_field); its columns are: "
-                          f"{', '.join(names)}")
+        raise ConfigError(f"{path} has no column {field!r} (set data.text_field); its columns are: {', '.join(names)}")
     columns = [field] + (["key"] if "key" in names and field != "key" else [])
     rows, size = max(1, pf.metadata.num_rows), path.stat().st_size
     row = 0
-    batches = (b for g in range(pf.num_row_groups)
-               for b in pf.iter_batches(batch_size=1024, row_groups=[g], columns=columns, use_threads=False))
+    batches = (
+        b
+        for g in range(pf.num_row_groups)
+        for b in pf.iter_batches(batch_size=1024, row_groups=[g], columns=columns, use_threads=False)
+    )
     for batch in batches:
         texts = batch.column(field).to_pylist()
         keys = batch.column("key").to_pylist() if len(columns) > 1 else None
@@ -246,8 +259,7 @@ def parquet_documents(path: Path, field: str, advance: Callable[[int], None] = l
         row += len(texts)
 
 
-def file_documents(path: Path, cfg: DataConfig, advance: Callable[[int], None] = lambda n: None
-                   ) -> Iterator[Document]:
+def file_documents(path: Path, cfg: DataConfig, advance: Callable[[int], None] = lambda n: None) -> Iterator[Document]:
     name = _uncompressed_name(path)
     if name.endswith(".parquet"):
         return parquet_documents(path, cfg.text_field, advance)
@@ -272,8 +284,10 @@ def user_files(spec: str) -> list[Path]:
             files += found
         elif p.is_dir():
             if (p / "manifest.json").is_file() and any(p.glob("shard-*.bin")):
-                raise ConfigError(f"{str(p)!r} holds prepared token shards, not text: train on it with --data {p} "
-                                  f"(alone), or give `petra data prepare` its original sources")
+                raise ConfigError(
+                    f"{str(p)!r} holds prepared token shards, not text: train on it with --data {p} "
+                    f"(alone), or give `petra data prepare` its original sources"
+                )
             found = sorted(q for q in p.rglob("*") if _usable(q))
             if not found:
                 raise ConfigError(f"data.source directory {str(p)!r} holds no {'/'.join(SUFFIXES)} files")
@@ -283,9 +297,11 @@ def user_files(spec: str) -> list[Path]:
                 raise ConfigError(f"data.source file {str(p)!r} must end in one of {', '.join(SUFFIXES)}")
             files.append(p)
         else:
-            raise ConfigError(f"data.source {str(p)!r} does not exist; use 'bible', a directory from "
-                              f"`petra data build` or `petra data prepare`, or {'/'.join(SUFFIXES)} files, "
-                              f"directories or glob patterns")
+            raise ConfigError(
+                f"data.source {str(p)!r} does not exist; use 'bible', a directory from "
+                f"`petra data build` or `petra data prepare`, or {'/'.join(SUFFIXES)} files, "
+                f"directories or glob patterns"
+            )
     return files
 
 

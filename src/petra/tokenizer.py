@@ -1,5 +1,6 @@
 """Tokenizers: a `tokenizers` byte-level BPE (trained by petra or the user's tokenizer.json)
 or a SentencePiece model, behind one small interface."""
+
 from __future__ import annotations
 
 import os
@@ -30,6 +31,7 @@ class Tokenizer:
             self.bos_id, self.unk_id, self.pad_id = self._sp.bos_id(), self._sp.unk_id(), self._sp.pad_id()
         else:
             from tokenizers import Tokenizer as HFTokenizer
+
             try:
                 self._tok = HFTokenizer.from_file(str(path))
             except Exception as e:
@@ -72,12 +74,18 @@ class Tokenizer:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, path: Path) -> None:
     """A byte-level BPE (no unknown tokens) with EOS as its one special token, saved atomically."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tmp = path.with_suffix(".tmp")
     tok.save(str(tmp))

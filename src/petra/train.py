@@ -5,6 +5,7 @@ The loop knows no method and no parallel mode: it asks the method (methods/) for
 learning-rate factor, the update and the step-end hook, and the parallel strategy
 (parallel.py) for gradient sync, wrapping and saving.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,8 @@ from .health import Health, TrainingError, fmt_ppl, perplexity
 from .methods import Method, make_method
 from .metrics import TrainLog, flops_per_token, optimizer_state_bytes, peak_memory_gib
 from .model import build_model, count_parameters
-from .parallel import NoParallel, setup as setup_parallel
+from .parallel import NoParallel
+from .parallel import setup as setup_parallel
 from .rundir import RunDirectory
 from .schedule import set_lr
 from .signals import StopRequest
@@ -58,15 +60,15 @@ class Run:
     batches: Batches
     val_batches: list
     method: Method
-    model: torch.nn.Module       # the LlamaForCausalLM (its parameters are the optimizer's)
-    wrapped: torch.nn.Module     # what forward and backward run on (DDP around the model, or the model)
-    forward: object              # wrapped, compiled or not
+    model: torch.nn.Module  # the LlamaForCausalLM (its parameters are the optimizer's)
+    wrapped: torch.nn.Module  # what forward and backward run on (DDP around the model, or the model)
+    forward: object  # wrapped, compiled or not
     optimizer: torch.optim.Optimizer
     step: int
     resumed: bool
     n_params: int
-    rows: int                    # this process's rows of each global batch
-    micro_batch: int             # rows per forward
+    rows: int  # this process's rows of each global batch
+    micro_batch: int  # rows per forward
 
     @property
     def accum(self) -> int:
@@ -91,12 +93,18 @@ class Run:
     def state(self) -> dict:
         """What a checkpoint holds: everything needed to continue exactly."""
         device = self.device
-        return {"step": self.step, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "data_fingerprint": self.data.fingerprint, "tokenizer_path": str(self.data.tokenizer.path),
-                "eos_id": self.data.tokenizer.eos_id}
+        return {
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "data_fingerprint": self.data.fingerprint,
+            "tokenizer_path": str(self.data.tokenizer.path),
+            "eos_id": self.data.tokenizer.eos_id,
+        }
 
 
 def _forward(run: Run, log):
@@ -107,8 +115,14 @@ def _forward(run: Run, log):
     return compile_model(run.wrapped, log, parts_of=run.model if by_layer else None)
 
 
-def train(cfg: RunConfig | None, out: str | Path, resume: bool = False, explicit: set | None = None,
-          show_progress: bool = True, log=print) -> dict:
+def train(
+    cfg: RunConfig | None,
+    out: str | Path,
+    resume: bool = False,
+    explicit: set | None = None,
+    show_progress: bool = True,
+    log=print,
+) -> dict:
     """Train (or resume) a run in directory `out`; returns a summary dict.
 
     Launched by torchrun, every process runs this function: each takes its rows of every
@@ -117,15 +131,20 @@ def train(cfg: RunConfig | None, out: str | Path, resume: bool = False, explicit
     out, explicit = Path(out), explicit or set()
     if resume and not checkpoint.exists(out):
         what = "does not exist" if not out.exists() else "holds no checkpoint.pt"
-        raise ConfigError(f"--resume {out}: the directory {what}; a run to resume is a directory written "
-                          f"by petra train that saved a checkpoint")
+        raise ConfigError(
+            f"--resume {out}: the directory {what}; a run to resume is a directory written "
+            f"by petra train that saved a checkpoint"
+        )
     # the process group comes first (a sharded checkpoint is read per process); on resume its
     # mode and device come from the run's config.json as the request amends it
     pre = cfg
     if resume and (out / "config.json").is_file():
         pre = merge_resume_config(from_dict(json.loads((out / "config.json").read_text())), cfg, explicit)
-    parallel = setup_parallel(pre.train.parallel, resolve_device(pre)[0].type,
-                              unit_layers=pre.train.fsdp_unit_layers) if pre is not None else NoParallel()
+    parallel = (
+        setup_parallel(pre.train.parallel, resolve_device(pre)[0].type, unit_layers=pre.train.fsdp_unit_layers)
+        if pre is not None
+        else NoParallel()
+    )
     if not parallel.main:
         log, show_progress = (lambda *a, **k: None), False
     # rank 0 holds the directory for the whole run; the lock comes before any other work
@@ -134,23 +153,27 @@ def train(cfg: RunConfig | None, out: str | Path, resume: bool = False, explicit
         return loop(run, log, show_progress)
 
 
-def setup(cfg: RunConfig | None, out: Path, resume: bool, explicit: set, parallel: NoParallel, log,
-          show_progress: bool) -> Run:
+def setup(
+    cfg: RunConfig | None, out: Path, resume: bool, explicit: set, parallel: NoParallel, log, show_progress: bool
+) -> Run:
     """Checks, data, model, method, optimizer and saved state: a run ready for its next step."""
     payload = None
     if resume:
         payload = parallel.load(out)
         cfg = merge_resume_config(from_dict(payload["config"]), cfg, explicit)
     elif checkpoint.exists(out):
-        raise ConfigError(f"{out} already holds a run (a checkpoint); resume it with --resume {out} "
-                          f"or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a run (a checkpoint); resume it with --resume {out} or choose another --out"
+        )
     method = make_method(cfg, parallel)  # the method's checks come before any work
     B = cfg.train.batch_size
     rows = B // parallel.world
     mb = cfg.train.micro_batch_size or rows
     if B % parallel.world or rows % mb:
-        raise ConfigError(f"train.batch_size={B} must split into {parallel.world} processes x a whole number of "
-                          f"micro-batches of train.micro_batch_size={cfg.train.micro_batch_size}")
+        raise ConfigError(
+            f"train.batch_size={B} must split into {parallel.world} processes x a whole number of "
+            f"micro-batches of train.micro_batch_size={cfg.train.micro_batch_size}"
+        )
     device, dtype = resolve_device(cfg, parallel.local_rank if parallel.active else None)
     init = checkpoint.initial_weights(cfg.train.init_from) if cfg.train.init_from and payload is None else None
 
@@ -165,8 +188,10 @@ def setup(cfg: RunConfig | None, out: Path, resume: bool, explicit: set, paralle
         log(f"tokenizer has {data.vocab_size} tokens: model.vocab_size {cfg.model.vocab_size} -> {data.vocab_size}")
         cfg.model.vocab_size = data.vocab_size
     if payload is not None and payload.get("data_fingerprint") != data.fingerprint:
-        raise ConfigError("the data of this run changed since its checkpoint (corpus or tokenizer); "
-                          "resuming would not continue the same run")
+        raise ConfigError(
+            "the data of this run changed since its checkpoint (corpus or tokenizer); "
+            "resuming would not continue the same run"
+        )
 
     torch.manual_seed(cfg.train.seed)  # the same initial model on every process
     model = build_model(cfg.model, device, dtype)
@@ -190,11 +215,27 @@ def setup(cfg: RunConfig | None, out: Path, resume: bool, explicit: set, paralle
         (out / "config.json").write_text(cfg.to_json())
         checkpoint.keep_tokenizer(out, data.tokenizer.path)  # export never depends on a cache
     parallel.barrier()
-    run = Run(cfg, out, parallel, device, dtype, data, Batches(data.train, cfg.seq_len, B, cfg.train.seed,
-                                                               cfg.data.shuffle),
-              # about val_tokens tokens in global batches, whatever the micro-batch or process count
-              val_batches(data.val, cfg.seq_len, B, cfg.train.val_tokens), method, model, wrapped, wrapped,
-              optimizer, payload["step"] if payload is not None else 0, payload is not None, n_params, rows, mb)
+    run = Run(
+        cfg,
+        out,
+        parallel,
+        device,
+        dtype,
+        data,
+        Batches(data.train, cfg.seq_len, B, cfg.train.seed, cfg.data.shuffle),
+        # about val_tokens tokens in global batches, whatever the micro-batch or process count
+        val_batches(data.val, cfg.seq_len, B, cfg.train.val_tokens),
+        method,
+        model,
+        wrapped,
+        wrapped,
+        optimizer,
+        payload["step"] if payload is not None else 0,
+        payload is not None,
+        n_params,
+        rows,
+        mb,
+    )
     run.forward = _forward(run, log)
     _banner(run, log)
     return run
@@ -206,21 +247,25 @@ def _banner(run: Run, log) -> None:
         log(f"resuming {run.out} from step {run.step} of {cfg.train.steps} (its checkpoint)")
     rank = run.method.describe()["rank"]  # an int, or a word for full rank
     rank = f", rank {rank}" if isinstance(rank, int) else ""
-    log(f"petra: {cfg.preset} ({run.n_params / 1e6:.2f}M parameters, "
+    log(
+        f"petra: {cfg.preset} ({run.n_params / 1e6:.2f}M parameters, "
         f"{count_parameters(run.model, True) / 1e6:.2f}M trainable), method {run.method.name}{rank}, "
         f"{cfg.train.steps} steps of {cfg.train.batch_size}x{cfg.seq_len} tokens, {passes:.2f} passes over "
         f"{len(run.data.train) / 1e6:.2f}M training tokens, {run.device} {str(run.dtype).replace('torch.', '')}"
-        + run.parallel.describe())
+        + run.parallel.describe()
+    )
     if passes > 1:
-        log(f"warning: {passes:.1f} passes over the training data; validation perplexity will measure "
-            f"memorization as much as the method")
+        log(
+            f"warning: {passes:.1f} passes over the training data; validation perplexity will measure "
+            f"memorization as much as the method"
+        )
 
 
 class StepResult(NamedTuple):
-    loss: float        # mean over all processes' rows
-    grad_norm: float   # before clipping; not finite = the update was skipped
+    loss: float  # mean over all processes' rows
+    grad_norm: float  # before clipping; not finite = the update was skipped
     lr: float
-    stop: bool         # some process was asked to stop
+    stop: bool  # some process was asked to stop
 
 
 def train_step(run: Run, stop_requested: bool) -> StepResult:
@@ -239,22 +284,40 @@ def train_step(run: Run, stop_requested: bool) -> StepResult:
         loss_sum += loss.detach()
     grad_norm = method.step(run.model, run.optimizer)
     # one all-reduce carries the loss and whether any process was told to stop
-    shared = parallel.all_reduce(torch.stack([loss_sum.float() / run.accum,
-                                              torch.tensor(float(stop_requested), device=device)]))
-    return StepResult(float(shared[0]) / parallel.world, float(grad_norm), run.optimizer.param_groups[0]["lr"],
-                      bool(shared[1] > 0))
+    shared = parallel.all_reduce(
+        torch.stack([loss_sum.float() / run.accum, torch.tensor(float(stop_requested), device=device)])
+    )
+    return StepResult(
+        float(shared[0]) / parallel.world, float(grad_norm), run.optimizer.param_groups[0]["lr"], bool(shared[1] > 0)
+    )
+
+
+def _components(run: Run, log, show_progress: bool) -> tuple[Checkpointer, Validator, TrainLog, Health]:
+    cfg, t = run.cfg, run.cfg.train
+    ckpt = Checkpointer(run.out, run.parallel, t.save_every, run.last_step, run.step if run.resumed else None)
+    val = Validator(run.val_batches, run.device, run.parallel, run.micro_batch, t.eval_every, t.steps)
+    flops_per_step = flops_per_token(cfg.model, cfg.seq_len) * run.tokens_per_step
+    tlog = TrainLog(
+        run.out / "metrics.jsonl",
+        run.parallel.main,
+        run.step if run.resumed else None,
+        run.step,
+        run.last_step,
+        t.log_every,
+        run.tokens_per_step,
+        run.device,
+        flops_per_step,
+        run.parallel.world,
+        show_progress,
+        log,
+    )
+    health = Health(cfg.model.vocab_size, t.max_skipped_steps, t.divergence_patience, log=tlog.print)
+    return ckpt, val, tlog, health
 
 
 def loop(run: Run, log=print, show_progress: bool = True) -> dict:
     """Steps until the schedule's end (or train.stop_after, or a signal); returns the summary."""
-    cfg, t = run.cfg, run.cfg.train
-    ckpt = Checkpointer(run.out, run.parallel, t.save_every, run.last_step, run.step if run.resumed else None)
-    val = Validator(run.val_batches, run.device, run.parallel, run.micro_batch, t.eval_every, t.steps)
-    tlog = TrainLog(run.out / "metrics.jsonl", run.parallel.main, run.step if run.resumed else None, run.step,
-                    run.last_step, t.log_every, run.tokens_per_step, run.device,
-                    flops_per_token(cfg.model, cfg.seq_len) * run.tokens_per_step, run.parallel.world,
-                    show_progress, log)
-    health = Health(cfg.model.vocab_size, t.max_skipped_steps, t.divergence_patience, log=tlog.print)
+    ckpt, val, tlog, health = _components(run, log, show_progress)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     status = "finished"
@@ -263,13 +326,14 @@ def loop(run: Run, log=print, show_progress: bool = True) -> dict:
             while run.step < run.last_step:
                 r = train_step(run, stop.requested)
                 failure = health.check(run.step + 1, r.loss, r.grad_norm)
-                if failure is None and not health.finite(r.loss, r.grad_norm) and \
-                        not run.parallel.all_finite(run.model, run.device):
-                    failure = f"loss is {r.loss} at step {run.step} and the weights are no longer finite"
+                if failure is None and not health.finite(r.loss, r.grad_norm):
+                    if not run.parallel.all_finite(run.model, run.device):
+                        failure = f"loss is {r.loss} at step {run.step} and the weights are no longer finite"
                 if failure is not None:
                     disk = ckpt.on_disk()
-                    raise TrainingError(f"{failure}; stopping. {disk[0].upper()}{disk[1:]} "
-                                        f"(lower train.lr or raise train.grad_clip)")
+                    raise TrainingError(
+                        f"{failure}; stopping. {disk[0].upper()}{disk[1:]} (lower train.lr or raise train.grad_clip)"
+                    )
                 end = run.method.on_step_end(run.step, run.model, run.optimizer)
                 run.model, run.optimizer = end.model, end.optimizer
                 if end.params_changed:
@@ -290,7 +354,7 @@ def loop(run: Run, log=print, show_progress: bool = True) -> dict:
                     break
     finally:
         tlog.close()
-    if status == "interrupted" or run.step < t.steps:
+    if status == "interrupted" or run.step < run.cfg.train.steps:
         status = "interrupted" if status == "interrupted" else "stopped"
         log(f"{status} at step {run.step} (checkpoint saved); continue with: petra train --resume {run.out}")
     return _summary(run, status, val, health, tlog, stop.signum)
@@ -298,15 +362,26 @@ def loop(run: Run, log=print, show_progress: bool = True) -> dict:
 
 def _summary(run: Run, status: str, val: Validator, health: Health, tlog: TrainLog, signum: int | None) -> dict:
     rate = tlog.rate()
-    summary = {"status": status, "step": run.step, "val_loss": val.loss, "val_loss_se": val.se,
-               "val_tokens": len(run.val_batches) * run.tokens_per_step, "val_ppl": perplexity(val.loss),
-               "tokens": run.step * run.tokens_per_step, "params": run.n_params,
-               "trainable_params": count_parameters(run.model, True),
-               "tokens_per_s": rate["median"], "tokens_per_s_iqr": rate["iqr"], "throughput_windows": rate["n"],
-               "device": str(run.device), "skipped_steps": health.skipped,
-               "peak_mem_gib": peak_memory_gib(run.device),
-               "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
-               "passes": run.batches.passes(run.step), **run.method.describe()}
+    summary = {
+        "status": status,
+        "step": run.step,
+        "val_loss": val.loss,
+        "val_loss_se": val.se,
+        "val_tokens": len(run.val_batches) * run.tokens_per_step,
+        "val_ppl": perplexity(val.loss),
+        "tokens": run.step * run.tokens_per_step,
+        "params": run.n_params,
+        "trainable_params": count_parameters(run.model, True),
+        "tokens_per_s": rate["median"],
+        "tokens_per_s_iqr": rate["iqr"],
+        "throughput_windows": rate["n"],
+        "device": str(run.device),
+        "skipped_steps": health.skipped,
+        "peak_mem_gib": peak_memory_gib(run.device),
+        "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
+        "passes": run.batches.passes(run.step),
+        **run.method.describe(),
+    }
     if status == "interrupted":
         summary["signal"] = signum
     if run.parallel.active:

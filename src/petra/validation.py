@@ -1,4 +1,5 @@
 """Validation: the loss on the held-out windows, with its standard error, and when to measure it."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,7 @@ from .parallel import NoParallel
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, parallel: NoParallel | None = None, micro_batch: int = 0
-             ) -> tuple[float, float]:
+def evaluate(model, batches, device, parallel: NoParallel | None = None, micro_batch: int = 0) -> tuple[float, float]:
     """(mean, standard error) of the validation loss over the rows of `batches` (each row a
     window's mean loss); with several processes each evaluates its share of the rows of
     every batch, `micro_batch` rows per forward."""
@@ -34,8 +34,9 @@ def evaluate(model, batches, device, parallel: NoParallel | None = None, micro_b
 class Validator:
     """Evaluates every `every` steps and at the schedule's last step; keeps the last result."""
 
-    def __init__(self, batches: list, device: torch.device, parallel: NoParallel, micro_batch: int,
-                 every: int, last_step: int):
+    def __init__(
+        self, batches: list, device: torch.device, parallel: NoParallel, micro_batch: int, every: int, last_step: int
+    ):
         self.batches, self.device, self.parallel, self.micro_batch = batches, device, parallel, micro_batch
         self.every, self.last_step = every, last_step
         self.loss: float | None = None

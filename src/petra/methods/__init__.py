@@ -1,5 +1,6 @@
 """Training methods, by name. A method is a `Method` subclass in this package registered
 here; the loop (train.py) sees only the `Method` interface and never branches on a name."""
+
 from __future__ import annotations
 
 from ..config import ConfigError, RunConfig
@@ -9,8 +10,14 @@ from .full import Full8bit
 from .galore import GaLore
 from .relora import ReLoRA
 
-REGISTRY: dict[str, type[Method]] = {"full": Method, "full8bit": Full8bit, "galore": GaLore, "galore8bit": GaLore,
-                                     "galore-adafactor": GaLore, "relora": ReLoRA}
+REGISTRY: dict[str, type[Method]] = {
+    "full": Method,
+    "full8bit": Full8bit,
+    "galore": GaLore,
+    "galore8bit": GaLore,
+    "galore-adafactor": GaLore,
+    "relora": ReLoRA,
+}
 
 
 def make_method(cfg: RunConfig, parallel: NoParallel | None = None) -> Method:

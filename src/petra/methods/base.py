@@ -1,5 +1,6 @@
 """The method as the loop sees it: checks, an optional model transform, an optimizer, a
 schedule and a per-step hook. `Method` itself is full-rank AdamW; every other method refines it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,8 +48,9 @@ class Method:
 
     def _layerwise(self, opt) -> LayerwiseStepper:
         # where a hook sees the gradient before its all-reduce (DDP), update after backward
-        self.layerwise = LayerwiseStepper(opt, self.cfg.train.grad_clip,
-                                          after_backward=not self.parallel.hooks_see_synced_grads)
+        self.layerwise = LayerwiseStepper(
+            opt, self.cfg.train.grad_clip, after_backward=not self.parallel.hooks_see_synced_grads
+        )
         return self.layerwise
 
     # -- model and optimizer -------------------------------------------------------------
@@ -63,8 +65,15 @@ class Method:
             self._layerwise(opt)
             return opt
         fused = all(p.is_cuda for p in params)
-        return LocalAdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                          weight_decay=t.weight_decay, fused=fused or None, foreach=None if fused else False)
+        return LocalAdamW(
+            params,
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            fused=fused or None,
+            foreach=None if fused else False,
+        )
 
     # -- per step ------------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:

@@ -1,4 +1,5 @@
 """GaLore: the gradient projected onto a low-rank subspace, the optimizer run there."""
+
 from __future__ import annotations
 
 from ..config import ConfigError, RunConfig
@@ -9,8 +10,11 @@ from .base import Method
 class GaLore(Method):
     """GaLore with AdamW, 8-bit AdamW or Adafactor, optionally layer-wise."""
 
-    OPTIMIZERS = {"galore": (GaLoreAdamW, "AdamW"), "galore8bit": (GaLoreAdamW8bit, "AdamW 8-bit"),
-                  "galore-adafactor": (GaLoreAdafactor, "Adafactor")}
+    OPTIMIZERS = {
+        "galore": (GaLoreAdamW, "AdamW"),
+        "galore8bit": (GaLoreAdamW8bit, "AdamW 8-bit"),
+        "galore-adafactor": (GaLoreAdafactor, "Adafactor"),
+    }
 
     def __init__(self, cfg: RunConfig, parallel=None):
         super().__init__(cfg, parallel)
@@ -20,14 +24,23 @@ class GaLore(Method):
     def check(self):
         super().check()
         if self.parallel.sharded and self.cls is GaLoreAdafactor:
-            raise ConfigError("galore-adafactor does not run under FSDP2 (its factored second moment needs whole "
-                              "rows and columns); use train.parallel=ddp")
+            raise ConfigError(
+                "galore-adafactor does not run under FSDP2 (its factored second moment needs whole "
+                "rows and columns); use train.parallel=ddp"
+            )
 
     def optimizer(self, model):
         t, m = self.cfg.train, self.cfg.method
-        groups = galore_param_groups(model, m.rank, m.targets, update_proj_gap=m.update_proj_gap,
-                                     scale=m.scale, proj_type=m.proj_type, projector=m.projector,
-                                     switch_state=m.switch_state)
+        groups = galore_param_groups(
+            model,
+            m.rank,
+            m.targets,
+            update_proj_gap=m.update_proj_gap,
+            scale=m.scale,
+            proj_type=m.proj_type,
+            projector=m.projector,
+            switch_state=m.switch_state,
+        )
         if self.cls is GaLoreAdafactor:
             opt = GaLoreAdafactor(groups, lr=t.lr, weight_decay=t.weight_decay)
         else:
@@ -38,5 +51,8 @@ class GaLore(Method):
 
     def describe(self):
         m = self.cfg.method
-        return {"rank": m.rank, "warm_start": "no",
-                "optimizer": self.optimizer_name + (" layer-wise" if m.layerwise else "")}
+        return {
+            "rank": m.rank,
+            "warm_start": "no",
+            "optimizer": self.optimizer_name + (" layer-wise" if m.layerwise else ""),
+        }

@@ -1,6 +1,7 @@
 """ReLoRA as a method: a full-rank warm start, then LoRA factors merged and restarted every
 `reset_interval` steps with the factors' moments pruned and the learning rate re-warmed
 (the layers themselves: lora.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -18,14 +19,15 @@ class ReLoRA(Method):
 
     def __init__(self, cfg: RunConfig, parallel=None):
         super().__init__(cfg, parallel)
-        self.merges = 0              # merges done so far (the cycle)
+        self.merges = 0  # merges done so far (the cycle)
         self.lora_phase = cfg.method.warm_start_steps == 0
 
     def check(self):
         super().check()
         if self.parallel.sharded and self.cfg.method.quantize != "none":
-            raise ConfigError("method.quantize does not run under FSDP2 (bitsandbytes codes are not sharded); "
-                              "use train.parallel=ddp")
+            raise ConfigError(
+                "method.quantize does not run under FSDP2 (bitsandbytes codes are not sharded); use train.parallel=ddp"
+            )
 
     # steps whose update starts a new cycle (lr re-warms from 0 there)
     def restarts(self) -> list[int]:
@@ -37,8 +39,9 @@ class ReLoRA(Method):
 
     def lr_factor(self, step: int) -> float:
         t = self.cfg.train
-        return lr_factor(step, t.steps, self.cfg.warmup_steps, t.min_lr_ratio, self.restarts(),
-                         self.cfg.method.restart_warmup_steps)
+        return lr_factor(
+            step, t.steps, self.cfg.warmup_steps, t.min_lr_ratio, self.restarts(), self.cfg.method.restart_warmup_steps
+        )
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if not lora_modules(model):
@@ -90,8 +93,11 @@ class ReLoRA(Method):
 
     def describe(self):
         m = self.cfg.method
-        return {"rank": m.rank, "warm_start": f"{m.warm_start_steps} steps" if m.warm_start_steps else "no",
-                "optimizer": "AdamW" + (f", {m.quantize} frozen weights" if m.quantize != "none" else "")}
+        return {
+            "rank": m.rank,
+            "warm_start": f"{m.warm_start_steps} steps" if m.warm_start_steps else "no",
+            "optimizer": "AdamW" + (f", {m.quantize} frozen weights" if m.quantize != "none" else ""),
+        }
 
     def state_dict(self):
         return {"merges": self.merges, "lora_phase": self.lora_phase}

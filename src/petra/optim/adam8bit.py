@@ -1,5 +1,6 @@
 """8-bit AdamW state: GaLoreAdamW with both moments in blockwise 8-bit (torchao's
 OptimState8bit). torchao is imported when the first such optimizer is built."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,15 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     min_8bit_size = 4096
     block_size = 256
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, convention: str = "torch"):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        convention: str = "torch",
+    ):
         self._q = _optim_state_8bit()
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention)
 
@@ -46,8 +54,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         if not self._quantized(like):
             super()._zeros(state, key, like)
         else:
-            state[key] = self._q.zeros(like.shape, signed=(key == "exp_avg"), block_size=self.block_size,
-                                       device=like.device)
+            state[key] = self._q.zeros(
+                like.shape, signed=(key == "exp_avg"), block_size=self.block_size, device=like.device
+            )
 
     def _dequant(self, state: dict, key: str) -> torch.Tensor:
         v = state[key]
@@ -69,17 +78,19 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             t = float(st["moment_step"])
             # the step-dependent scalar goes in as a tensor: as a Python float, the compiled
             # function would be specialized (recompiled) for every step
-            bc2 = torch.full((), math.sqrt(1 - b2 ** t), device=rs[i].device)
-            bound = torch.full((), adam_step_bound(b1, b2, t) * (1 - b1 ** t), device=rs[i].device)
-            nums[i] = _update_8bit(st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, self._eps(group, t), bc2, bound,
-                                   compiled=rs[i].is_cuda)
+            bc2 = torch.full((), math.sqrt(1 - b2**t), device=rs[i].device)
+            bound = torch.full((), adam_step_bound(b1, b2, t) * (1 - b1**t), device=rs[i].device)
+            nums[i] = _update_8bit(
+                st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, self._eps(group, t), bc2, bound, compiled=rs[i].is_cuda
+            )
             dens[i] = torch.ones((), device=rs[i].device)  # the direction is complete but for 1 / bc1
-            divs[i] = 1 - b1 ** t
+            divs[i] = 1 - b1**t
         return nums, dens, divs
 
 
-def _update_8bit(m, v, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor, bound: torch.Tensor,
-                 compiled: bool = False) -> torch.Tensor:
+def _update_8bit(
+    m, v, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor, bound: torch.Tensor, compiled: bool = False
+) -> torch.Tensor:
     """Adam moments m, v held in 8-bit (torchao's OptimState8bit): dequantize, update,
     quantize again; returns m / (sqrt(v) / bc2_sqrt + eps), each entry within +-bound.
 
@@ -108,8 +119,9 @@ def _requantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, qmap:
     scale.copy_(new_scale)
 
 
-def _update_8bit_codes(mc, ms, mq, vc, vs, vq, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor,
-                       bound: torch.Tensor):
+def _update_8bit_codes(
+    mc, ms, mq, vc, vs, vq, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor, bound: torch.Tensor
+):
     m32 = _ao["dequant"](mc, mq, ms).lerp(r, 1 - b1)
     v32 = _ao["dequant"](vc, vq, vs).mul(b2).addcmul(r, r, value=1 - b2)
     _requantize(m32, mc, ms, mq, positive=False)
@@ -122,8 +134,9 @@ def _compiled_update():
     """The update compiled (one specialization per moment shape), falling back to eager."""
     if "compiled" not in _ao:
         raise_recompile_limit(64)
-        _ao["compiled"] = with_fallback(torch.compile(_update_8bit_codes, dynamic=False), _update_8bit_codes,
-                                        "the 8-bit Adam update")
+        _ao["compiled"] = with_fallback(
+            torch.compile(_update_8bit_codes, dynamic=False), _update_8bit_codes, "the 8-bit Adam update"
+        )
     return _ao["compiled"]
 
 
@@ -135,8 +148,13 @@ def _optim_state_8bit():
         from torchao.optim import quant_utils
         from torchao.optim.subclass_8bit import OptimState8bit
     except ImportError:
-        raise ImportError("8-bit optimizer state needs torchao: pip install torchao "
-                          "(or use GaLoreAdamW / method 'galore', which keeps fp32 state)") from None
-    _ao.update(dequant=quant_utils.dequant_with_qmap, quantize=quant_utils.quantize_8bit_with_qmap,
-               scale=quant_utils.scale_tensor)
+        raise ImportError(
+            "8-bit optimizer state needs torchao: pip install torchao "
+            "(or use GaLoreAdamW / method 'galore', which keeps fp32 state)"
+        ) from None
+    _ao.update(
+        dequant=quant_utils.dequant_with_qmap,
+        quantize=quant_utils.quantize_8bit_with_qmap,
+        scale=quant_utils.scale_tensor,
+    )
     return OptimState8bit

@@ -14,6 +14,7 @@ torch's own functional AdamW (the same fused / foreach / single-tensor kernels),
 numbers are torch's. Its state holds the plain local moments, keyed by the (DTensor)
 parameters as usual: state_dict() saves this process's rows, as a sharded checkpoint wants.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,7 @@ from .galore import GaLoreAdamW
 class AdamW(GaLoreAdamW):
     """torch.optim.AdamW's math and defaults; no low-rank param groups."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -39,10 +39,18 @@ class AdamW(GaLoreAdamW):
 class LocalAdamW(torch.optim.AdamW):
     """torch.optim.AdamW whose step updates local shards; for plain tensors it is AdamW."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, foreach: bool | None = None, fused: bool | None = None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         foreach=foreach, fused=fused)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
 
     @torch.no_grad()
     def step(self, closure=None, found_inf: torch.Tensor | None = None):
@@ -76,8 +84,22 @@ class LocalAdamW(torch.optim.AdamW):
             if not params:
                 continue
             b1, b2 = group["betas"]
-            adamw(params, grads, ms, vs, [], steps, foreach=group["foreach"], fused=group["fused"],
-                  found_inf=found_inf if fused else None, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
-                  weight_decay=group["weight_decay"],
-                  eps=group["eps"], maximize=False)
+            adamw(
+                params,
+                grads,
+                ms,
+                vs,
+                [],
+                steps,
+                foreach=group["foreach"],
+                fused=group["fused"],
+                found_inf=found_inf if fused else None,
+                amsgrad=False,
+                beta1=b1,
+                beta2=b2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+            )
         return loss

@@ -6,6 +6,7 @@ shells that keep state and call these). No state, no param groups, no petra impo
     den = adam_denominators(v, t, b2, eps)
     W += back(-lr * scale * m / den / (1 - b1^t))   # add_back_
 """
+
 from __future__ import annotations
 
 import math
@@ -43,20 +44,20 @@ def add_back_(w: torch.Tensor, d: torch.Tensor, P: torch.Tensor | None, Q: torch
         w.addmm_(d, Q.to(w.dtype).t())
 
 
-def adam_moments_(ms: list[torch.Tensor], vs: list[torch.Tensor], grads: list[torch.Tensor],
-                  b1: float, b2: float) -> None:
+def adam_moments_(
+    ms: list[torch.Tensor], vs: list[torch.Tensor], grads: list[torch.Tensor], b1: float, b2: float
+) -> None:
     """m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, in place, as torch.optim.AdamW does."""
     torch._foreach_lerp_(ms, grads, 1 - b1)
     torch._foreach_mul_(vs, b2)
     torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
 
 
-def adam_denominators(vs: list[torch.Tensor], steps: list[float], b2: float, eps: list[float]
-                      ) -> list[torch.Tensor]:
+def adam_denominators(vs: list[torch.Tensor], steps: list[float], b2: float, eps: list[float]) -> list[torch.Tensor]:
     """sqrt(v) / sqrt(1 - b2^t) + eps: torch.optim.AdamW's operations in its order, so a
     parameter without projection is updated bit for bit as torch updates it."""
     den = torch._foreach_sqrt(vs)
-    torch._foreach_div_(den, [math.sqrt(1 - b2 ** t) for t in steps])
+    torch._foreach_div_(den, [math.sqrt(1 - b2**t) for t in steps])
     torch._foreach_add_(den, eps)
     return den
 
@@ -69,17 +70,24 @@ def adam_step_bound(b1: float, b2: float, t: float) -> float:
     rho = b1 * b1 / b2
     if rho >= 1:
         return math.inf
-    s = (1 - rho ** t) / (1 - rho)
-    return (1 - b1) / (1 - b1 ** t) * math.sqrt(s * (1 - b2 ** t) / (1 - b2))
+    s = (1 - rho**t) / (1 - rho)
+    return (1 - b1) / (1 - b1**t) * math.sqrt(s * (1 - b2**t) / (1 - b2))
 
 
-def adafactor_direction(r: torch.Tensor, state: dict, t: float, eps: tuple[float, float], decay_rate: float,
-                        clip_threshold: float, beta1: float | None) -> torch.Tensor:
+def adafactor_direction(
+    r: torch.Tensor,
+    state: dict,
+    t: float,
+    eps: tuple[float, float],
+    decay_rate: float,
+    clip_threshold: float,
+    beta1: float | None,
+) -> torch.Tensor:
     """Adafactor's update direction for gradient r (Shazeer & Stern 2018), with a fixed
     learning rate: a factored second moment for matrices (row and column means), a full one
     otherwise, RMS clipping, and an optional first moment of the unscaled update. The
     moments live in `state` (created on first use) and are updated in place."""
-    beta2t = 1.0 - t ** decay_rate
+    beta2t = 1.0 - t**decay_rate
     sq = r * r + eps[0]
     if r.dim() == 2:
         if "exp_avg_sq_row" not in state:

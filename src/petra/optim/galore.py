@@ -19,6 +19,7 @@ gradient G. The optimizer works on the local rows and no process holds a whole m
   are all-gathered before W_i += P_i D;
 - a refresh runs the projector on `rowsharded.RowSharded`: only thin matrices travel.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ from .rowsharded import RowSharded, row_shards
 PROJ_TYPES = ("std", "left", "right", "full")
 PROJECTORS = ("svd", "randomized", "subspace")
 SWITCH_STATES = ("keep", "reproject", "reset")
-LOWRANK_DEFAULTS: dict[str, Any] = dict(update_proj_gap=200, scale=0.25, proj_type="std",
-                                        projector="subspace", switch_state="keep", proj_dtype="param")
+LOWRANK_DEFAULTS: dict[str, Any] = dict(
+    update_proj_gap=200, scale=0.25, proj_type="std", projector="subspace", switch_state="keep", proj_dtype="param"
+)
 GROUP_EXTRAS = ("params", "name", "initial_lr", "rank")
 
 
@@ -54,15 +56,21 @@ def _validate_group(group: dict, allowed: Iterable[str]) -> None:
         raise ValueError(f"rank={r!r} must be an integer >= 1")
     if not isinstance(gap, int) or gap < 1:
         raise ValueError(f"update_proj_gap={gap!r} must be an integer >= 1")
-    for key, allowed_vals in (("proj_type", PROJ_TYPES), ("projector", PROJECTORS),
-                              ("switch_state", SWITCH_STATES), ("proj_dtype", ("param", "float32", "bfloat16"))):
+    for key, allowed_vals in (
+        ("proj_type", PROJ_TYPES),
+        ("projector", PROJECTORS),
+        ("switch_state", SWITCH_STATES),
+        ("proj_dtype", ("param", "float32", "bfloat16")),
+    ):
         v = group.get(key, LOWRANK_DEFAULTS[key])
         if v not in allowed_vals:
             raise ValueError(f"{key}={v!r} is not allowed; choose one of {', '.join(allowed_vals)}")
     for p in group["params"]:
         if p.dim() == 2 and r > min(p.shape) and group.get("proj_type", "std") != "full":
-            raise ValueError(f"rank={r} exceeds the smaller side of a {tuple(p.shape)} parameter; "
-                             f"use rank <= {min(p.shape)} or proj_type='full'")
+            raise ValueError(
+                f"rank={r} exceeds the smaller side of a {tuple(p.shape)} parameter; "
+                f"use rank <= {min(p.shape)} or proj_type='full'"
+            )
 
 
 class GaLoreOptimizer(Optimizer):
@@ -99,8 +107,9 @@ class GaLoreOptimizer(Optimizer):
     def _refresh(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, shards) -> None:
         # the side is chosen at the first refresh and kept: a state saved by an earlier
         # version (squares from the left) resumes as it was saved
-        left, right = ("P" in state, "Q" in state) if ("P" in state or "Q" in state) else \
-            sides(p.shape, group["proj_type"])
+        left, right = (
+            ("P" in state, "Q" in state) if ("P" in state or "Q" in state) else sides(p.shape, group["proj_type"])
+        )
         r = group["rank"]
         # "param": the parameter's dtype (bf16 in bf16 training, as galore-torch keeps it)
         dtype = {"param": p.dtype, "float32": torch.float32, "bfloat16": torch.bfloat16}[group["proj_dtype"]]
@@ -155,8 +164,7 @@ class GaLoreOptimizer(Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["moment_step"] = torch.zeros((), dtype=torch.float32)
             # position of p among all params: seeds randomized refreshes reproducibly
-            state["index"] = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"])
-                                  if q is p)
+            state["index"] = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
         return state
 
     @torch.no_grad()
@@ -180,8 +188,7 @@ class GaLoreOptimizer(Optimizer):
         self.apply_updates([p], [r], group, coef)
 
     @torch.no_grad()
-    def apply_updates(self, params: list[torch.Tensor], rs: list[torch.Tensor], group: dict,
-                      coef: float = 1.0) -> None:
+    def apply_updates(self, params: list[torch.Tensor], rs: list[torch.Tensor], group: dict, coef: float = 1.0) -> None:
         """Update a list of parameters of one group from their (projected) gradients.
 
         The element-wise math runs as a few multi-tensor (foreach) kernels per piece of the
@@ -215,8 +222,8 @@ class GaLoreOptimizer(Optimizer):
                 rows = max(256, self.chunk_elements // row // 256 * 256)
                 lp = local(p)
                 for i in range(0, r.shape[0], rows):
-                    part = {k: v[i:i + rows] if k in self.moment_keys else v for k, v in st.items()}
-                    yield [lp[i:i + rows]], [r[i:i + rows]], [part]
+                    part = {k: v[i : i + rows] if k in self.moment_keys else v for k, v in st.items()}
+                    yield [lp[i : i + rows]], [r[i : i + rows]], [part]
                 continue
             if piece[0] and size + r.numel() > self.chunk_elements:
                 yield piece
@@ -251,8 +258,11 @@ class GaLoreOptimizer(Optimizer):
                 torch._foreach_add_(ps, ns)
         if low:
             low_nums = [nums[i] for i in low]
-            dirs = torch._foreach_div(low_nums, [dens[i] for i in low]) if dens is not None \
+            dirs = (
+                torch._foreach_div(low_nums, [dens[i] for i in low])
+                if dens is not None
                 else [n.clone() for n in low_nums]
+            )
             torch._foreach_mul_(dirs, [-lr * group["scale"] / divs[i] for i in low])
             for d, i in zip(dirs, low):
                 self._add_back(params[i], d, states[i], row_shards(owners[i]))
@@ -298,8 +308,9 @@ class GaLoreOptimizer(Optimizer):
             if k in state:
                 self._zeros(state, k, state[k])
 
-    def _inner(self, rs: list[torch.Tensor], states: list[dict], group: dict
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[float]]:
+    def _inner(
+        self, rs: list[torch.Tensor], states: list[dict], group: dict
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[float]]:
         """(numerators, denominators or None, divisors): direction_i = num_i / den_i / div_i."""
         raise NotImplementedError
 
@@ -323,15 +334,22 @@ class GaLoreAdamW(GaLoreOptimizer):
 
     inner_keys = ("lr", "betas", "eps", "weight_decay", "convention")
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, convention: str = "torch"):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        convention: str = "torch",
+    ):
         if lr is None or lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"invalid AdamW hyperparameters lr={lr}, betas={betas}, eps={eps}, "
-                             f"weight_decay={weight_decay}")
+            raise ValueError(
+                f"invalid AdamW hyperparameters lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}"
+            )
         if convention not in CONVENTIONS:
             raise ValueError(f"convention={convention!r} is not allowed; choose one of {', '.join(CONVENTIONS)}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      convention=convention))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, convention=convention))
 
     def _eps(self, group: dict, t: float) -> float:
         """eps as added after the bias correction of v (galore-torch adds it before)."""
@@ -354,7 +372,7 @@ class GaLoreAdamW(GaLoreOptimizer):
             self._store(st, "exp_avg", m)
             self._store(st, "exp_avg_sq", v)
         ts = [float(st["moment_step"]) for st in states]
-        return ms, adam_denominators(vs, ts, b2, [self._eps(group, t) for t in ts]), [1 - b1 ** t for t in ts]
+        return ms, adam_denominators(vs, ts, b2, [self._eps(group, t) for t in ts]), [1 - b1**t for t in ts]
 
 
 class GaLoreAdafactor(GaLoreOptimizer):
@@ -369,36 +387,72 @@ class GaLoreAdafactor(GaLoreOptimizer):
     inner_keys = ("lr", "beta1", "eps", "clip_threshold", "decay_rate", "weight_decay")
     row_split = False  # the factored second moment needs whole rows and columns
 
-    def __init__(self, params, lr: float = 1e-3, beta1: float | None = None, eps=(1e-30, 1e-3),
-                 clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0,
-                 scale_parameter: bool = False, relative_step: bool = False, warmup_init: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        beta1: float | None = None,
+        eps=(1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = False,
+        relative_step: bool = False,
+        warmup_init: bool = False,
+    ):
         # transformers' Adafactor arguments are accepted so its call sites work; the
         # schedule-free options are refused by name rather than ignored
-        for name, on in (("relative_step", relative_step), ("scale_parameter", scale_parameter),
-                         ("warmup_init", warmup_init)):
+        for name, on in (
+            ("relative_step", relative_step),
+            ("scale_parameter", scale_parameter),
+            ("warmup_init", warmup_init),
+        ):
             if on:
-                raise ValueError(f"GaLoreAdafactor does not implement {name}=True: it runs with a fixed learning "
-                                 f"rate, as the GaLore paper does; pass lr (and a schedule) and {name}=False")
+                raise ValueError(
+                    f"GaLoreAdafactor does not implement {name}=True: it runs with a fixed learning "
+                    f"rate, as the GaLore paper does; pass lr (and a schedule) and {name}=False"
+                )
         if lr is None or not lr >= 0:
-            raise ValueError(f"GaLoreAdafactor needs a learning rate lr >= 0 (got {lr!r}); relative_step is "
-                             f"not implemented")
+            raise ValueError(
+                f"GaLoreAdafactor needs a learning rate lr >= 0 (got {lr!r}); relative_step is not implemented"
+            )
         if beta1 is not None and not 0 <= beta1 < 1:
             raise ValueError(f"beta1={beta1!r} must be None (no first moment) or in [0, 1)")
         if len(eps) != 2 or min(eps) < 0 or clip_threshold <= 0 or decay_rate >= 0 or weight_decay < 0:
-            raise ValueError(f"invalid Adafactor hyperparameters eps={eps}, clip_threshold={clip_threshold}, "
-                             f"decay_rate={decay_rate} (must be < 0), weight_decay={weight_decay}")
-        super().__init__(params, dict(lr=lr, beta1=beta1, eps=eps, clip_threshold=clip_threshold,
-                                      decay_rate=decay_rate, weight_decay=weight_decay))
+            raise ValueError(
+                f"invalid Adafactor hyperparameters eps={eps}, clip_threshold={clip_threshold}, "
+                f"decay_rate={decay_rate} (must be < 0), weight_decay={weight_decay}"
+            )
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                beta1=beta1,
+                eps=eps,
+                clip_threshold=clip_threshold,
+                decay_rate=decay_rate,
+                weight_decay=weight_decay,
+            ),
+        )
 
     def add_param_group(self, param_group: dict) -> None:
         if any(is_sharded(p) for p in param_group["params"]):
-            raise NotImplementedError("GaLoreAdafactor does not run on FSDP2-sharded parameters: its "
-                                      "factored second moment needs whole rows and columns; use DDP")
+            raise NotImplementedError(
+                "GaLoreAdafactor does not run on FSDP2-sharded parameters: its "
+                "factored second moment needs whole rows and columns; use DDP"
+            )
         super().add_param_group(param_group)
 
     def _inner(self, rs, states, group):
         return [self._one(r, st, group) for r, st in zip(rs, states)], None, [1.0] * len(rs)
 
     def _one(self, r, state, group):
-        return adafactor_direction(r, state, float(state["moment_step"]), group["eps"], group["decay_rate"],
-                                   group["clip_threshold"], group["beta1"])
+        return adafactor_direction(
+            r,
+            state,
+            float(state["moment_step"]),
+            group["eps"],
+            group["decay_rate"],
+            group["clip_threshold"],
+            group["beta1"],
+        )

@@ -18,6 +18,7 @@ squares over processes. Under DDP a hook would see the gradient before the all-r
 DDP's buckets already hold a full gradient copy, so `after_backward=True` runs the same
 updates once backward (and the all-reduce) is done.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,10 @@ from .galore import GaLoreOptimizer
 class LayerwiseStepper:
     def __init__(self, optimizer: GaLoreOptimizer, grad_clip: float = 0.0, after_backward: bool = False):
         if not isinstance(optimizer, GaLoreOptimizer):
-            raise TypeError("layer-wise updates need a petra optimizer (GaLoreAdamW, GaLoreAdamW8bit, "
-                            f"GaLoreAdafactor), got {type(optimizer).__name__}")
+            raise TypeError(
+                "layer-wise updates need a petra optimizer (GaLoreAdamW, GaLoreAdamW8bit, "
+                f"GaLoreAdafactor), got {type(optimizer).__name__}"
+            )
         self.optimizer, self.grad_clip = optimizer, grad_clip
         self.after_backward = after_backward
         self.armed = False
@@ -46,6 +49,7 @@ class LayerwiseStepper:
         def hook(p: torch.Tensor) -> None:
             if self.armed and not self.after_backward:
                 self._take(p, group)
+
         return hook
 
     def _take(self, p: torch.Tensor, group: dict) -> None:

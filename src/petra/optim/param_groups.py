@@ -1,4 +1,5 @@
 """Which parameters are low-rank targets (attention and MLP matrices) and which are not."""
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,10 @@ def split_params(model: nn.Module, targets: str = DEFAULT_TARGETS):
             continue
         (low if p.dim() == 2 and pattern.search(name) else other).append((name, p))
     if not low:
-        raise ValueError(f"method.targets={targets!r} matches no 2-D parameter of the model; "
-                         f"example names: {[n for n, _ in list(model.named_parameters())[:4]]}")
+        raise ValueError(
+            f"method.targets={targets!r} matches no 2-D parameter of the model; "
+            f"example names: {[n for n, _ in list(model.named_parameters())[:4]]}"
+        )
     return low, other
 
 

@@ -14,6 +14,7 @@ with products G X and G^T Y (`Dense` here; `rowsharded.RowSharded` for an FSDP2 
 so the same code runs on a gradient whose rows are spread over processes: only thin
 (m, k) and (n, k) matrices ever travel, never the (m, n) gradient.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,8 +91,9 @@ def svd_basis(g, rank: int) -> torch.Tensor:
     return u[:, :rank]
 
 
-def randomized_basis(g, rank: int, oversample: int = 8, power_iters: int = 2,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def randomized_basis(
+    g, rank: int, oversample: int = 8, power_iters: int = 2, generator: torch.Generator | None = None
+) -> torch.Tensor:
     g = _as_op(g)
     m, n = g.shape
     k = min(rank + oversample, m, n)
@@ -135,14 +137,16 @@ def align_signs(basis: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
     return basis * torch.where(s == 0, torch.ones_like(s), s)
 
 
-def compute_basis(g, rank: int, method: str, prev: torch.Tensor | None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def compute_basis(
+    g, rank: int, method: str, prev: torch.Tensor | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The sign-aligned left basis of g (a tensor or an operator such as Dense)."""
     return align_signs(_basis(_as_op(g), rank, method, prev, generator), prev)
 
 
-def _basis(g, rank: int, method: str, prev: torch.Tensor | None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def _basis(
+    g, rank: int, method: str, prev: torch.Tensor | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The left basis of g by `method`; never raises for bad numerics.
 
     A non-finite gradient or a failing factorization keeps the previous basis (or falls

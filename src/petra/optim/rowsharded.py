@@ -4,6 +4,7 @@ FSDP2's Shard(0) gives each rank some rows of every (m, n) gradient. `RowSharded
 projector's interface (projector.Dense: `mm`, `tmm`, `full`), so a projector refresh
 computes G X and G^T Y with one thin collective each and never gathers the (m, n) matrix.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ class RowShards:
         return self.gather_rows(part.t(), n).t()
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        return x[self.start:self.stop]
+        return x[self.start : self.stop]
 
 
 def row_shards(p: torch.Tensor) -> RowShards | None:
