@@ -156,16 +156,14 @@ def build(
     if name.startswith("petra"):
         torch.manual_seed(0)
         model = build_model(cfg.model, device(), torch.bfloat16)
-        if pmode == "fsdp":
-            d = par_.FSDP(
-                DIST.rank,
-                DIST.world,
-                DIST.local_rank,
-                unit_layers=units[0] if units else 1,
-                reshard_after_forward="keep" not in opts,
-            )
-        else:
-            d = par_.STRATEGIES[pmode if par else "none"](DIST.rank, DIST.world, DIST.local_rank)
+        d = par_.strategy(
+            pmode if par else "none",
+            DIST.rank,
+            DIST.world,
+            DIST.local_rank,
+            unit_layers=units[0] if units else 1,
+            reshard_after_forward="keep" not in opts,
+        )
         m = make_method(cfg, d)
         if method == "relora":
             m.lora_phase = True

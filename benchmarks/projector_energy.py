@@ -27,12 +27,9 @@ from petra.optim.projector import captured_energy, randomized_basis, subspace_ba
 from petra.train import train  # noqa: E402
 
 
-def energy_study(args) -> dict:
-    from petra.data import Batches, prepare
-    from petra.methods import make_method
-    from petra.model import LlamaForCausalLM
-
-    cfg = build_config(
+def galore_config(args, **overrides):
+    """The mini GaLore run both studies train (rank, gap, batch, steps and lr from the flags)."""
+    return build_config(
         overrides={
             "preset": "mini",
             "method.name": "galore",
@@ -41,8 +38,17 @@ def energy_study(args) -> dict:
             "train.batch_size": args.batch,
             "train.steps": args.steps,
             "train.lr": args.lr,
+            **overrides,
         }
     )
+
+
+def energy_study(args) -> dict:
+    from petra.data import Batches, prepare
+    from petra.methods import make_method
+    from petra.model import LlamaForCausalLM
+
+    cfg = galore_config(args)
     data = prepare(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
     batches = Batches(data.train, cfg.seq_len, cfg.train.batch_size, 0)
     torch.manual_seed(0)
@@ -72,19 +78,7 @@ def energy_study(args) -> dict:
 def loss_study(args, out_dir: Path) -> dict:
     res = {}
     for proj in ("svd", "randomized", "subspace"):
-        cfg = build_config(
-            overrides={
-                "preset": "mini",
-                "method.name": "galore",
-                "method.rank": args.rank,
-                "method.update_proj_gap": args.gap,
-                "method.projector": proj,
-                "train.batch_size": args.batch,
-                "train.steps": args.steps,
-                "train.lr": args.lr,
-                "train.eval_every": args.steps,
-            }
-        )
+        cfg = galore_config(args, **{"method.projector": proj, "train.eval_every": args.steps})
         t0 = time.time()
         s = train(cfg, out_dir / proj, show_progress=False, log=lambda *a: None)
         res[proj] = {"val_loss": s["val_loss"], "seconds": round(time.time() - t0, 1)}

@@ -16,21 +16,25 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("petra-cache"))
 
 
+@pytest.fixture(scope="session")
+def tiny_overrides(cache_dir):
+    """The overrides of a tiny run that trains in seconds on a CPU (12 steps of 4 x 64 tokens)."""
+    return {
+        "preset": "tiny",
+        "data.cache_dir": cache_dir,
+        "train.steps": 12,
+        "train.batch_size": 4,
+        "train.eval_every": 6,
+        "train.val_tokens": 512,
+        "train.log_every": 1,
+        "train.save_every": 0,
+        "train.seq_len": 64,
+    }
+
+
 @pytest.fixture
-def tiny_cfg(cache_dir):
+def tiny_cfg(tiny_overrides):
     def make(**ov):
-        base = {
-            "preset": "tiny",
-            "data.cache_dir": cache_dir,
-            "train.steps": 12,
-            "train.batch_size": 4,
-            "train.eval_every": 6,
-            "train.val_tokens": 512,
-            "train.log_every": 1,
-            "train.save_every": 0,
-            "train.seq_len": 64,
-        }
-        base.update(ov)
-        return build_config(overrides=base)
+        return build_config(overrides={**tiny_overrides, **ov})
 
     return make

@@ -64,19 +64,9 @@ def _torchrun(spec: Path, nproc: int = 2) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, cache_dir):
+def runs(tmp_path_factory, tiny_overrides):
     root = tmp_path_factory.mktemp("dist")
-    base = {
-        "preset": "tiny",
-        "data.cache_dir": cache_dir,
-        "train.steps": 12,
-        "train.batch_size": 4,
-        "train.eval_every": 6,
-        "train.val_tokens": 512,
-        "train.log_every": 1,
-        "train.save_every": 0,
-        "train.seq_len": 64,
-    }
+    base = tiny_overrides
     from petra.config import build_config
 
     for name, ov in METHODS.items():  # the 1-process references (this also fills the token cache)

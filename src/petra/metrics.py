@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig
+from .health import fmt_ppl, perplexity
 
 # dense bf16 tensor-core peak, FLOP/s, by device name
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
@@ -119,7 +120,7 @@ class TrainLog:
         log_every: int,
         tokens_per_step: int,
         device: torch.device,
-        flops_per_step: float,
+        flops_per_token: float,
         world: int,
         show_progress: bool,
         log=print,
@@ -128,9 +129,9 @@ class TrainLog:
         if self.metrics is not None and resume_step is None:
             self.metrics.path.write_text("")
         self.last_step, self.log_every, self.tokens_per_step = last_step, log_every, tokens_per_step
-        self.device, self.world, self.log = device, world, log
+        self.device, self.log = device, log
         peak = peak_flops(device)
-        self.flops_per_token_peak = flops_per_step / tokens_per_step / (peak * world) if peak else None
+        self.mfu_per_token_s = flops_per_token / (peak * world) if peak else None  # MFU of 1 token/s
         self.show_progress = show_progress
         self.bar = tqdm(total=last_step, initial=step, disable=not show_progress, unit="step", dynamic_ncols=True)
         self.windows: list[float] = []  # tokens/s of each logging window
@@ -169,8 +170,8 @@ class TrainLog:
             "step_ms": round(1000 * dt / self._steps, 2),
             "peak_mem_gib": round(peak_memory_gib(self.device), 3),
         }
-        if self.flops_per_token_peak:
-            rec["mfu"] = round(tps * self.flops_per_token_peak, 4)
+        if self.mfu_per_token_s:
+            rec["mfu"] = round(tps * self.mfu_per_token_s, 4)
         self.write(rec)
         self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
         self._t, self._steps = time.perf_counter(), 0
@@ -179,7 +180,8 @@ class TrainLog:
         self.write({"step": step, "tokens": step * self.tokens_per_step, "event": event, **fields})
         self.log(f"step {step}: {event} {' '.join(str(v) for v in fields.values())}".rstrip())
 
-    def validation(self, step: int, loss: float, se: float, ppl: float | None, ppl_text: str) -> None:
+    def validation(self, step: int, loss: float, se: float) -> None:
+        ppl = perplexity(loss)
         self.write(
             {
                 "step": step,
@@ -189,7 +191,7 @@ class TrainLog:
                 "val_ppl": round(ppl, 3) if ppl is not None else None,
             }
         )
-        self.print(f"step {step}: val loss {loss:.4f} ± {se:.4f}, ppl {ppl_text}")
+        self.print(f"step {step}: val loss {loss:.4f} ± {se:.4f}, ppl {fmt_ppl(loss)}")
 
     @contextmanager
     def paused(self):

@@ -203,9 +203,8 @@ STRATEGIES: dict[str, type[NoParallel]] = {"none": NoParallel, "ddp": DDP, "fsdp
 PARALLEL_MODES = CHOICES["train.parallel"]  # auto = ddp
 
 
-def setup(parallel: str, device_type: str, **options) -> NoParallel:
-    """The strategy of this run, joining the process group when launched by torchrun;
-    `options` go to the strategy (FSDP: unit_layers, reshard_after_forward)."""
+def setup(parallel: str, device_type: str, **fsdp_options) -> NoParallel:
+    """The strategy of this run, joining the process group when launched by torchrun."""
     if parallel not in PARALLEL_MODES:
         raise ConfigError(f"train.parallel={parallel!r} is not allowed; choose one of {', '.join(PARALLEL_MODES)}")
     if not launched():
@@ -228,5 +227,12 @@ def setup(parallel: str, device_type: str, **options) -> NoParallel:
             dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group("gloo")
-    cls = STRATEGIES[mode]
-    return cls(rank, world, local_rank, **options) if cls is FSDP else cls(rank, world, local_rank)
+    return strategy(mode, rank, world, local_rank, **fsdp_options)
+
+
+def strategy(mode: str, rank: int = 0, world: int = 1, local_rank: int = 0, **fsdp_options) -> NoParallel:
+    """The strategy object of `mode` (none, ddp, fsdp) for a process; `fsdp_options`
+    (unit_layers, reshard_after_forward) apply to FSDP2 alone."""
+    if mode == "fsdp":
+        return FSDP(rank, world, local_rank, **fsdp_options)
+    return STRATEGIES[mode](rank, world, local_rank)

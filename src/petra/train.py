@@ -20,7 +20,7 @@ from .checkpoint import Checkpointer
 from .compiling import compile_model
 from .config import ConfigError, RunConfig, from_dict, merge_resume_config
 from .data import Batches, TokenData, prepare, val_batches
-from .health import Health, TrainingError, fmt_ppl, perplexity
+from .health import Health, TrainingError, perplexity
 from .methods import Method, make_method
 from .metrics import TrainLog, flops_per_token, optimizer_state_bytes, peak_memory_gib
 from .model import build_model, count_parameters
@@ -296,7 +296,6 @@ def _components(run: Run, log, show_progress: bool) -> tuple[Checkpointer, Valid
     cfg, t = run.cfg, run.cfg.train
     ckpt = Checkpointer(run.out, run.parallel, t.save_every, run.last_step, run.step if run.resumed else None)
     val = Validator(run.val_batches, run.device, run.parallel, run.micro_batch, t.eval_every, t.steps)
-    flops_per_step = flops_per_token(cfg.model, cfg.seq_len) * run.tokens_per_step
     tlog = TrainLog(
         run.out / "metrics.jsonl",
         run.parallel.main,
@@ -306,7 +305,7 @@ def _components(run: Run, log, show_progress: bool) -> tuple[Checkpointer, Valid
         t.log_every,
         run.tokens_per_step,
         run.device,
-        flops_per_step,
+        flops_per_token(cfg.model, cfg.seq_len),
         run.parallel.world,
         show_progress,
         log,
@@ -345,7 +344,7 @@ def loop(run: Run, log=print, show_progress: bool = True) -> dict:
                 if val.due(run.step):
                     with tlog.paused():
                         vl, se = val.run(run.wrapped)
-                    tlog.validation(run.step, vl, se, perplexity(vl), fmt_ppl(vl))
+                    tlog.validation(run.step, vl, se)
                 if ckpt.due(run.step) or r.stop:
                     with tlog.paused():
                         ckpt.save(run.step, run.model, run.device, run.state)
@@ -354,8 +353,9 @@ def loop(run: Run, log=print, show_progress: bool = True) -> dict:
                     break
     finally:
         tlog.close()
-    if status == "interrupted" or run.step < run.cfg.train.steps:
-        status = "interrupted" if status == "interrupted" else "stopped"
+    if status == "finished" and run.step < run.cfg.train.steps:
+        status = "stopped"  # at train.stop_after
+    if status != "finished":
         log(f"{status} at step {run.step} (checkpoint saved); continue with: petra train --resume {run.out}")
     return _summary(run, status, val, health, tlog, stop.signum)
 

@@ -3,6 +3,7 @@ OptimState8bit). torchao is imported when the first such optimizer is built."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -130,14 +131,11 @@ def _update_8bit_codes(
     return torch.minimum(torch.maximum(d, -bound), bound)
 
 
+@functools.cache
 def _compiled_update():
-    """The update compiled (one specialization per moment shape), falling back to eager."""
-    if "compiled" not in _ao:
-        raise_recompile_limit(64)
-        _ao["compiled"] = with_fallback(
-            torch.compile(_update_8bit_codes, dynamic=False), _update_8bit_codes, "the 8-bit Adam update"
-        )
-    return _ao["compiled"]
+    """The update compiled (one specialization per moment shape), falling back to eager; built once."""
+    raise_recompile_limit(64)
+    return with_fallback(torch.compile(_update_8bit_codes, dynamic=False), _update_8bit_codes, "the 8-bit Adam update")
 
 
 _ao: dict = {}  # torchao's 8-bit quantization functions, imported with the first GaLoreAdamW8bit
