@@ -29,6 +29,10 @@ def _losses(run):
                 "method.restart_warmup_steps": 2,
             },
         ),
+        ("apollo-mini", {"method.update_proj_gap": 5}),  # the random projection redrawn after the stop
+        ("fira", {"method.rank": 8, "method.update_proj_gap": 5}),
+        ("muon", {}),  # two optimizers in one state dict
+        ("adam-mini", {}),
     ],
 )
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_cfg, method, extra):

@@ -8,7 +8,17 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import METHODS, PRESET_RANKS, PRESETS, SECTIONS, ConfigError, build_config, field_help, field_types
+from .config import (
+    METHODS,
+    PRESET_RANKS,
+    PRESETS,
+    RANKED_METHODS,
+    SECTIONS,
+    ConfigError,
+    build_config,
+    field_help,
+    field_types,
+)
 
 # flag -> config field; each becomes --flag-name, its help the field's description (config.py)
 TRAIN_FLAGS: dict[str, str] = {
@@ -165,7 +175,7 @@ def cmd_estimate(args) -> int:
         rows.append(
             [
                 m,
-                cfg.method.rank if m != "full" and m != "full8bit" else "-",
+                cfg.method.rank if m in RANKED_METHODS else "-",
                 f"{paper_estimate_gib(cfg):.2f}",
                 f"{seed:.2f}" if seed else "",
                 *(

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import RESUMABLE_CHANGES, ConfigError, RunConfig, from_dict, replace
+from .config import RANKED_METHODS, RESUMABLE_CHANGES, ConfigError, RunConfig, from_dict, replace
 from .memory import SEED_FIGURES, breakdown_gib, paper_estimate_gib
 from .metrics import read_metrics
 from .parallel import main_process
@@ -248,7 +248,7 @@ def make_row(method: str, cfg: RunConfig, s: dict) -> dict:
         "reason": s.get("reason", ""),
         "paper_estimate_gib": round(paper_estimate_gib(cfg), 3),
         "seed_gib": seed,
-        "rank": s.get("rank", "full" if method.startswith("full") else cfg.method.rank),
+        "rank": s.get("rank", cfg.method.rank if method in RANKED_METHODS else "full"),
         "warm_start": s.get("warm_start"),
         "optimizer": s.get("optimizer"),
         "gap": None,

@@ -83,7 +83,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 # the rank each paper run used at that scale (GaLore Table 2); small ranks for the CPU presets
 PRESET_RANKS = {"tiny": 16, "mini": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 
-METHODS = ("full", "full8bit", "galore", "galore8bit", "galore-adafactor", "relora")
+METHODS = (
+    "full",
+    "full8bit",
+    "galore",
+    "galore8bit",
+    "galore-adafactor",
+    "apollo",
+    "apollo8bit",
+    "apollo-mini",
+    "apollo-mini8bit",
+    "fira",
+    "fira8bit",
+    "relora",
+    "muon",
+    "adam-mini",
+)
+# methods with a low-rank subspace of the hidden matrices (method.rank, method.scale apply)
+LOWRANK_METHODS = tuple(m for m in METHODS if m.startswith(("galore", "apollo", "fira")))
+RANKED_METHODS = (*LOWRANK_METHODS, "relora")  # methods for which method.rank means something
+
+
+def method_defaults(name: str, preset: str) -> dict[str, Any]:
+    """What method.rank and method.scale mean when left at 0: each method's paper setting.
+    APOLLO-Mini is rank 1 with scale sqrt(128); APOLLO scale 1; GaLore and Fira 0.25 (Fira's
+    scripts up to 350M); every other rank is the preset's paper rank."""
+    mini = name.startswith("apollo-mini")
+    scale = math.sqrt(128) if mini else 1.0 if name.startswith("apollo") else 0.25
+    return {"rank": 1 if mini else PRESET_RANKS[preset], "scale": scale}
+
 
 # every field whose value is one of a few words, declared once: validation and --help read this
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -93,7 +121,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.parallel": ("auto", "none", "ddp", "fsdp"),
     "method.name": METHODS,
     "method.proj_type": ("std", "left", "right", "full"),
-    "method.projector": ("svd", "randomized", "subspace"),
+    "method.projector": ("svd", "randomized", "subspace", "random"),
     "method.switch_state": ("keep", "reproject", "reset"),
     "method.prune": ("magnitude", "random", "reset"),
     "method.prune_mask": ("joint", "independent"),
@@ -173,11 +201,13 @@ class MethodConfig:
     )
     rank: int = _f(0, "rank of GaLore projections / ReLoRA factors (0 = the preset's paper rank)")
     update_proj_gap: int = _f(200, "GaLore: steps between projector refreshes")
-    scale: float = _f(0.25, "GaLore: scale of the back-projected update")
+    scale: float = _f(
+        0.0, "scale of the low-rank update (0 = the method's paper value: GaLore, Fira 0.25; APOLLO 1; Mini sqrt(128))"
+    )
     proj_type: str = _f("std", "GaLore: side to project (std = the shorter; squares from the right)")
     # warm subspace iteration: 99.4% of exact SVD's captured energy on real gradients, equal
     # loss, 15-40x cheaper refresh (docs/projector_energy.json, docs/benchmarks.md)
-    projector: str = _f("subspace", "GaLore projector refresh")
+    projector: str = _f("subspace", "GaLore and Fira projector refresh (random: Gaussian, as APOLLO always draws)")
     switch_state: str = _f("keep", "GaLore: what the moments do at a refresh")
     layerwise: bool = _f(False, "update each parameter inside backward (full and galore methods)")
     lora_alpha: float = _f(32.0, "ReLoRA: LoRA scaling alpha (the update is alpha / rank x B A)")
@@ -312,8 +342,9 @@ def build_config(
                 f"override {dotted!r} must look like section.key with section one of {', '.join(SECTIONS)}"
             )
         setattr(getattr(cfg, section), key, _coerce(section, key, value))
-    if cfg.method.rank == 0:
-        cfg.method.rank = PRESET_RANKS[preset]
+    defaults = method_defaults(cfg.method.name, preset)
+    cfg.method.rank = cfg.method.rank or defaults["rank"]
+    cfg.method.scale = cfg.method.scale or defaults["scale"]
     validate(cfg)
     return cfg
 
@@ -411,11 +442,15 @@ def validate_method(me: MethodConfig, m: ModelConfig, preset: str) -> None:
     if not 0 <= me.prune_fraction <= 1:
         raise ConfigError(f"method.prune_fraction={me.prune_fraction} must be in [0, 1]")
     short = min(m.hidden_size, m.intermediate_size)
-    if me.rank > short and (me.name == "relora" or (me.name.startswith("galore") and me.proj_type != "full")):
+    if me.scale <= 0:
+        raise ConfigError(f"method.scale={me.scale} must be positive")
+    if me.rank > short and (me.name == "relora" or (me.name in LOWRANK_METHODS and me.proj_type != "full")):
         raise ConfigError(
             f"method.rank={me.rank} is larger than the smallest side ({short}) of the {preset} "
             f"matrices; use rank <= {short}" + (" or method.proj_type=full" if me.name.startswith("galore") else "")
         )
+    if me.proj_type == "full" and me.name.startswith(("apollo", "fira")):
+        raise ConfigError(f"method.proj_type=full is for GaLore; {me.name} scales the channels of one side")
     if me.quantize != "none" and me.name != "relora":
         raise ConfigError(
             f"method.quantize={me.quantize} holds ReLoRA's frozen weights quantized; "

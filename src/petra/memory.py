@@ -39,14 +39,14 @@ def method_bytes(cfg: RunConfig, weight_bytes: int = 2, state_bytes: float = 2) 
     """Bytes of weights, gradients, optimizer state and projectors (no activations)."""
     s, me = shapes(cfg.model), cfg.method
     name, r = me.name, me.rank
-    eight_bit = name in ("full8bit", "galore8bit")
+    eight_bit = name.endswith("8bit")
     sb = 1 + 4 / 256 if eight_bit else state_bytes  # blockwise 8-bit: codes + an fp32 scale per 256
     weights = weight_bytes * s.total
     projectors = 0.0
     if name in ("full", "full8bit"):
         state = 2 * sb * s.total
         grads = weight_bytes * s.total
-    elif name.startswith("galore"):
+    elif name.startswith(("galore", "apollo", "fira")):
         low = 0.0
         for m, n in s.targets:
             short, long_ = min(m, n), max(m, n)
@@ -56,7 +56,14 @@ def method_bytes(cfg: RunConfig, weight_bytes: int = 2, state_bytes: float = 2) 
             else:
                 low += 2 * sb * rr * long_
             projectors += weight_bytes * short * rr
-        state = 2 * state_bytes * s.dense + low
+        state = 2 * sb * s.dense + low  # 8-bit holds the embeddings' and head's moments in 8 bits too
+        grads = weight_bytes * s.total
+    elif name == "muon":  # a momentum buffer for the hidden matrices, AdamW for the rest
+        hidden = s.total - s.dense
+        state = state_bytes * hidden + 2 * state_bytes * s.dense
+        grads = weight_bytes * s.total
+    elif name == "adam-mini":  # full first moment; second moments per block, per element for embeddings/head
+        state = state_bytes * s.total + state_bytes * s.dense
         grads = weight_bytes * s.total
     elif name == "relora":
         lora = sum(r * (m + n) for m, n in s.targets)
@@ -88,9 +95,11 @@ def paper_estimate_gib(cfg: RunConfig) -> float:
 
 
 def breakdown_gib(cfg: RunConfig, weight_bytes: int = 2) -> dict[str, float]:
-    # petra keeps GaLore moments in fp32 (state_bytes 4) and torch AdamW keeps them in the
+    # petra keeps low-rank moments in fp32 (state_bytes 4) and torch AdamW keeps them in the
     # parameter dtype; 8-bit is 8-bit either way
-    state_bytes = 4 if cfg.method.name.startswith("galore") or cfg.method.layerwise else weight_bytes
+    state_bytes = (
+        4 if cfg.method.name.startswith(("galore", "apollo", "fira")) or cfg.method.layerwise else weight_bytes
+    )
     b = method_bytes(cfg, weight_bytes=weight_bytes, state_bytes=state_bytes)
     b["activations"] = activation_bytes(cfg, act_bytes=weight_bytes)
     out = {k: v / GIB for k, v in b.items()}

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from ..config import ConfigError, RunConfig
 from ..parallel import NoParallel
+from .apollo import Apollo
 from .base import Method, StepEnd
 from .full import Full8bit
 from .galore import GaLore
+from .muon import AdamMini, Muon
 from .relora import ReLoRA
 
 REGISTRY: dict[str, type[Method]] = {
@@ -16,7 +18,10 @@ REGISTRY: dict[str, type[Method]] = {
     "galore": GaLore,
     "galore8bit": GaLore,
     "galore-adafactor": GaLore,
+    **dict.fromkeys(Apollo.OPTIMIZERS, Apollo),
     "relora": ReLoRA,
+    "muon": Muon,
+    "adam-mini": AdamMini,
 }
 
 

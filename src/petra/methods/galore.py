@@ -29,18 +29,20 @@ class GaLore(Method):
                 "rows and columns); use train.parallel=ddp"
             )
 
-    def optimizer(self, model):
-        t, m = self.cfg.train, self.cfg.method
-        groups = galore_param_groups(
-            model,
-            m.rank,
-            m.targets,
+    def group_options(self) -> dict:
+        """The low-rank param group's settings, from the config."""
+        m = self.cfg.method
+        return dict(
             update_proj_gap=m.update_proj_gap,
             scale=m.scale,
             proj_type=m.proj_type,
             projector=m.projector,
             switch_state=m.switch_state,
         )
+
+    def optimizer(self, model):
+        t, m = self.cfg.train, self.cfg.method
+        groups = galore_param_groups(model, m.rank, m.targets, **self.group_options())
         if self.cls is GaLoreAdafactor:
             opt = GaLoreAdafactor(groups, lr=t.lr, weight_decay=t.weight_decay)
         else:

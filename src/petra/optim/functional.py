@@ -108,3 +108,31 @@ def adafactor_direction(
             state["exp_avg"] = torch.zeros_like(u)
         u = state["exp_avg"].lerp_(u, 1 - beta1).clone()
     return u
+
+
+def channel_scales(direction: torch.Tensor, r: torch.Tensor, dim: int, tensor_wise: bool) -> torch.Tensor:
+    """How much the low-rank optimizer scales each channel of the projected gradient r:
+    ||direction[channel]|| / ||r[channel]||, the norms taken over the projected (rank)
+    dimension `dim`, so one factor per row or column of the full gradient (APOLLO's
+    channel-wise scaling, Fira's residual scaling); or one factor for the whole tensor
+    (APOLLO-Mini). The result broadcasts against the full gradient."""
+    if tensor_wise:
+        return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(r) + 1e-8)
+    num = torch.linalg.vector_norm(direction, dim=dim, keepdim=True)
+    return num / (torch.linalg.vector_norm(r, dim=dim, keepdim=True) + 1e-8)
+
+
+def limit_norm_growth(
+    update: torch.Tensor, previous: torch.Tensor | None, gamma: float, unit: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fira's norm-growth limiter: an update whose norm exceeds gamma x the previous
+    update's is scaled down to exactly that; returns (update, its norm / unit). Norms are
+    compared in units of `unit`, Adam's bias correction sqrt(1 - b2^t) / (1 - b1^t), as the
+    reference packages do: its own step-to-step growth (about 1% a step in the first
+    thousands of steps) would otherwise hold every early update at the limit. A gradient-norm
+    clip that adapts to the run instead of a fixed threshold; gamma <= 0 turns it off."""
+    norm = torch.linalg.vector_norm(update) / unit
+    if previous is None or gamma <= 0:
+        return update, norm
+    factor = (norm / (gamma * previous).clamp(min=1e-30)).clamp(min=1.0)
+    return update / factor, norm / factor

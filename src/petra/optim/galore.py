@@ -29,15 +29,37 @@ import torch
 from torch.optim import Optimizer
 
 from ..dtensor import is_sharded, local
-from .functional import adafactor_direction, adam_denominators, adam_moments_, add_back_, project, sides
-from .projector import Dense, compute_basis
+from .functional import (
+    adafactor_direction,
+    adam_denominators,
+    adam_moments_,
+    add_back_,
+    channel_scales,
+    limit_norm_growth,
+    project,
+    sides,
+)
+from .projector import Dense, compute_basis, gaussian_basis
 from .rowsharded import RowSharded, row_shards
 
 PROJ_TYPES = ("std", "left", "right", "full")
-PROJECTORS = ("svd", "randomized", "subspace")
+PROJECTORS = ("svd", "randomized", "subspace", "random")
 SWITCH_STATES = ("keep", "reproject", "reset")
+# how the low-rank direction D (the inner optimizer's output for R = P^T G) becomes an update:
+# galore: W -= lr * scale * P D; apollo: W -= lr * scale * G * s with s = |D| / |R| per
+# channel (or per tensor), limited; fira: W -= lr * scale * (P D + limited s * (G - P R))
+UPDATES = ("galore", "apollo", "fira")
+SCALE_TYPES = ("channel", "tensor")
 LOWRANK_DEFAULTS: dict[str, Any] = dict(
-    update_proj_gap=200, scale=0.25, proj_type="std", projector="subspace", switch_state="keep", proj_dtype="param"
+    update_proj_gap=200,
+    scale=0.25,
+    proj_type="std",
+    projector="subspace",
+    switch_state="keep",
+    proj_dtype="param",
+    update="galore",
+    scale_type="channel",
+    norm_growth_limit=1.01,
 )
 GROUP_EXTRAS = ("params", "name", "initial_lr", "rank")
 
@@ -61,10 +83,14 @@ def _validate_group(group: dict, allowed: Iterable[str]) -> None:
         ("projector", PROJECTORS),
         ("switch_state", SWITCH_STATES),
         ("proj_dtype", ("param", "float32", "bfloat16")),
+        ("update", UPDATES),
+        ("scale_type", SCALE_TYPES),
     ):
         v = group.get(key, LOWRANK_DEFAULTS[key])
         if v not in allowed_vals:
             raise ValueError(f"{key}={v!r} is not allowed; choose one of {', '.join(allowed_vals)}")
+    if group.get("update", "galore") != "galore" and group.get("proj_type", "std") == "full":
+        raise ValueError(f"update={group['update']!r} scales channels of one side; use proj_type std, left or right")
     for p in group["params"]:
         if p.dim() == 2 and r > min(p.shape) and group.get("proj_type", "std") != "full":
             raise ValueError(
@@ -80,6 +106,7 @@ class GaLoreOptimizer(Optimizer):
     moment_keys = ("exp_avg", "exp_avg_sq")  # state tensors shaped like the (projected) gradient
     row_split = True  # the inner update is element-wise: a parameter may be updated in row blocks
     chunk_elements = 1 << 24  # parameters updated together hold at most this many gradient elements
+    lowrank_defaults = LOWRANK_DEFAULTS  # what a group holding `rank` gets unless it says otherwise
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, defaults)
@@ -87,8 +114,13 @@ class GaLoreOptimizer(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         _validate_group(param_group, self.inner_keys)
         if param_group.get("rank") is not None:
-            for k, v in LOWRANK_DEFAULTS.items():
+            for k, v in self.lowrank_defaults.items():
                 param_group.setdefault(k, v)
+            if param_group["update"] != "galore" and any(is_sharded(p) for p in param_group["params"]):
+                raise NotImplementedError(
+                    f"update={param_group['update']!r} does not run on FSDP2-sharded parameters yet "
+                    "(its channel scales span the shards); use DDP"
+                )
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -117,6 +149,11 @@ class GaLoreOptimizer(Optimizer):
         seed = (int(state["step"]) * 1_000_003 + state["index"]) % (2**62)
         gen = torch.Generator(device=g.device).manual_seed(seed)
         old = {k: state[k] for k in ("P", "Q") if k in state}
+        if group["projector"] == "random":  # APOLLO: the gradient plays no part
+            for key, on, side in (("P", left, p.shape[0]), ("Q", right, p.shape[1])):
+                if on:
+                    state[key] = gaussian_basis(side, min(r, side), g.device, gen).to(dtype)
+            return
         op = Dense(g) if shards is None else RowSharded(g, shards, p.shape[1])
         if left:
             state["P"] = compute_basis(op, min(r, p.shape[0]), group["projector"], old.get("P"), gen).to(dtype)
@@ -263,11 +300,50 @@ class GaLoreOptimizer(Optimizer):
                 if dens is not None
                 else [n.clone() for n in low_nums]
             )
-            torch._foreach_mul_(dirs, [-lr * group["scale"] / divs[i] for i in low])
+            torch._foreach_div_(dirs, [divs[i] for i in low])
             for d, i in zip(dirs, low):
-                self._add_back(params[i], d, states[i], row_shards(owners[i]))
+                self._apply_lowrank(params[i], owners[i], d, rs[i], states[i], group, coef)
         if group["weight_decay"] and decay_after:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+
+    def _apply_lowrank(self, p, owner, d, r, state: dict, group: dict, coef: float) -> None:
+        """p's update from its low-rank direction d (the inner optimizer's output for the
+        projected gradient r), in the way the group's `update` says:
+
+        - galore: W -= lr * a * P d
+        - apollo: W -= lr * limited(a * G * s), s = |d| / |r| per channel (or per tensor)
+        - fira:   W -= lr * (a * P d + limited((G - a * P r) * s))
+
+        with a the group's scale. Fira subtracts a * P r, not P r, as the fira package does
+        (its published runs use a = 0.25); with a = 1 the residual is the paper's G - P P^T G.
+        The packages' APOLLO `scale` is a^2 (APOLLO-Mini's 128 is a = sqrt(128))."""
+        a = group["scale"]
+        if group["update"] == "galore":
+            self._add_back(p, d.mul_(-group["lr"] * a), state, row_shards(owner))
+            return
+        if owner.grad is None:
+            raise RuntimeError(
+                f"update={group['update']!r} scales the full gradient, which is gone: layer-wise "
+                "updates with clipping keep only the projected gradient; use grad_clip=0 with layer-wise"
+            )
+        g = local(owner.grad).float()
+        if coef != 1.0:
+            g = g * coef
+        P, Q = state.get("P"), state.get("Q")
+        s = channel_scales(d, r, 0 if P is not None else 1, group["scale_type"] == "tensor")
+        if group["update"] == "fira":
+            add_back_(g, r * -a, P, Q)  # the part of G outside the subspace
+        else:
+            s = s * a
+        t = float(state["moment_step"])
+        b1, b2 = group.get("betas", (0.0, 0.0))
+        unit = math.sqrt(1 - b2**t) / (1 - b1**t)  # Adam's bias correction (1 without betas)
+        u, state["update_norm"] = limit_norm_growth(
+            g.mul_(s), state.get("update_norm"), group["norm_growth_limit"], unit
+        )
+        if group["update"] == "fira":
+            add_back_(u, d * a, P, Q)
+        p.add_(u.to(p.dtype), alpha=-group["lr"])
 
     def _add_back(self, p: torch.Tensor, d: torch.Tensor, state: dict, shards=None) -> None:
         """p += back-projection of the low-rank update d (one fused addmm where possible)."""

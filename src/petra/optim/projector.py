@@ -18,6 +18,7 @@ so the same code runs on a gradient whose rows are spread over processes: only t
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -135,6 +136,12 @@ def align_signs(basis: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         idx = basis.abs().argmax(0)
         s = torch.sign(basis.gather(0, idx[None]).squeeze(0))
     return basis * torch.where(s == 0, torch.ones_like(s), s)
+
+
+def gaussian_basis(m: int, rank: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """APOLLO's projection: an (m, r) matrix of N(0, 1/r) entries. No factorization and no
+    gradient needed; not orthonormal, only an approximate isometry (Johnson-Lindenstrauss)."""
+    return torch.randn(m, rank, device=device, generator=generator) / math.sqrt(rank)
 
 
 def compute_basis(

@@ -1,0 +1,78 @@
+"""Muon (torch.optim.Muon) on the hidden matrices, AdamW on embeddings, head and norms."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError
+from ..optim import split_params
+from ..optim.chain import OptimizerChain
+from .base import Method
+
+
+class Muon(Method):
+    """Muon orthogonalizes each hidden matrix's momentum (Newton-Schulz, 5 steps) and is
+    run with `adjust_lr_fn="match_rms_adamw"` (the update RMS of AdamW, as Moonlight does),
+    so that one peak learning rate serves both optimizers."""
+
+    name, optimizer_name = "muon", "Muon + AdamW"
+    supports_layerwise = False
+
+    def check(self):
+        super().check()
+        if self.parallel.sharded:
+            raise ConfigError("muon does not run under FSDP2 (Newton-Schulz needs whole matrices); use ddp")
+
+    def optimizer(self, model):
+        t = self.cfg.train
+        hidden, other = split_params(model, self.cfg.method.targets)
+        muon = torch.optim.Muon(
+            [p for _, p in hidden], lr=t.lr, weight_decay=t.weight_decay, adjust_lr_fn="match_rms_adamw"
+        )
+        params = [p for _, p in other]
+        cuda = all(p.is_cuda for p in params)
+        adamw = torch.optim.AdamW(
+            params,
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            fused=cuda or None,
+            foreach=None if cuda else False,
+        )
+        return OptimizerChain(muon, adamw)
+
+
+class AdamMini(Method):
+    """Adam-mini (Zhang et al. 2024, the adam-mini package): one second-moment value per
+    block (attention head, output neuron) instead of per weight; embeddings and head keep
+    AdamW's."""
+
+    name, optimizer_name = "adam-mini", "Adam-mini"
+    supports_layerwise = False
+
+    def check(self):
+        super().check()
+        if self.parallel.sharded:
+            raise ConfigError("adam-mini runs here without FSDP2 (its block norms span the shards); use ddp")
+        try:
+            import adam_mini  # noqa: F401
+        except ImportError:
+            raise ConfigError("method.name=adam-mini needs the adam-mini package: pip install 'petra[adam-mini]'")
+
+    def optimizer(self, model):
+        from adam_mini import Adam_mini
+
+        t, m = self.cfg.train, self.cfg.model
+        return Adam_mini(
+            [(n, p) for n, p in model.named_parameters() if p.requires_grad],
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            model_sharding=False,  # DDP replicates: no sum of block norms over processes
+            dim=m.hidden_size,
+            n_heads=m.num_attention_heads,
+            n_kv_heads=m.num_attention_heads,
+            verbose=False,
+        )
