@@ -166,3 +166,51 @@ def test_compare_never_reports_old_runs_under_new_settings(tmp_path, cache_dir, 
     assert [(r["steps"], r["lr"]) for r in rows] == [(4, 0.001), (4, 0.01)]
     assert "4 steps of batch 4 x 32" in (out / "comparison.md").read_text()
     assert "CPU timings are indicative only" in (out / "comparison.md").read_text()
+
+
+def test_compare_tunes_each_learning_rate_and_reports_spreads_over_seeds(tmp_path, cache_dir, capsys):
+    import json
+
+    from petra.compare import lr_grid, paper_lr
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--preset", "tiny", "--methods", "full,apollo-mini", "--steps", "8", "--batch-size", "4"]
+    argv += ["--seq-len", "64", "--eval-every", "4", "--out", str(out), "--no-progress", "--tune", "--tune-points"]
+    argv += ["2", "--tune-fraction", "0.5", "--seeds", "2", "--set", f"data.cache_dir={cache_dir}"]
+    argv += ["--set", "train.val_tokens=512"]
+    assert main(argv) == 0
+    sweeps = json.loads((out / "tune" / "sweeps.json").read_text())
+    assert sweeps["full"]["grid"] == lr_grid(paper_lr("full"), 2) and sweeps["full"]["steps"] == 4
+    assert sweeps["apollo-mini"]["grid"] == lr_grid(1e-2, 2)
+    rows = {r["method"]: r for r in json.loads((out / "comparison.json").read_text())}
+    for m, sw in sweeps.items():
+        losses = {float(lr): v for lr, v in sw["runs"].items()}
+        assert sw["chosen"] == min(losses, key=losses.get) and sw["edge"]  # two points: always an edge
+        assert rows[m]["lr"] == sw["chosen"] and rows[m]["seeds"] == 2
+        seeds = [json.loads((out / m / f"seed-{k}" / "config.json").read_text())["train"] for k in (0, 1)]
+        assert [s["seed"] for s in seeds] == [0, 1] and {s["lr"] for s in seeds} == {sw["chosen"]}
+        assert {s["steps"] for s in seeds} == {8}
+    # the gap is the mean of the per-seed gaps, with their spread
+    ppl = {
+        m: [json.loads((out / m / f"seed-{k}" / "summary.json").read_text())["val_ppl"] for k in (0, 1)] for m in rows
+    }
+    gaps = [a - f for a, f in zip(ppl["apollo-mini"], ppl["full"])]
+    mini = rows["apollo-mini"]
+    assert mini["gap"] == pytest.approx(sum(gaps) / 2, abs=1e-3)
+    assert mini["gap_sd"] == pytest.approx(abs(gaps[0] - gaps[1]) / 2**0.5, abs=1e-3)
+    assert mini["gap_significant"] == (abs(mini["gap"]) > mini["gap_sd"])
+    table = (out / "comparison.md").read_text()
+    assert "## Learning-rate sweeps" in table and "(tuned, at the grid's edge)" in table
+    assert (out / "tune.png").stat().st_size > 0
+    # a second call trains nothing again
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "training in" not in capsys.readouterr().out
+
+
+def test_compare_refuses_bad_seed_and_tune_settings(tmp_path, capsys):
+    base = ["compare", "--preset", "tiny", "--methods", "full", "--out", str(tmp_path / "c")]
+    assert main([*base, "--seeds", "0"]) == 2
+    assert "--seeds 0 must be at least 1" in capsys.readouterr().err
+    assert main([*base, "--tune", "--tune-fraction", "1.5"]) == 2
+    assert "--tune-fraction 1.5 must be in (0, 1]" in capsys.readouterr().err

@@ -155,6 +155,10 @@ def cmd_compare(args) -> int:
         explicit=set(ov),
         show_progress=not args.no_progress,
         rerun_changed=args.rerun_changed,
+        tune=args.tune,
+        seeds=args.seeds,
+        tune_fraction=args.tune_fraction,
+        tune_points=args.tune_points,
     )
     return 0
 
@@ -340,6 +344,17 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rerun from scratch a method whose run in --out was made with other settings (the old "
         "run is kept as METHOD.old-N); without it such a method stops the comparison",
+    )
+    c.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose each method's peak learning rate first: short runs on a factor-2 grid around its "
+        "paper's rate, the lowest validation loss wins (methods in --lrs keep theirs)",
+    )
+    c.add_argument("--tune-fraction", type=float, default=0.25, help="--tune: share of the token budget per sweep run")
+    c.add_argument("--tune-points", type=int, default=5, help="--tune: learning rates in each method's grid")
+    c.add_argument(
+        "--seeds", type=int, default=1, help="runs per method with seeds train.seed, +1, ...: the table gives spreads"
     )
     _add_run_flags(c)
     c.set_defaults(func=cmd_compare)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import RANKED_METHODS, RESUMABLE_CHANGES, ConfigError, RunConfig, from_dict, replace
+from .config import RANKED_METHODS, RESUMABLE_CHANGES, ConfigError, RunConfig, from_dict, method_defaults, replace
 from .memory import SEED_FIGURES, breakdown_gib, paper_estimate_gib
 from .metrics import read_metrics
 from .parallel import main_process
@@ -78,12 +78,35 @@ def parse_lrs(text: str | None, methods: list[str]) -> dict[str, float]:
     return out
 
 
+# the peak learning rate of each method's paper runs on the GaLore setup (C4, LLaMA 60M-1B):
+# the centre of --tune's grid. Low-rank methods (GaLore, APOLLO, Fira) use 1e-2.
+PAPER_LRS = {"full": 1e-3, "full8bit": 1e-3, "relora": 1e-3, "muon": 1e-3, "adam-mini": 1e-3}
+
+
+def paper_lr(method: str) -> float:
+    return PAPER_LRS.get(method, 1e-2)
+
+
+def lr_grid(centre: float, points: int) -> list[float]:
+    """`points` learning rates a factor 2 apart, centred (geometrically) on `centre`."""
+    return [float(f"{centre * 2.0 ** (k - (points - 1) / 2):.4g}") for k in range(points)]
+
+
 def method_config(
-    base: RunConfig, method: str, steps: int, lr: float | None = None, explicit: set[str] = frozenset()
+    base: RunConfig,
+    method: str,
+    steps: int,
+    lr: float | None = None,
+    explicit: set[str] = frozenset(),
+    seed: int | None = None,
 ) -> RunConfig:
-    """The base config with this method. Unless set explicitly, ReLoRA gets the paper's
-    shape scaled to the run: a quarter of the steps full-rank, then three cycles."""
+    """The base config with this method. Unless set explicitly, rank and scale are the
+    method's paper values, and ReLoRA gets the paper's shape scaled to the run: a quarter
+    of the steps full-rank, then three cycles."""
     changes: dict = {"name": method}
+    for key, value in method_defaults(method, base.preset).items():
+        if f"method.{key}" not in explicit:
+            changes[key] = value
     if method == "relora":
         warm = base.method.warm_start_steps if "method.warm_start_steps" in explicit else steps // 4
         interval = base.method.reset_interval if "method.reset_interval" in explicit else max(4, (steps - warm) // 3)
@@ -93,7 +116,7 @@ def method_config(
             else max(1, min(base.method.restart_warmup_steps, interval // 5))
         )
         changes.update(warm_start_steps=warm, reset_interval=interval, restart_warmup_steps=rw)
-    train = {"steps": steps, **({"lr": lr} if lr else {})}
+    train = {"steps": steps, **({"lr": lr} if lr else {}), **({"seed": seed} if seed is not None else {})}
     return replace(base, method=changes, train=train)
 
 
@@ -133,8 +156,9 @@ def _move_aside(run_dir: Path) -> Path:
 
 
 def check_existing(cfgs: dict[str, RunConfig], out: Path, rerun_changed: bool, log) -> None:
-    """Before any training: each method's existing run must have the requested settings;
-    with rerun_changed one that differs is moved aside, else compare stops naming them."""
+    """Before training them: each run's directory (out / key) must hold nothing or a run
+    with the requested settings; with rerun_changed one that differs is moved aside, else
+    compare stops naming them."""
     changed = {}
     for m, cfg in cfgs.items():
         saved = saved_config(out / m)
@@ -159,10 +183,13 @@ def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
     if summary_path.exists():
         done = json.loads(summary_path.read_text())
         if done.get("status") == "finished":
-            log(f"{cfg.method.name}: finished earlier, not rerun")
+            log(f"{cfg.method.name}: {run_dir} finished earlier, not rerun")
             return done
     resume = checkpoint.exists(run_dir)
-    log(f"== {cfg.method.name}: {'resuming' if resume else 'training'} in {run_dir}")
+    log(
+        f"== {cfg.method.name} (lr {cfg.train.lr:g}, seed {cfg.train.seed}): "
+        f"{'resuming' if resume else 'training'} in {run_dir}"
+    )
     try:
         return train(None if resume else cfg, run_dir, resume=resume, show_progress=show_progress, log=log)
     except ConfigError:
@@ -191,40 +218,128 @@ def compare(
     show_progress: bool = True,
     log=print,
     rerun_changed: bool = False,
+    tune: bool = False,
+    seeds: int = 1,
+    tune_fraction: float = 0.25,
+    tune_points: int = 5,
 ) -> list[dict]:
     if not methods:
         raise ConfigError("--methods is empty; name at least one of full, galore, galore8bit, relora, ...")
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds} must be at least 1")
+    if tune and not (0 < tune_fraction <= 1 and tune_points >= 2):
+        raise ConfigError(
+            f"--tune-fraction {tune_fraction} must be in (0, 1] and --tune-points {tune_points} at least 2"
+        )
     budget = parse_tokens(tokens)
     per_step = base.train.batch_size * base.seq_len
     steps = max(1, math.ceil(budget / per_step)) if budget else base.train.steps
     lr_of = parse_lrs(lrs, methods)
     cfgs = {m: method_config(base, m, steps, lr_of.get(m), explicit) for m in methods}  # validates all first
+    sweeps: dict[str, dict] = {}
+    if tune:  # the sweep runs' configs, validated before any training too
+        tune_steps = max(2, round(steps * tune_fraction))
+        for m in methods:
+            if m in lr_of:
+                continue  # a learning rate given with --lrs is used as given
+            grid = lr_grid(paper_lr(m), tune_points)
+            sweeps[m] = {"grid": grid, "steps": tune_steps, "runs": {}}
+            sweeps[m]["cfgs"] = {lr: method_config(base, m, tune_steps, lr, explicit) for lr in grid}
     if not main_process():  # under torchrun every process trains; rank 0 alone reports
         log = lambda *a, **k: None  # noqa: E731
     with RunDirectory(out, lock=main_process()):
-        if main_process():
-            check_existing(cfgs, out, rerun_changed, log)
         log(
             f"compare: {', '.join(methods)} on preset {base.preset}, {steps} steps x {per_step} tokens "
-            f"= {steps * per_step / 1e6:.2f}M tokens each"
+            f"= {steps * per_step / 1e6:.2f}M tokens each, {seeds} seed(s)"
+            + (f"; learning rates tuned on {tune_fraction:.0%} of that" if sweeps else "")
         )
-        return _compare(base, methods, cfgs, out, show_progress, log)
+        if sweeps:
+            _tune(sweeps, out, rerun_changed, show_progress, log)
+            for m, sw in sweeps.items():
+                cfgs[m] = method_config(base, m, steps, sw["chosen"], explicit)
+        return _compare(base, methods, cfgs, out, show_progress, log, rerun_changed, seeds, sweeps, explicit)
+
+
+def _tune(sweeps: dict[str, dict], out: Path, rerun_changed: bool, show_progress: bool, log) -> None:
+    """Each method's learning-rate sweep (out/tune/METHOD/lr-X); the chosen rate has the
+    lowest final validation loss; one at the grid's edge is flagged (the optimum may lie beyond)."""
+    runs = {f"tune/{m}/lr-{lr:g}": cfg for m, sw in sweeps.items() for lr, cfg in sw["cfgs"].items()}
+    if main_process():
+        check_existing(runs, out, rerun_changed, log)
+    total, k = len(runs), 0
+    for m, sw in sweeps.items():
+        for lr, cfg in sw["cfgs"].items():
+            k += 1
+            log(f"-- sweep {k}/{total}: {m} at lr {lr:g} for {sw['steps']} steps")
+            s = run_one(cfg, out / f"tune/{m}/lr-{lr:g}", show_progress, log)
+            sw["runs"][lr] = s.get("val_loss") if s.get("status") == "finished" else None
+        done = {lr: v for lr, v in sw["runs"].items() if v is not None and math.isfinite(v)}
+        if not done:
+            raise ConfigError(f"every learning rate of {m}'s sweep failed ({sw['grid']}); see {out / 'tune' / m}")
+        sw["chosen"] = min(done, key=done.get)
+        sw["edge"] = sw["chosen"] in (sw["grid"][0], sw["grid"][-1])
+        log(
+            f"{m}: chose lr {sw['chosen']:g} (val loss {done[sw['chosen']]:.4f})"
+            + (" -- at the grid's edge: the best rate may lie beyond it" if sw["edge"] else "")
+        )
+        del sw["cfgs"]
+    if main_process():
+        (out / "tune" / "sweeps.json").write_text(
+            json.dumps(
+                {m: {**sw, "runs": {f"{lr:g}": v for lr, v in sw["runs"].items()}} for m, sw in sweeps.items()},
+                indent=2,
+            )
+        )
+
+
+def _run_dirs(methods: list[str], seeds: int) -> list[tuple[str, int, str]]:
+    """(method, seed index, run directory relative to out): out/METHOD for one seed,
+    out/METHOD/seed-K for several."""
+    return [(m, k, m if seeds == 1 else f"{m}/seed-{k}") for m in methods for k in range(seeds)]
 
 
 def _compare(
-    base: RunConfig, methods: list[str], cfgs: dict[str, RunConfig], out: Path, show_progress: bool, log
+    base: RunConfig,
+    methods: list[str],
+    cfgs: dict[str, RunConfig],
+    out: Path,
+    show_progress: bool,
+    log,
+    rerun_changed: bool = False,
+    seeds: int = 1,
+    sweeps: dict | None = None,
+    explicit: set[str] = frozenset(),
 ) -> list[dict]:
-    rows = []
-    for m in methods:
-        s = run_one(cfgs[m], out / m, show_progress, log)
-        saved = saved_config(out / m)  # the run's own settings, which the table reports
-        rows.append(make_row(m, from_dict(saved) if saved else cfgs[m], s))
+    runs = _run_dirs(methods, seeds)
+    run_cfgs = {
+        d: cfgs[m]
+        if seeds == 1
+        else method_config(base, m, cfgs[m].train.steps, cfgs[m].train.lr, explicit, base.train.seed + k)
+        for m, k, d in runs
+    }
+    if main_process():
+        check_existing(run_cfgs, out, rerun_changed, log)
+    per_method: dict[str, list[dict]] = {m: [] for m in methods}
+    for i, (m, k, d) in enumerate(runs, 1):
+        log(f"-- run {i}/{len(runs)}: {m}" + (f", seed {run_cfgs[d].train.seed}" if seeds > 1 else ""))
+        s = run_one(run_cfgs[d], out / d, show_progress, log)
+        saved = saved_config(out / d)  # the run's own settings, which the table reports
+        row = make_row(m, from_dict(saved) if saved else run_cfgs[d], s)
+        row["run_dir"] = d
+        per_method[m].append(row)
+    rows = [aggregate(per_method[m]) for m in methods] if seeds > 1 else [per_method[m][0] for m in methods]
+    for r in rows:
+        if sweeps and r["method"] in sweeps:
+            r["tuned"] = True
+            r["lr_edge"] = sweeps[r["method"]]["edge"]
     full = next((r for r in rows if r["method"] == "full" and r["status"] == "finished"), None)
     for r in rows:
         if full and r.get("val_ppl") is not None:
             r["gap"] = round(r["val_ppl"] - full["val_ppl"], 3)
+            if seeds > 1 and r is not full:
+                paired_gaps(r, per_method[r["method"]], per_method["full"])
             se = math.hypot(r.get("val_loss_se") or 0, full.get("val_loss_se") or 0)
-            if r is not full and se > 0:  # the loss difference in standard errors: noise below about 2
+            if r is not full and se > 0 and seeds == 1:  # the loss difference in standard errors: noise below about 2
                 r["gap_se"] = round((r["val_loss"] - full["val_loss"]) / se, 1)
     passes = max((r.get("passes") or 0) for r in rows)
     if passes > 1:
@@ -233,11 +348,47 @@ def _compare(
             f"memorization more than the method. Use a larger corpus (petra data build) or fewer tokens."
         )
     if main_process():
-        write_tables(rows, out, base, passes)
-        write_plots(rows, cfgs, out)
+        write_tables(rows, out, base, passes, sweeps or {}, seeds)
+        write_plots(rows, cfgs, out, sweeps or {})
         write_report(rows, out, base)
         print((out / "comparison.md").read_text())
     return rows
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, sd
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """One row for a method run with several seeds: means, with the seeds' standard
+    deviation of the validation perplexity; failed if any seed failed."""
+    out = dict(rows[0])
+    out["seeds"] = len(rows)
+    failed = [r for r in rows if r["status"] != "finished"]
+    if failed:
+        out.update(status=failed[0]["status"], reason=failed[0].get("reason", ""))
+    done = [r for r in rows if r.get("val_ppl") is not None]
+    if done:
+        for key in ("val_ppl", "val_loss", "tokens_per_s", "examples_per_s"):
+            out[key] = round(_mean_sd([r[key] for r in done])[0], 4)
+        out["val_ppl_sd"] = round(_mean_sd([r["val_ppl"] for r in done])[1], 4)
+        out["val_loss_se"] = None
+        out["peak_mem_gib"] = max(r["peak_mem_gib"] for r in done)
+        out["tokens_per_s_iqr"] = None
+    return out
+
+
+def paired_gaps(row: dict, runs: list[dict], full_runs: list[dict]) -> None:
+    """The gap to full rank seed by seed (the same seed gives both the same initialization
+    and data order): its mean, its spread over seeds (standard deviation) and whether the
+    mean exceeds the spread (a smaller gap is not told apart from seed noise)."""
+    gaps = [r["val_ppl"] - f["val_ppl"] for r, f in zip(runs, full_runs) if r.get("val_ppl") and f.get("val_ppl")]
+    if len(gaps) < 2:
+        return
+    mean, sd = _mean_sd(gaps)
+    row.update(gap=round(mean, 3), gap_sd=round(sd, 3), gap_significant=abs(mean) > sd)
 
 
 def make_row(method: str, cfg: RunConfig, s: dict) -> dict:
@@ -283,8 +434,14 @@ def _cell(r: dict, key: str) -> str:
     if key == "val_loss":
         se = r.get("val_loss_se")
         return f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+    if key == "gap" and r.get("gap_sd") is not None:
+        return f"{v:+,.3f} ± {r['gap_sd']:.3f}" + ("" if r.get("gap_significant") else " (not significant)")
     if key == "gap" and r.get("gap_se") is not None:
         return f"{v:,.3f} ({r['gap_se']:+.1f} s.e.)"
+    if key == "val_ppl" and r.get("val_ppl_sd") is not None:
+        return f"{v:,.3f} ± {r['val_ppl_sd']:.3f}"
+    if key == "lr" and r.get("tuned"):
+        return f"{v:g} (tuned" + (", at the grid's edge)" if r.get("lr_edge") else ")")
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.0f}"
     if key == "tokens_per_s" and r.get("tokens_per_s_iqr"):
@@ -295,7 +452,9 @@ def _cell(r: dict, key: str) -> str:
     return str(v)
 
 
-def write_tables(rows: list[dict], out: Path, base: RunConfig, passes: float) -> None:
+def write_tables(
+    rows: list[dict], out: Path, base: RunConfig, passes: float, sweeps: dict | None = None, seeds: int = 1
+) -> None:
     (out / "comparison.json").write_text(json.dumps(rows, indent=2))
     with (out / "comparison.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS] + ["reason"])
@@ -323,6 +482,30 @@ def write_tables(rows: list[dict], out: Path, base: RunConfig, passes: float) ->
         "memory on CUDA, process RSS on CPU). tokens/s: the median of the logging windows after "
         "warm-up, with their interquartile range in brackets.",
     ]
+    if seeds > 1:
+        lines += [
+            "",
+            f"**{seeds} seeds per method** (train.seed, train.seed + 1, ...: initialization and data order). "
+            "val ppl: the mean ± the standard deviation over seeds; gap to full: the mean of the per-seed "
+            "gaps (the same seed for both runs) ± their standard deviation, marked not significant where "
+            "the mean is smaller than that spread. Other columns: means over seeds (peak memory: the largest).",
+        ]
+    if sweeps:
+        lines += ["", "## Learning-rate sweeps", ""]
+        lines += [
+            f"Each method's peak learning rate was chosen by the lowest final validation loss of short runs "
+            f"({next(iter(sweeps.values()))['steps']} steps, the same data, seed and schedule shape) on a factor-2 "
+            "grid around its paper's rate; a choice at the grid's edge is flagged: the best rate may lie beyond.",
+            "",
+            "| method | "
+            + " | ".join(f"lr {i + 1}" for i in range(len(next(iter(sweeps.values()))["grid"])))
+            + " | chosen |",
+            "|---|" + "---|" * (len(next(iter(sweeps.values()))["grid"]) + 1),
+        ]
+        for m, sw in sweeps.items():
+            cells = [f"{lr:g}: " + (f"{v:.4f}" if v is not None else "failed") for lr, v in sw["runs"].items()]
+            chosen = f"{sw['chosen']:g}" + (" (edge)" if sw["edge"] else "")
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {chosen} |")
     if any(str(r.get("device", "")).startswith("cpu") for r in rows):
         lines += [
             "",
@@ -338,13 +521,16 @@ def write_tables(rows: list[dict], out: Path, base: RunConfig, passes: float) ->
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
 
 
-def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path) -> None:
+def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path, sweeps: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = {r["method"]: read_metrics(out / r["method"] / "metrics.jsonl") for r in rows}
+    # the curves of the first seed's run
+    metrics = {r["method"]: read_metrics(out / r.get("run_dir", r["method"]) / "metrics.jsonl") for r in rows}
+    if sweeps:
+        _sweep_plot(plt, sweeps, out / "tune.png")
     _line_plot(plt, metrics, "tokens", "val_loss", 1e6, "tokens (M)", "validation loss", out / "val_loss.png")
     _line_plot(plt, metrics, "step", "lr", 1, "step", "learning rate", out / "lr.png")
 
@@ -399,13 +585,29 @@ def _line_plot(
     plt.close(fig)
 
 
+def _sweep_plot(plt, sweeps: dict, path: Path) -> None:
+    """Final validation loss against peak learning rate, one line per method, the chosen rate starred."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m, sw in sweeps.items():
+        pts = [(lr, v) for lr, v in sw["runs"].items() if v is not None]
+        line = ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=4, label=m)[0]
+        ax.plot([sw["chosen"]], [sw["runs"][sw["chosen"]]], marker="*", ms=14, color=line.get_color())
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation loss", title="learning-rate sweeps (* chosen)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(rows: list[dict], out: Path, base: RunConfig) -> None:
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in COLUMNS) + "</tr>" for r in rows)
     imgs = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode((out / name).read_bytes()).decode()}">'
         f"</figure>"
-        for name in ("val_loss.png", "lr.png", "memory.png", "throughput.png")
+        for name in ("val_loss.png", "tune.png", "lr.png", "memory.png", "throughput.png")
+        if (out / name).exists()
     )
     note = html.escape((out / "comparison.md").read_text().split("\n\n", 2)[-1])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>petra compare</title>
