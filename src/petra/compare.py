@@ -245,6 +245,8 @@ def compare(
             grid = lr_grid(paper_lr(m), tune_points)
             sweeps[m] = {"grid": grid, "steps": tune_steps, "runs": {}}
             sweeps[m]["cfgs"] = {lr: method_config(base, m, tune_steps, lr, explicit) for lr in grid}
+            # one more rate past an edge, validated like the others when it is needed
+            sweeps[m]["make"] = lambda lr, m=m: method_config(base, m, tune_steps, lr, explicit)
     if not main_process():  # under torchrun every process trains; rank 0 alone reports
         log = lambda *a, **k: None  # noqa: E731
     with RunDirectory(out, lock=main_process()):
@@ -260,36 +262,44 @@ def compare(
         return _compare(base, methods, cfgs, out, show_progress, log, rerun_changed, seeds, sweeps, explicit)
 
 
-def _tune(sweeps: dict[str, dict], out: Path, rerun_changed: bool, show_progress: bool, log) -> None:
+def _tune(sweeps: dict[str, dict], out: Path, rerun_changed: bool, show_progress: bool, log, extend: int = 2) -> None:
     """Each method's learning-rate sweep (out/tune/METHOD/lr-X); the chosen rate has the
-    lowest final validation loss; one at the grid's edge is flagged (the optimum may lie beyond)."""
-    runs = {f"tune/{m}/lr-{lr:g}": cfg for m, sw in sweeps.items() for lr, cfg in sw["cfgs"].items()}
+    lowest final validation loss. A choice at the grid's edge extends the grid by one more
+    factor of 2 that way, up to `extend` times; one still at the edge is flagged (the best
+    rate may lie beyond)."""
     if main_process():
-        check_existing(runs, out, rerun_changed, log)
-    total, k = len(runs), 0
-    for m, sw in sweeps.items():
-        for lr, cfg in sw["cfgs"].items():
-            k += 1
-            log(f"-- sweep {k}/{total}: {m} at lr {lr:g} for {sw['steps']} steps")
-            s = run_one(cfg, out / f"tune/{m}/lr-{lr:g}", show_progress, log)
-            sw["runs"][lr] = s.get("val_loss") if s.get("status") == "finished" else None
-        done = {lr: v for lr, v in sw["runs"].items() if v is not None and math.isfinite(v)}
-        if not done:
-            raise ConfigError(f"every learning rate of {m}'s sweep failed ({sw['grid']}); see {out / 'tune' / m}")
-        sw["chosen"] = min(done, key=done.get)
-        sw["edge"] = sw["chosen"] in (sw["grid"][0], sw["grid"][-1])
+        first = {f"tune/{m}/lr-{lr:g}": cfg for m, sw in sweeps.items() for lr, cfg in sw["cfgs"].items()}
+        check_existing(first, out, rerun_changed, log)
+    for i, (m, sw) in enumerate(sweeps.items(), 1):
+        for extension in range(extend + 1):
+            for lr, cfg in sw["cfgs"].items():
+                if lr in sw["runs"]:
+                    continue
+                log(f"-- sweep of method {i}/{len(sweeps)}: {m} at lr {lr:g} for {sw['steps']} steps")
+                s = run_one(cfg, out / f"tune/{m}/lr-{lr:g}", show_progress, log)
+                sw["runs"][lr] = s.get("val_loss") if s.get("status") == "finished" else None
+            done = {lr: v for lr, v in sw["runs"].items() if v is not None and math.isfinite(v)}
+            if not done:
+                raise ConfigError(f"every learning rate of {m}'s sweep failed ({sw['grid']}); see {out / 'tune' / m}")
+            sw["chosen"] = min(done, key=done.get)
+            sw["edge"] = sw["chosen"] in (sw["grid"][0], sw["grid"][-1])
+            if not sw["edge"] or extension == extend:
+                break
+            lr = float(f"{sw['chosen'] * (2 if sw['chosen'] == sw['grid'][-1] else 0.5):.4g}")
+            log(f"{m}: the best rate so far, {sw['chosen']:g}, is at the grid's edge; trying {lr:g}")
+            sw["grid"] = sorted([*sw["grid"], lr])
+            sw["cfgs"][lr] = sw["make"](lr)
+            if main_process():
+                check_existing({f"tune/{m}/lr-{lr:g}": sw["cfgs"][lr]}, out, rerun_changed, log)
+        sw["runs"] = dict(sorted(sw["runs"].items()))
         log(
-            f"{m}: chose lr {sw['chosen']:g} (val loss {done[sw['chosen']]:.4f})"
+            f"{m}: chose lr {sw['chosen']:g} (val loss {sw['runs'][sw['chosen']]:.4f})"
             + (" -- at the grid's edge: the best rate may lie beyond it" if sw["edge"] else "")
         )
-        del sw["cfgs"]
+        del sw["cfgs"], sw["make"]
     if main_process():
-        (out / "tune" / "sweeps.json").write_text(
-            json.dumps(
-                {m: {**sw, "runs": {f"{lr:g}": v for lr, v in sw["runs"].items()}} for m, sw in sweeps.items()},
-                indent=2,
-            )
-        )
+        saved = {m: {**sw, "runs": {f"{lr:g}": v for lr, v in sw["runs"].items()}} for m, sw in sweeps.items()}
+        (out / "tune" / "sweeps.json").write_text(json.dumps(saved, indent=2))
 
 
 def _run_dirs(methods: list[str], seeds: int) -> list[tuple[str, int, str]]:
@@ -495,17 +505,15 @@ def write_tables(
         lines += [
             f"Each method's peak learning rate was chosen by the lowest final validation loss of short runs "
             f"({next(iter(sweeps.values()))['steps']} steps, the same data, seed and schedule shape) on a factor-2 "
-            "grid around its paper's rate; a choice at the grid's edge is flagged: the best rate may lie beyond.",
+            "grid around its paper's rate, extended past an edge up to twice; a choice still at the edge is flagged.",
             "",
-            "| method | "
-            + " | ".join(f"lr {i + 1}" for i in range(len(next(iter(sweeps.values()))["grid"])))
-            + " | chosen |",
-            "|---|" + "---|" * (len(next(iter(sweeps.values()))["grid"]) + 1),
+            "| method | final validation loss at each peak learning rate | chosen |",
+            "|---|---|---|",
         ]
         for m, sw in sweeps.items():
             cells = [f"{lr:g}: " + (f"{v:.4f}" if v is not None else "failed") for lr, v in sw["runs"].items()]
             chosen = f"{sw['chosen']:g}" + (" (edge)" if sw["edge"] else "")
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {chosen} |")
+            lines.append(f"| {m} | " + ", ".join(cells) + f" | {chosen} |")
     if any(str(r.get("device", "")).startswith("cpu") for r in rows):
         lines += [
             "",
