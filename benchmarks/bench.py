@@ -132,11 +132,14 @@ def build(
         "petra-relora-int8": "relora",
         "petra-relora-nf4": "relora",
         "petra-full8bit": "full8bit",
+        "petra-apollo": "apollo",
+        "petra-apollo-mini": "apollo-mini",
+        "petra-fira": "fira",
     }.get(name, "full")
     ov = {
         "preset": preset,
         "method.name": method,
-        "method.rank": rank,
+        "method.rank": 1 if method == "apollo-mini" else rank,
         "train.batch_size": batch,
         "train.micro_batch_size": micro,
         "method.update_proj_gap": gap,
@@ -187,7 +190,7 @@ def build(
                     (fwd(x, y) / len(batches)).backward()
             m.step(model, opt)
 
-        return step, method.startswith("galore"), cfg, opt
+        return step, method.startswith(("galore", "apollo", "fira")), cfg, opt
 
     model = hf_model(cfg)
     if name == "hf-lora":
@@ -223,25 +226,23 @@ def build(
         cls = galore_torch.GaLoreAdamW8bit if "8bit" in name else galore_torch.GaLoreAdamW
         opt = cls(groups, lr=1e-3)
         refresh = True
-    elif name == "apollo":  # APOLLO's recommended setting: random projection, channel-wise scaling
-        import apollo_torch
-
+    elif name in ("apollo", "apollo-mini", "fira"):  # the packages' recommended settings
         low = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
         ids = {id(p) for p in low}
-        rest = [p for p in params if id(p) not in ids]
-        groups = [
-            {"params": rest},
-            {
-                "params": low,
-                "rank": rank,
-                "proj": "random",
-                "scale_type": "channel",
-                "scale": 1,
-                "update_proj_gap": gap,
-                "proj_type": "std",
-            },
-        ]
-        opt = apollo_torch.APOLLOAdamW(groups, lr=1e-3)
+        group = {"params": low, "update_proj_gap": gap, "proj_type": "std"}
+        if name == "fira":
+            import fira
+
+            cls = fira.FiraAdamW
+            group.update(rank=rank, alpha=0.25)
+        else:  # APOLLO: random projection, channel-wise scaling; Mini: rank 1, tensor-wise, scale 128
+            import apollo_torch
+
+            cls = apollo_torch.APOLLOAdamW
+            mini = name == "apollo-mini"
+            group.update(proj="random", rank=1 if mini else rank, scale_type="tensor" if mini else "channel")
+            group["scale"] = 128 if mini else 1
+        opt = cls([{"params": [p for p in params if id(p) not in ids]}, group], lr=1e-3)
         refresh = True
     else:
         raise ValueError(f"unknown impl {impl}")
@@ -417,6 +418,9 @@ PEERS = {
     "petra-galore": ("galore-torch", "apollo", "petra-full"),
     "petra-galore8bit": ("galore-torch-8bit", "hf-adamw8bit", "petra-full"),
     "petra-galore8bit-lw": ("galore-torch-8bit", "petra-full"),
+    "petra-apollo": ("apollo", "petra-full"),
+    "petra-apollo-mini": ("apollo-mini", "petra-full"),
+    "petra-fira": ("fira", "petra-full"),
     "petra-relora": ("hf-lora",),
     "petra-relora-int8": ("hf-lora",),
     "petra-relora-nf4": ("hf-lora",),

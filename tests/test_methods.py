@@ -19,7 +19,7 @@ def _cfg(**ov):
 @pytest.mark.parametrize(
     "ov, strategy, message",
     [
-        ({"method.name": "relora", "method.layerwise": True}, NoParallel, "layerwise is for the full and galore"),
+        ({"method.name": "relora", "method.layerwise": True}, NoParallel, "layerwise is for the full and low-rank"),
         ({"method.name": "relora", "method.quantize": "int8"}, FSDP, "quantize does not run under FSDP2"),
         ({"method.name": "galore-adafactor"}, FSDP, "galore-adafactor does not run under FSDP2"),
     ],

@@ -27,6 +27,7 @@ TRAIN_FLAGS: dict[str, str] = {
     "micro_batch_size": "train.micro_batch_size",
     "seq_len": "train.seq_len",
     "lr": "train.lr",
+    "grad_clip": "train.grad_clip",
     "seed": "train.seed",
     "device": "train.device",
     "dtype": "train.dtype",

@@ -18,12 +18,10 @@ class Apollo(GaLore):
         "fira8bit": (FiraAdamW8bit, "Fira (AdamW 8-bit)"),
     }
 
+    unsharded_because = "its channel scales span the shards"
+
     def check(self):
         super().check()
-        if self.parallel.sharded:
-            raise ConfigError(
-                f"{self.name} does not run under FSDP2 yet (its channel scales span the shards); use train.parallel=ddp"
-            )
         if self.cfg.method.layerwise and self.cfg.train.grad_clip > 0:
             raise ConfigError(
                 f"{self.name} with method.layerwise needs train.grad_clip=0: its update scales the full "

@@ -42,9 +42,14 @@ class Method:
     def check(self) -> None:
         """Refuse what this method cannot do under its parallel strategy, before any work."""
         if self.cfg.method.layerwise and not self.supports_layerwise:
-            raise ConfigError(f"method.layerwise is for the full and galore methods, not {self.name}")
+            raise ConfigError(f"method.layerwise is for the full and low-rank methods, not {self.name}")
+        if self.parallel.sharded and self.unsharded_because:
+            raise ConfigError(
+                f"{self.name} does not run under FSDP2 ({self.unsharded_because}); use train.parallel=ddp"
+            )
 
     supports_layerwise = True
+    unsharded_because = ""  # why the method needs whole parameters, if it does
 
     def _layerwise(self, opt) -> LayerwiseStepper:
         # where a hook sees the gradient before its all-reduce (DDP), update after backward
@@ -64,6 +69,11 @@ class Method:
             opt = AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
             self._layerwise(opt)
             return opt
+        return self.adamw(params)
+
+    def adamw(self, params: list[torch.Tensor]) -> LocalAdamW:
+        """torch's AdamW with the run's settings (fused on CUDA), on local shards under FSDP2."""
+        t = self.cfg.train
         fused = all(p.is_cuda for p in params)
         return LocalAdamW(
             params,

@@ -17,11 +17,7 @@ class Muon(Method):
 
     name, optimizer_name = "muon", "Muon + AdamW"
     supports_layerwise = False
-
-    def check(self):
-        super().check()
-        if self.parallel.sharded:
-            raise ConfigError("muon does not run under FSDP2 (Newton-Schulz needs whole matrices); use ddp")
+    unsharded_because = "Newton-Schulz needs whole matrices"
 
     def optimizer(self, model):
         t = self.cfg.train
@@ -29,18 +25,7 @@ class Muon(Method):
         muon = torch.optim.Muon(
             [p for _, p in hidden], lr=t.lr, weight_decay=t.weight_decay, adjust_lr_fn="match_rms_adamw"
         )
-        params = [p for _, p in other]
-        cuda = all(p.is_cuda for p in params)
-        adamw = torch.optim.AdamW(
-            params,
-            lr=t.lr,
-            betas=(t.beta1, t.beta2),
-            eps=t.eps,
-            weight_decay=t.weight_decay,
-            fused=cuda or None,
-            foreach=None if cuda else False,
-        )
-        return OptimizerChain(muon, adamw)
+        return OptimizerChain(muon, self.adamw([p for _, p in other]))
 
 
 class AdamMini(Method):
@@ -50,11 +35,10 @@ class AdamMini(Method):
 
     name, optimizer_name = "adam-mini", "Adam-mini"
     supports_layerwise = False
+    unsharded_because = "its block norms span the shards"
 
     def check(self):
         super().check()
-        if self.parallel.sharded:
-            raise ConfigError("adam-mini runs here without FSDP2 (its block norms span the shards); use ddp")
         try:
             import adam_mini  # noqa: F401
         except ImportError:
