@@ -268,6 +268,26 @@ def cmd_data_build(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .generate import check_sampling, generate, load
+    from .train import resolve_device
+
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before loading
+    device, dtype = resolve_device(build_config(overrides={"train.device": args.device}))
+    model, tok = load(args.source, device, dtype)
+    prompt = tok.encode_documents([args.prompt])[0][:-1].tolist()  # without the EOS a document ends with
+    for i in range(args.samples):
+        ids = generate(
+            model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed + i, tok.eos_id
+        )
+        print(
+            ("" if args.samples == 1 else f"--- sample {i + 1} (seed {args.seed + i})\n")
+            + args.prompt
+            + tok.decode(ids)
+        )
+    return 0
+
+
 def cmd_export(args) -> int:
     from .checkpoint import export_hf
 
@@ -414,6 +434,24 @@ def parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard (default: 134217728)")
     pp.set_defaults(func=cmd_data_prepare)
+
+    g = sub.add_parser(
+        "generate",
+        help="sample text from a run directory or an export",
+        description="Continue --prompt with the model of a run directory (its last checkpoint) or "
+        "an export directory, using a KV cache. Temperature 0 is greedy (deterministic).",
+        epilog=EXIT_CODES,
+    )
+    g.add_argument("source", help="run directory or export directory (petra export --hf)")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all; default: 50)")
+    g.add_argument("--top-p", type=float, default=0.95, help="... and the smallest set of mass top-p (default: 0.95)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    g.add_argument("--samples", type=int, default=1, help="how many continuations (seeds seed, seed+1, ...)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.set_defaults(func=cmd_generate)
 
     x = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM checkpoint")
     x.add_argument("run_dir", help="run directory with checkpoint.pt")

@@ -43,9 +43,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for generation: written in
+    place at positions [pos, pos + T), so a new token attends to the cache, not a recompute."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.num_attention_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.pos = 0  # tokens already in the cache; the model advances it after each forward
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        self.keys[layer][:, :, self.pos : end] = k
+        self.values[layer][:, :, self.pos : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
+        self.index = index  # the layer's place: its slot in a KVCache
         d = cfg.hidden_size
         self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
@@ -53,13 +71,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash on CUDA
+        if cache is not None:  # the new tokens attend to every cached one (a prompt only at pos 0)
+            k, v = cache.append(self.index, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # flash on CUDA
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -76,15 +96,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -94,7 +114,7 @@ class LlamaBody(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -216,6 +236,25 @@ class LlamaForCausalLM(nn.Module):
             else:
                 x = layer(x, cos, sin)
         return self.model.norm(x)
+
+    @torch.no_grad()
+    def next_logits(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The logits (B, V) after the tokens idx (B, T) that follow the cache's: the prompt
+        at position 0, then one token at a time. Advances the cache."""
+        T = idx.shape[1]
+        if cache.pos + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{cache.pos + T} tokens exceed max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        if T > 1 and cache.pos:
+            raise ValueError("several tokens at once are only for the prompt (position 0)")
+        x = self.model.embed_tokens(idx)
+        cos = self.rope_cos[cache.pos : cache.pos + T].to(x.dtype)
+        sin = self.rope_sin[cache.pos : cache.pos + T].to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache)
+        cache.pos += T
+        return self.lm_head(self.model.norm(x[:, -1]))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, per_row: bool = False) -> torch.Tensor:
         """Logits (B, T, V) when targets is None, else the mean next-token loss (each row's
