@@ -544,13 +544,18 @@ def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path, sweeps:
 
     parts = ["weights", "gradients", "optimizer_state", "projectors", "activations"]
     cuda = torch.cuda.is_available()  # bf16 there; fp32 on CPU, where RSS is no device memory
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     names = [r["method"] for r in rows]
+    est = {m: breakdown_gib(cfgs[m], weight_bytes=2 if cuda else 4) for m in names}
     bottom = [0.0] * len(rows)
     for part in parts:
-        vals = [breakdown_gib(cfgs[m], weight_bytes=2 if cuda else 4)[part] for m in names]
-        ax.bar(names, vals, bottom=bottom, label=part.replace("_", " "))
+        vals = [est[m][part] for m in names]
+        # the largest value in the legend: a segment too thin to see is still accounted for
+        label = f"{part.replace('_', ' ')} (up to {max(vals):.3g} GiB)"
+        ax.bar(names, vals, bottom=bottom, label=label, edgecolor="white", linewidth=0.6)
         bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, total in enumerate(bottom):
+        ax.annotate(f"{total:.3g}", (i, total), ha="center", va="bottom", fontsize=8)
     measured = [r.get("peak_mem_gib") for r in rows]
     if cuda and any(m is not None for m in measured):
         ax.scatter(
@@ -559,11 +564,16 @@ def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path, sweeps:
             color="black",
             marker="_",
             s=400,
-            label="measured peak",
+            label="measured peak (table: peak memory GiB)",
             zorder=3,
         )
-    ax.set(ylabel="GiB", title="memory: estimate by part" + (", measured peak" if cuda else " (fp32, CPU)"))
-    ax.legend(fontsize=8)
+    ax.set(
+        ylabel="GiB",
+        title="memory estimate by part; bar tops: its total as petra estimate gives it (not a table column)"
+        + ("" if cuda else "; fp32 on CPU"),
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=110)
     plt.close(fig)
@@ -579,12 +589,24 @@ def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path, sweeps:
 def _line_plot(
     plt, metrics: dict[str, list[dict]], x: str, y: str, x_unit: float, xlabel: str, ylabel: str, path: Path
 ) -> None:
-    """One line per method of metric y against x, from the runs' metrics.jsonl."""
+    """One line per method of metric y against x, from the runs' metrics.jsonl. Each method
+    has its own dash pattern and width (widest first), so lines that coincide (methods with
+    one schedule) all stay visible."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for m, recs in metrics.items():
+    styles = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+    n = len(metrics)
+    for i, (m, recs) in enumerate(metrics.items()):
         v = [(r[x] / x_unit, r[y]) for r in recs if y in r]
         if v:
-            ax.plot([a for a, _ in v], [b for _, b in v], marker="o" if y == "val_loss" else None, ms=3, label=m)
+            ax.plot(
+                [a for a, _ in v],
+                [b for _, b in v],
+                linestyle=styles[i % len(styles)],
+                linewidth=1.2 + 2.0 * (n - 1 - i) / max(1, n - 1),
+                marker="o" if y == "val_loss" else None,
+                ms=3,
+                label=m,
+            )
     ax.set(xlabel=xlabel, ylabel=ylabel, title=ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
