@@ -40,3 +40,31 @@ def galore_param_groups(model: nn.Module, rank: int, targets: str = DEFAULT_TARG
     if other:
         groups.append({"params": [p for _, p in other]})
     return groups
+
+
+def matches_target(name: str, targets: str | list[str]) -> bool:
+    """transformers' `optim_target_modules` rule for a module name: a string is a regex that
+    must match the whole name; a list matches a name it holds, a name containing one of its
+    items, or a name one of its items matches as a whole regex."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return name in targets or any(t in name for t in targets) or any(re.fullmatch(t, name) for t in targets)
+
+
+def target_param_groups(model: nn.Module, targets: str | list[str], rank: int, **lowrank) -> list[dict]:
+    """Param groups for any low-rank optimizer of petra, chosen as transformers'
+    `optim_target_modules` chooses: the weights of the nn.Linear modules whose names match
+    `targets` get `rank` (and the `lowrank` options); every other trainable parameter is a
+    plain AdamW group."""
+    low = {
+        id(m.weight)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.weight.requires_grad and matches_target(name, targets)
+    }
+    if not low:
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
+        raise ValueError(f"targets {targets!r} match no nn.Linear module; its names look like {linear}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in low], "rank": rank, **lowrank}]
+    rest = [p for p in params if id(p) not in low]
+    return groups + ([{"params": rest}] if rest else [])
