@@ -204,6 +204,9 @@ def test_compare_tunes_each_learning_rate_and_reports_spreads_over_seeds(tmp_pat
     table = (out / "comparison.md").read_text()
     assert "## Learning-rate sweeps" in table and f"{rows['full']['lr']:g} (tuned" in table
     assert (out / "tune.png").stat().st_size > 0
+    report = (out / "report.html").read_text()  # the notes as HTML: a heading, a table, bold, no markdown
+    assert "<h2>Learning-rate sweeps</h2>" in report and "<b>2 seeds per method</b>" in report
+    assert "<th>method</th><th>final validation loss" in report and "**" not in report and "|---" not in report
     # a second call trains nothing again
     capsys.readouterr()
     assert main(argv) == 0

@@ -630,6 +630,25 @@ def _sweep_plot(plt, sweeps: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _markdown_html(text: str) -> str:
+    """The little markdown comparison.md's notes use (paragraphs, ## headings, tables,
+    **bold**) as HTML, so the report shows them as the markdown file does."""
+    parts = []
+    for block in (b.strip() for b in text.split("\n\n")):
+        if not block:
+            continue
+        if block.startswith("## "):
+            parts.append(f"<h2>{html.escape(block[3:])}</h2>")
+        elif all(line.startswith("|") for line in block.splitlines()):
+            rows = [line.strip("|").split("|") for line in block.splitlines() if not line.startswith("|---")]
+            tags = ["th"] + ["td"] * (len(rows) - 1)  # the first row is the header
+            cells = ["".join(f"<{t}>{html.escape(c.strip())}</{t}>" for c in r) for t, r in zip(tags, rows)]
+            parts.append("<table>" + "".join(f"<tr>{c}</tr>" for c in cells) + "</table>")
+        else:
+            parts.append("<p>" + re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(block)) + "</p>")
+    return "".join(parts)
+
+
 def write_report(rows: list[dict], out: Path, base: RunConfig) -> None:
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in COLUMNS) + "</tr>" for r in rows)
@@ -639,11 +658,12 @@ def write_report(rows: list[dict], out: Path, base: RunConfig) -> None:
         for name in ("val_loss.png", "tune.png", "lr.png", "memory.png", "throughput.png")
         if (out / name).exists()
     )
-    note = html.escape((out / "comparison.md").read_text().split("\n\n", 2)[-1])
+    note = _markdown_html((out / "comparison.md").read_text().split("\n\n", 2)[-1])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>petra compare</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}th{{background:#f3f3f3}}
-figure{{display:inline-block;margin:8px}}img{{max-width:560px}}</style></head><body>
+figure{{display:inline-block;margin:8px}}img{{max-width:560px}}p{{max-width:1100px}}
+h2{{font-size:18px}}table+table,p+table{{margin-top:8px}}</style></head><body>
 <h1>petra compare: preset {html.escape(base.preset)}</h1>
-<table><tr>{head}</tr>{body}</table><p>{note}</p>{imgs}</body></html>"""
+<table><tr>{head}</tr>{body}</table>{note}{imgs}</body></html>"""
     (out / "report.html").write_text(page)
