@@ -43,6 +43,7 @@ TRAIN_FLAGS: dict[str, str] = {
     "reset_interval": "method.reset_interval",
     "warm_start_steps": "method.warm_start_steps",
     "init_from": "train.init_from",
+    "log_to": "train.log_to",
     "data": "data.source",
     "tokenizer": "data.tokenizer",
 }

@@ -19,6 +19,7 @@ import html
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -302,6 +303,27 @@ def _tune(sweeps: dict[str, dict], out: Path, rerun_changed: bool, show_progress
         (out / "tune" / "sweeps.json").write_text(json.dumps(saved, indent=2))
 
 
+class ETA:
+    """Overall progress of compare's runs in tokens, and the time left at the pace so far."""
+
+    def __init__(self, total_tokens: int):
+        self.total, self.tokens, self.t0 = total_tokens, 0, time.perf_counter()
+
+    def done(self, tokens: int, trained: bool = True) -> None:
+        """A run's tokens: trained now (they set the pace), or finished earlier (off the total)."""
+        if trained:
+            self.tokens += tokens
+        else:
+            self.total -= tokens
+
+    def line(self) -> str:
+        if not self.tokens:
+            return f" ({self.total / 1e6:.3g}M tokens to train)"
+        left = (time.perf_counter() - self.t0) / self.tokens * (self.total - self.tokens)
+        when = f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+        return f" ({self.tokens / 1e6:.3g}M of {self.total / 1e6:.3g}M tokens trained, about {when} left)"
+
+
 def _run_dirs(methods: list[str], seeds: int) -> list[tuple[str, int, str]]:
     """(method, seed index, run directory relative to out): out/METHOD for one seed,
     out/METHOD/seed-K for several."""
@@ -330,9 +352,15 @@ def _compare(
     if main_process():
         check_existing(run_cfgs, out, rerun_changed, log)
     per_method: dict[str, list[dict]] = {m: [] for m in methods}
+    eta = ETA(sum(c.train.steps * c.train.batch_size * c.seq_len for c in run_cfgs.values()))
     for i, (m, k, d) in enumerate(runs, 1):
-        log(f"-- run {i}/{len(runs)}: {m}" + (f", seed {run_cfgs[d].train.seed}" if seeds > 1 else ""))
-        s = run_one(run_cfgs[d], out / d, show_progress, log)
+        log(f"-- run {i}/{len(runs)}: {m}" + (f", seed {run_cfgs[d].train.seed}" if seeds > 1 else "") + eta.line())
+        c = run_cfgs[d]
+        earlier = (out / d / "summary.json").is_file()  # a finished run is not trained again
+        s = run_one(c, out / d, show_progress, log)
+        eta.done(
+            c.train.steps * c.train.batch_size * c.seq_len, trained=not (earlier and s.get("status") == "finished")
+        )
         saved = saved_config(out / d)  # the run's own settings, which the table reports
         row = make_row(m, from_dict(saved) if saved else run_cfgs[d], s)
         row["run_dir"] = d

@@ -176,6 +176,8 @@ class TrainConfig:
     compile: str = _f("auto", "torch.compile the model (auto = on for CUDA)")
     stop_after: int = _f(0, "end the run at this step as if interrupted (0 = off)")
     parallel: str = _f("auto", "processes under torchrun (auto = ddp; none = one process)")
+    log_to: str = _f("", "also log metrics to these trackers (comma-separated: tensorboard, wandb, trackio)")
+    tracker_project: str = _f("petra", "the wandb / trackio project of the run")
     fsdp_unit_layers: int = _f(1, "FSDP2: decoder layers sharded and gathered as one unit")
     init_from: str = _f(
         "",
@@ -425,6 +427,8 @@ def validate_train(t: TrainConfig) -> None:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if t.warmup_steps > t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
+    for name in (n.strip() for n in t.log_to.split(",") if n.strip()):
+        _choice("train.log_to", name, ("tensorboard", "wandb", "trackio"))
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
 
@@ -473,7 +477,8 @@ def validate(cfg: RunConfig) -> None:
 
 # fields that may differ when resuming; anything else must match the saved run
 RESUMABLE_CHANGES = {
-    ("train", k) for k in ("stop_after", "device", "compile", "eval_every", "save_every", "log_every", "parallel")
+    ("train", k)
+    for k in ("stop_after", "device", "compile", "eval_every", "save_every", "log_every", "parallel", "log_to")
 }
 
 

@@ -124,8 +124,10 @@ class TrainLog:
         world: int,
         show_progress: bool,
         log=print,
+        trackers=None,
     ):
         self.metrics = MetricsLog(path, resume_step) if write else None
+        self.trackers = trackers  # TensorBoard / wandb / trackio beside metrics.jsonl
         if self.metrics is not None and resume_step is None:
             self.metrics.path.write_text("")
         self.last_step, self.log_every, self.tokens_per_step = last_step, log_every, tokens_per_step
@@ -144,6 +146,8 @@ class TrainLog:
     def write(self, record: dict) -> None:
         if self.metrics is not None:
             self.metrics.write(record)
+        if self.trackers is not None:
+            self.trackers.write(record)
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, skipped: bool) -> None:
         self._steps += 1
@@ -208,3 +212,5 @@ class TrainLog:
         self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.trackers is not None:
+            self.trackers.close()

@@ -29,6 +29,7 @@ from .parallel import setup as setup_parallel
 from .rundir import RunDirectory
 from .schedule import set_lr
 from .signals import StopRequest
+from .trackers import Trackers, check_installed, open_trackers
 from .validation import Validator
 
 
@@ -166,6 +167,7 @@ def setup(
             f"{out} already holds a run (a checkpoint); resume it with --resume {out} or choose another --out"
         )
     method = make_method(cfg, parallel)  # the method's checks come before any work
+    check_installed(cfg.train.log_to)
     B = cfg.train.batch_size
     rows = B // parallel.world
     mb = cfg.train.micro_batch_size or rows
@@ -309,6 +311,9 @@ def _components(run: Run, log, show_progress: bool) -> tuple[Checkpointer, Valid
         run.parallel.world,
         show_progress,
         log,
+        trackers=Trackers(open_trackers(t.log_to, run.out, cfg.to_dict(), t.tracker_project))
+        if run.parallel.main
+        else None,
     )
     health = Health(cfg.model.vocab_size, t.max_skipped_steps, t.divergence_patience, log=tlog.print)
     return ckpt, val, tlog, health
