@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from petra import parallel as par_  # noqa: E402
 from petra.compiling import compile_model  # noqa: E402
-from petra.config import build_config  # noqa: E402
+from petra.config import LOWRANK_METHODS, build_config  # noqa: E402
 from petra.methods import make_method  # noqa: E402
 from petra.metrics import (
     flops_per_token,  # noqa: E402
@@ -190,7 +190,7 @@ def build(
                     (fwd(x, y) / len(batches)).backward()
             m.step(model, opt)
 
-        return step, method.startswith(("galore", "apollo", "fira")), cfg, opt
+        return step, method in LOWRANK_METHODS, cfg, opt
 
     model = hf_model(cfg)
     if name == "hf-lora":

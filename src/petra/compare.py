@@ -244,10 +244,10 @@ def compare(
             if m in lr_of:
                 continue  # a learning rate given with --lrs is used as given
             grid = lr_grid(paper_lr(m), tune_points)
-            sweeps[m] = {"grid": grid, "steps": tune_steps, "runs": {}}
-            sweeps[m]["cfgs"] = {lr: method_config(base, m, tune_steps, lr, explicit) for lr in grid}
-            # one more rate past an edge, validated like the others when it is needed
-            sweeps[m]["make"] = lambda lr, m=m: method_config(base, m, tune_steps, lr, explicit)
+            # the builder also makes the rate past an edge, when one is needed
+            make = lambda lr, m=m: method_config(base, m, tune_steps, lr, explicit)  # noqa: E731
+            sweeps[m] = {"grid": grid, "steps": tune_steps, "runs": {}, "make": make}
+            sweeps[m]["cfgs"] = {lr: make(lr) for lr in grid}
     if not main_process():  # under torchrun every process trains; rank 0 alone reports
         log = lambda *a, **k: None  # noqa: E731
     with RunDirectory(out, lock=main_process()):
@@ -324,6 +324,11 @@ class ETA:
         return f" ({self.tokens / 1e6:.3g}M of {self.total / 1e6:.3g}M tokens trained, about {when} left)"
 
 
+def _tokens(cfg: RunConfig) -> int:
+    """The tokens a run trains on."""
+    return cfg.train.steps * cfg.train.batch_size * cfg.seq_len
+
+
 def _run_dirs(methods: list[str], seeds: int) -> list[tuple[str, int, str]]:
     """(method, seed index, run directory relative to out): out/METHOD for one seed,
     out/METHOD/seed-K for several."""
@@ -352,15 +357,13 @@ def _compare(
     if main_process():
         check_existing(run_cfgs, out, rerun_changed, log)
     per_method: dict[str, list[dict]] = {m: [] for m in methods}
-    eta = ETA(sum(c.train.steps * c.train.batch_size * c.seq_len for c in run_cfgs.values()))
+    eta = ETA(sum(_tokens(c) for c in run_cfgs.values()))
     for i, (m, k, d) in enumerate(runs, 1):
         log(f"-- run {i}/{len(runs)}: {m}" + (f", seed {run_cfgs[d].train.seed}" if seeds > 1 else "") + eta.line())
         c = run_cfgs[d]
         earlier = (out / d / "summary.json").is_file()  # a finished run is not trained again
         s = run_one(c, out / d, show_progress, log)
-        eta.done(
-            c.train.steps * c.train.batch_size * c.seq_len, trained=not (earlier and s.get("status") == "finished")
-        )
+        eta.done(_tokens(c), trained=not (earlier and s.get("status") == "finished"))
         saved = saved_config(out / d)  # the run's own settings, which the table reports
         row = make_row(m, from_dict(saved) if saved else run_cfgs[d], s)
         row["run_dir"] = d
@@ -409,9 +412,10 @@ def aggregate(rows: list[dict]) -> dict:
         out.update(status=failed[0]["status"], reason=failed[0].get("reason", ""))
     done = [r for r in rows if r.get("val_ppl") is not None]
     if done:
-        for key in ("val_ppl", "val_loss", "tokens_per_s", "examples_per_s"):
+        for key in ("val_loss", "tokens_per_s", "examples_per_s"):
             out[key] = round(_mean_sd([r[key] for r in done])[0], 4)
-        out["val_ppl_sd"] = round(_mean_sd([r["val_ppl"] for r in done])[1], 4)
+        mean, sd = _mean_sd([r["val_ppl"] for r in done])
+        out["val_ppl"], out["val_ppl_sd"] = round(mean, 4), round(sd, 4)
         out["val_loss_se"] = None
         out["peak_mem_gib"] = max(r["peak_mem_gib"] for r in done)
         out["tokens_per_s_iqr"] = None

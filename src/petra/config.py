@@ -113,6 +113,15 @@ def method_defaults(name: str, preset: str) -> dict[str, Any]:
     return {"rank": 1 if mini else PRESET_RANKS[preset], "scale": scale}
 
 
+# experiment trackers train.log_to may name (each is also the package that provides it)
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
+def tracker_names(log_to: str) -> list[str]:
+    """The trackers of a train.log_to value ('tensorboard,wandb')."""
+    return [n.strip() for n in log_to.split(",") if n.strip()]
+
+
 # every field whose value is one of a few words, declared once: validation and --help read this
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.shuffle": ("feistel", "randperm"),
@@ -427,8 +436,8 @@ def validate_train(t: TrainConfig) -> None:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if t.warmup_steps > t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
-    for name in (n.strip() for n in t.log_to.split(",") if n.strip()):
-        _choice("train.log_to", name, ("tensorboard", "wandb", "trackio"))
+    for name in tracker_names(t.log_to):
+        _choice("train.log_to", name, TRACKERS)
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
 

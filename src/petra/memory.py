@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig, RunConfig
+from .config import LOWRANK_METHODS, ModelConfig, RunConfig
 
 GIB = 2**30
 
@@ -46,7 +46,7 @@ def method_bytes(cfg: RunConfig, weight_bytes: int = 2, state_bytes: float = 2) 
     if name in ("full", "full8bit"):
         state = 2 * sb * s.total
         grads = weight_bytes * s.total
-    elif name.startswith(("galore", "apollo", "fira")):
+    elif name in LOWRANK_METHODS:
         low = 0.0
         for m, n in s.targets:
             short, long_ = min(m, n), max(m, n)
@@ -97,9 +97,7 @@ def paper_estimate_gib(cfg: RunConfig) -> float:
 def breakdown_gib(cfg: RunConfig, weight_bytes: int = 2) -> dict[str, float]:
     # petra keeps low-rank moments in fp32 (state_bytes 4) and torch AdamW keeps them in the
     # parameter dtype; 8-bit is 8-bit either way
-    state_bytes = (
-        4 if cfg.method.name.startswith(("galore", "apollo", "fira")) or cfg.method.layerwise else weight_bytes
-    )
+    state_bytes = 4 if cfg.method.name in LOWRANK_METHODS or cfg.method.layerwise else weight_bytes
     b = method_bytes(cfg, weight_bytes=weight_bytes, state_bytes=state_bytes)
     b["activations"] = activation_bytes(cfg, act_bytes=weight_bytes)
     out = {k: v / GIB for k, v in b.items()}

@@ -222,39 +222,34 @@ class LlamaForCausalLM(nn.Module):
                 layer._compiled_call_impl = None
         self.loss_fn = torch.compile(fused_cross_entropy) if on else fused_cross_entropy
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final hidden states of tokens idx (B, T); with a cache, they follow the cached
+        tokens (positions pos..pos + T) and the cache advances."""
         B, T = idx.shape
-        if T > self.config.max_position_embeddings:
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
             raise ValueError(
-                f"sequence of {T} tokens is longer than max_position_embeddings={self.config.max_position_embeddings}"
+                f"sequence of {start + T} tokens is longer than "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
             )
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
+        cos, sin = self.rope_cos[start : start + T].to(x.dtype), self.rope_sin[start : start + T].to(x.dtype)
         for layer in self.model.layers:
             if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
         return self.model.norm(x)
 
     @torch.no_grad()
     def next_logits(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The logits (B, V) after the tokens idx (B, T) that follow the cache's: the prompt
         at position 0, then one token at a time. Advances the cache."""
-        T = idx.shape[1]
-        if cache.pos + T > self.config.max_position_embeddings:
-            raise ValueError(
-                f"{cache.pos + T} tokens exceed max_position_embeddings={self.config.max_position_embeddings}"
-            )
-        if T > 1 and cache.pos:
+        if idx.shape[1] > 1 and cache.pos:
             raise ValueError("several tokens at once are only for the prompt (position 0)")
-        x = self.model.embed_tokens(idx)
-        cos = self.rope_cos[cache.pos : cache.pos + T].to(x.dtype)
-        sin = self.rope_sin[cache.pos : cache.pos + T].to(x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache)
-        cache.pos += T
-        return self.lm_head(self.model.norm(x[:, -1]))
+        return self.lm_head(self.hidden_states(idx, cache)[:, -1])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, per_row: bool = False) -> torch.Tensor:
         """Logits (B, T, V) when targets is None, else the mean next-token loss (each row's

@@ -8,29 +8,24 @@ import hashlib
 import importlib
 from pathlib import Path
 
-from .config import ConfigError
-
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # name -> package
-
-
-def names(log_to: str) -> list[str]:
-    return [n.strip() for n in log_to.split(",") if n.strip()]
+from .config import ConfigError, tracker_names
 
 
 def check_installed(log_to: str) -> None:
-    """A chosen tracker whose package is missing: one line naming the install, before any work."""
-    for name in names(log_to):
+    """A chosen tracker whose package (of the tracker's name) is missing: one line naming the
+    install, before any work."""
+    for name in tracker_names(log_to):
         try:
-            importlib.import_module(TRACKERS[name])
+            importlib.import_module(name)
         except ImportError:
-            raise ConfigError(f"train.log_to={name} needs its package: pip install {TRACKERS[name]}") from None
+            raise ConfigError(f"train.log_to={name} needs its package: pip install {name}") from None
 
 
 def _scalars(record: dict) -> dict[str, float]:
     """The numbers of a metrics record, named as trackers group them (train/..., val/...)."""
     out = {}
     for k, v in record.items():
-        if k in ("step", "tokens") or isinstance(v, bool) or not isinstance(v, (int, float)) or v is None:
+        if k in ("step", "tokens") or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         out[f"{'val' if k.startswith('val_') else 'train'}/{k}"] = float(v)
     return out
@@ -75,7 +70,7 @@ class _RunTracker:
 
 def open_trackers(log_to: str, run_dir: Path, config: dict, project: str) -> list:
     out = []
-    for name in names(log_to):
+    for name in tracker_names(log_to):
         if name == "tensorboard":
             out.append(TensorBoard(Path(run_dir), config, project))
         else:

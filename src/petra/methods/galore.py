@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
 from ..optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups
 from .base import Method
 
@@ -20,14 +20,8 @@ class GaLore(Method):
         super().__init__(cfg, parallel)
         self.name = cfg.method.name
         self.cls, self.optimizer_name = self.OPTIMIZERS[self.name]
-
-    def check(self):
-        super().check()
-        if self.parallel.sharded and self.cls is GaLoreAdafactor:
-            raise ConfigError(
-                "galore-adafactor does not run under FSDP2 (its factored second moment needs whole "
-                "rows and columns); use train.parallel=ddp"
-            )
+        if self.cls is GaLoreAdafactor:  # Method.check refuses FSDP2 with this reason
+            self.unsharded_because = "its factored second moment needs whole rows and columns"
 
     def group_options(self) -> dict:
         """The low-rank param group's settings, from the config."""
