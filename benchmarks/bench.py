@@ -93,6 +93,49 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def petra_config(impl, preset, rank, micro, batch=64, gap=GAP, ckpt=False, extra=None):
+    """The RunConfig a petra impl name (e.g. petra-full+pad:compile) trains with."""
+    name = impl.partition("@")[0].partition(":")[0]
+    name, _, pad = name.partition("+")
+    method = {
+        "petra-full": "full",
+        "petra-galore": "galore",
+        "petra-galore8bit": "galore8bit",
+        "petra-galore8bit-lw": "galore8bit",
+        "petra-relora": "relora",
+        "petra-galore-sub": "galore",
+        "petra-galore8bit-lw-sub": "galore8bit",
+        "petra-relora-int8": "relora",
+        "petra-relora-nf4": "relora",
+        "petra-full8bit": "full8bit",
+        "petra-apollo": "apollo",
+        "petra-apollo-mini": "apollo-mini",
+        "petra-fira": "fira",
+    }.get(name, "full")
+    ov = {
+        "preset": preset,
+        "method.name": method,
+        "method.rank": 1 if method == "apollo-mini" else rank,
+        "train.batch_size": batch,
+        "train.micro_batch_size": micro,
+        "method.update_proj_gap": gap,
+        # all projectors refresh on one step, which `measure` times: amortized over the gap it
+        # is the same work as refreshing them one by one (benchmarks/refresh_spread.py times that)
+        "method.stagger_refresh": False,
+        "model.activation_checkpointing": ckpt,
+    }
+    if pad:
+        ov["model.pad_intermediate_to"] = 128
+    ov.update(extra or {})
+    if name.startswith("petra-relora-"):
+        ov["method.quantize"] = name.rsplit("-", 1)[1]
+    if name.endswith("-lw") or name.endswith("-lw-sub"):
+        ov["method.layerwise"] = True
+    if name.endswith("-sub"):
+        ov["method.projector"] = "subspace"
+    return build_config(overrides=ov)
+
+
 def build(
     impl: str,
     preset: str,
@@ -119,42 +162,10 @@ def build(
             f"torchrun with several processes every impl needs one"
         )
     name, _, mode = impl.partition(":")
-    name, _, pad = name.partition("+")
     compile_ = mode == "compile"
-    method = {
-        "petra-full": "full",
-        "petra-galore": "galore",
-        "petra-galore8bit": "galore8bit",
-        "petra-galore8bit-lw": "galore8bit",
-        "petra-relora": "relora",
-        "petra-galore-sub": "galore",
-        "petra-galore8bit-lw-sub": "galore8bit",
-        "petra-relora-int8": "relora",
-        "petra-relora-nf4": "relora",
-        "petra-full8bit": "full8bit",
-        "petra-apollo": "apollo",
-        "petra-apollo-mini": "apollo-mini",
-        "petra-fira": "fira",
-    }.get(name, "full")
-    ov = {
-        "preset": preset,
-        "method.name": method,
-        "method.rank": 1 if method == "apollo-mini" else rank,
-        "train.batch_size": batch,
-        "train.micro_batch_size": micro,
-        "method.update_proj_gap": gap,
-        "model.activation_checkpointing": ckpt,
-    }
-    if pad:
-        ov["model.pad_intermediate_to"] = 128
-    ov.update(extra or {})
-    if name.startswith("petra-relora-"):
-        ov["method.quantize"] = name.rsplit("-", 1)[1]
-    if name.endswith("-lw") or name.endswith("-lw-sub"):
-        ov["method.layerwise"] = True
-    if name.endswith("-sub"):
-        ov["method.projector"] = "subspace"
-    cfg = build_config(overrides=ov)
+    cfg = petra_config(impl, preset, rank, micro, batch, gap, ckpt, extra)
+    method = cfg.method.name
+    name = name.partition("+")[0]
 
     if name.startswith("petra"):
         torch.manual_seed(0)

@@ -80,3 +80,12 @@ def test_non_finite_numbers_name_the_field(value):
         build_config(overrides={"train.lr": value})
     with pytest.raises(ConfigError, match="method.scale=nan is not a valid finite number"):
         build_config(overrides={"method.scale": float("nan")})
+
+
+def test_runs_saved_before_staggered_refreshes_resume_without_them():
+    from petra.config import build_config, from_dict
+
+    d = build_config().to_dict()
+    assert d["method"]["stagger_refresh"] is True  # new runs spread their refreshes
+    del d["method"]["stagger_refresh"]
+    assert from_dict(d).method.stagger_refresh is False

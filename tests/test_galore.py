@@ -449,3 +449,64 @@ def test_8bit_training_stays_within_a_small_margin_of_fp32(tmp_path, tiny_cfg, m
     q = train(tiny_cfg(**ov, **{"method.name": method}), tmp_path / "b", **quiet)
     # bitsandbytes' 8-bit GaLore ends 0.002 above fp32 at mini; 8-bit here is the same order
     assert abs(q["val_loss"] - ref["val_loss"]) < 0.02
+
+
+def _refreshes(opt, weights, grads, monkeypatch):
+    """{step: sorted indices of the matrices whose basis was recomputed at that step}."""
+    seen: dict[int, list[int]] = {}
+    real = type(opt)._refresh
+
+    def spy(self, p, g, state, group, shards):
+        seen.setdefault(int(state["step"]), []).append(state["index"])  # the weights come first
+        return real(self, p, g, state, group, shards)
+
+    monkeypatch.setattr(type(opt), "_refresh", spy)
+    for gs in grads:
+        for w, g in zip(weights, gs):
+            w.grad = g.clone()
+        opt.step()
+    return {k: sorted(v) for k, v in seen.items()}
+
+
+def _stagger_setup(n=8, gap=8, steps=24, stagger=True):
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(12, 16)) for _ in range(n)]
+    bias = torch.nn.Parameter(torch.randn(16))  # not low-rank: no place in the cycle
+    grads = [[torch.randn(12, 16) for _ in range(n)] for _ in range(steps)]
+    group = {"params": [*weights, bias], "rank": 3, "update_proj_gap": gap, "stagger_refresh": stagger}
+    return weights, bias, grads, GaLoreAdamW([group], lr=0.01)
+
+
+def test_staggered_refreshes_spread_over_the_gap(monkeypatch):
+    weights, _, grads, opt = _stagger_setup()
+    seen = _refreshes(opt, weights, grads, monkeypatch)
+    assert seen[0] == list(range(8))  # every matrix needs its first basis at once
+    for step in range(1, 24):  # then one matrix a step, each every 8 steps
+        assert seen[step] == [step % 8]
+
+
+def test_refreshes_all_at_once_without_staggering_as_galore_torch(monkeypatch):
+    weights, _, grads, opt = _stagger_setup(stagger=False)
+    assert _refreshes(opt, weights, grads, monkeypatch) == {s: list(range(8)) for s in (0, 8, 16)}
+
+
+def test_staggered_refreshes_resume_on_the_same_steps(monkeypatch):
+    weights, bias, grads, opt = _stagger_setup(n=5, gap=4, steps=14)
+    cut = 7
+    _refreshes(opt, weights, grads[:cut], monkeypatch)
+    saved = copy.deepcopy(opt.state_dict())
+    saved_w = [w.detach().clone() for w in (*weights, bias)]
+    after = _refreshes(opt, weights, grads[cut:], monkeypatch)
+    w2 = [torch.nn.Parameter(w) for w in saved_w]
+    opt2 = GaLoreAdamW([{**opt.param_groups[0], "params": w2}], lr=0.01)
+    opt2.load_state_dict(saved)
+    assert _refreshes(opt2, w2[:5], grads[cut:], monkeypatch) == after
+    assert all(torch.equal(a, b) for a, b in zip((*weights, bias), w2))
+
+
+def test_a_state_saved_before_staggering_refreshes_on_multiples_of_the_gap(monkeypatch):
+    weights, _, grads, opt = _stagger_setup(n=4, gap=4, steps=10)
+    _refreshes(opt, weights, grads[:2], monkeypatch)
+    for st in opt.state.values():
+        st.pop("offset", None)  # as an earlier petra saved it
+    assert _refreshes(opt, weights, grads[2:], monkeypatch) == {4: [0, 1, 2, 3], 8: [0, 1, 2, 3]}

@@ -212,6 +212,11 @@ class MethodConfig:
     )
     rank: int = _f(0, "rank of GaLore projections / ReLoRA factors (0 = the preset's paper rank)")
     update_proj_gap: int = _f(200, "GaLore: steps between projector refreshes")
+    stagger_refresh: bool = _f(
+        True,
+        "GaLore, APOLLO, Fira: each matrix refreshes its projector at its own step of the gap "
+        "(no step pays for every refresh); off: all at once, as galore-torch",
+    )
     scale: float = _f(
         0.0, "scale of the low-rank update (0 = the method's paper value: GaLore, Fira 0.25; APOLLO 1; Mini sqrt(128))"
     )
@@ -364,6 +369,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig saved with to_dict (used on resume). A field added since the
     run was saved takes the value that reproduces how that run trained."""
     d = json.loads(json.dumps(d))
+    d["method"].setdefault("stagger_refresh", False)  # before it, every projector refreshed on one step
     d["method"].setdefault("prune_mask", "independent")  # before prune_mask, moments were pruned so
     d["data"].setdefault("shuffle", "randperm")  # before token shards, windows were ordered by randperm
     if "jsonl_field" in d["data"]:  # renamed when parquet came

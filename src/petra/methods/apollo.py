@@ -33,7 +33,9 @@ class Apollo(GaLore):
         m = self.cfg.method
         if self.name.startswith("fira"):
             return super().group_options()
-        options = dict(update_proj_gap=m.update_proj_gap, scale=m.scale, proj_type=m.proj_type)
+        options = dict(
+            update_proj_gap=m.update_proj_gap, stagger_refresh=m.stagger_refresh, scale=m.scale, proj_type=m.proj_type
+        )
         if self.name.startswith("apollo-mini"):
             options["scale_type"] = "tensor"
         return options

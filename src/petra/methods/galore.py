@@ -28,6 +28,7 @@ class GaLore(Method):
         m = self.cfg.method
         return dict(
             update_proj_gap=m.update_proj_gap,
+            stagger_refresh=m.stagger_refresh,
             scale=m.scale,
             proj_type=m.proj_type,
             projector=m.projector,

@@ -60,6 +60,7 @@ LOWRANK_DEFAULTS: dict[str, Any] = dict(
     update="galore",
     scale_type="channel",
     norm_growth_limit=1.01,
+    stagger_refresh=False,  # each matrix refreshes at its own step of the gap (galore-torch: all at once)
 )
 GROUP_EXTRAS = ("params", "name", "initial_lr", "rank")
 
@@ -215,9 +216,23 @@ class GaLoreOptimizer(Optimizer):
             return g
         state = self._state(p)
         shards = row_shards(p)
-        if int(state["step"]) % group["update_proj_gap"] == 0:
+        if "P" not in state and "Q" not in state:  # the first basis
+            state["offset"] = self._refresh_offset(p, group)
+            self._refresh(p, g, state, group, shards)
+        elif int(state["step"]) % group["update_proj_gap"] == state.get("offset", 0):
             self._refresh(p, g, state, group, shards)
         return self.project(g, state, shards)
+
+    def _refresh_offset(self, p: torch.Tensor, group: dict) -> int:
+        """The step of each update_proj_gap cycle at which p refreshes its basis: 0 for all
+        (galore-torch), or with stagger_refresh the low-rank matrices spread evenly over the
+        cycle in parameter order, so a step pays for about n / gap refreshes, not n every gap
+        steps. Kept in the state: a resumed run refreshes on the same steps."""
+        if not group["stagger_refresh"]:
+            return 0
+        low = [q for g in self.param_groups if g.get("rank") is not None for q in g["params"] if q.dim() == 2]
+        k = next(i for i, q in enumerate(low) if q is p)
+        return k * group["update_proj_gap"] // len(low)
 
     @torch.no_grad()
     def apply_update(self, p: torch.Tensor, r: torch.Tensor, group: dict, coef: float = 1.0) -> None:
