@@ -196,18 +196,83 @@ def cmd_estimate(args) -> int:
         "paper conv. GiB",
         "seed GiB",
         "weights",
-        "grads",
+        "grads*",
         "opt state",
         "projectors",
-        f"activations (b={args.batch_size})",
-        "total",
+        f"activations + loss (b={args.batch_size})",
+        "peak",
     ]
     print(
         f"memory estimate for preset {args.preset} (bf16 weights; 'paper conv.' = weights + optimizer "
         f"states + projectors in bf16, as in the GaLore paper's Table 2)"
     )
     print(_table(head, rows))
+    print(
+        "* gradients held at the peak beyond the activations they replace in backward (the parts add up "
+        "to the peak); `petra plan` searches the settings that fit a GPU"
+    )
     return 0
+
+
+def cmd_plan(args) -> int:
+    from .config import METHODS
+    from .plan import CONTEXT_GIB, ESTIMATE_MARGIN, make_plan, parse_gib
+
+    ov = overrides_from(args)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: {', '.join(unknown)} not known; choose from {', '.join(METHODS)}")
+    cuda = torch_cuda_available()
+    if args.gpu_mem:
+        budget = parse_gib(args.gpu_mem)
+    elif cuda:
+        import torch
+
+        budget = torch.cuda.get_device_properties(0).total_memory / 2**30
+    else:
+        raise ConfigError("--gpu-mem is needed without a CUDA device (the memory of the GPU to plan for, e.g. 24GiB)")
+    probe_on = cuda and not args.no_probe
+    if probe_on:
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        if budget > total + 1e-6:
+            raise ConfigError(f"--gpu-mem {args.gpu_mem} is more than this GPU's {total:.1f} GiB (or use --no-probe)")
+    cfg = build_config(overrides=ov, file=args.config)
+    print(
+        f"plan: preset {cfg.preset}, batch {cfg.train.batch_size} x {cfg.seq_len} tokens, {budget:.1f} GiB "
+        f"(of which {CONTEXT_GIB} GiB CUDA context); "
+        + ("probing each method on this GPU" if probe_on else f"estimates include a {ESTIMATE_MARGIN:.0%} margin")
+    )
+    chosen, missing = make_plan(ov, methods, budget, ov.get("train.micro_batch_size"), probe_on)
+    rows = []
+    for c in chosen:
+        est = c.needs_gib(0.0 if probe_on else ESTIMATE_MARGIN)
+        measured = (
+            [f"{c.probe['reserved_gib'] + CONTEXT_GIB:.1f}", f"{c.probe['tokens_per_s']:,.0f}"] if probe_on else []
+        )
+        rows.append([c.method, c.settings, f"{est:.1f}", *measured, c.command()])
+    head = ["method", "setting", "estimate GiB", *(["measured GiB", "tokens/s"] if probe_on else []), "command"]
+    if rows:
+        print(_table(head, rows))
+        print(
+            "order: measured tokens/s on this GPU"
+            if probe_on
+            else "order: expected step time, not measured (checkpointing +1/3, layer-wise +10%, small micro-batches "
+            "slower); run plan on the GPU to probe"
+        )
+    else:
+        print("nothing fits: a smaller --batch-size, --seq-len or preset, or a GPU with more memory")
+    for m, why in missing:
+        print(f"does not fit: {m}: {why}")
+    return 0
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _table(head: list[str], rows: list[list]) -> str:
@@ -388,6 +453,19 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1, help="micro-batch for the activation estimate")
     e.add_argument("--layerwise", action="store_true", help="layer-wise updates (one gradient at a time)")
     e.set_defaults(func=cmd_estimate)
+
+    pl = sub.add_parser(
+        "plan",
+        help="which methods and settings fit a GPU's memory, fastest first, with the commands",
+        description="Estimate every method with each micro-batch, layer-wise updates and activation "
+        "checkpointing; list each method's cheapest setting that fits --gpu-mem. On a CUDA machine each "
+        "is probed with a few real steps under that memory cap and ordered by measured tokens/s.",
+    )
+    pl.add_argument("--gpu-mem", default=None, help="memory of the GPU to plan for, e.g. 24GiB (default: this GPU's)")
+    pl.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    pl.add_argument("--no-probe", action="store_true", help="estimate only, even on a CUDA machine")
+    _add_run_flags(pl)
+    pl.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("data", help="corpus tools")
     dsub = d.add_subparsers(dest="data_command", required=True)

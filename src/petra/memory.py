@@ -43,11 +43,13 @@ def method_bytes(cfg: RunConfig, weight_bytes: int = 2, state_bytes: float = 2) 
     sb = 1 + 4 / 256 if eight_bit else state_bytes  # blockwise 8-bit: codes + an fp32 scale per 256
     weights = weight_bytes * s.total
     projectors = 0.0
+    kept = weight_bytes * s.total  # what a layer-wise step with clipping holds until backward ends
     if name in ("full", "full8bit"):
         state = 2 * sb * s.total
         grads = weight_bytes * s.total
     elif name in LOWRANK_METHODS:
         low = 0.0
+        kept = weight_bytes * s.dense
         for m, n in s.targets:
             short, long_ = min(m, n), max(m, n)
             rr = min(r, short)
@@ -56,6 +58,7 @@ def method_bytes(cfg: RunConfig, weight_bytes: int = 2, state_bytes: float = 2) 
             else:
                 low += 2 * sb * rr * long_
             projectors += weight_bytes * short * rr
+            kept += weight_bytes * rr * long_  # the projected gradient
         state = 2 * sb * s.dense + low  # 8-bit holds the embeddings' and head's moments in 8 bits too
         grads = weight_bytes * s.total
     elif name == "muon":  # a momentum buffer for the hidden matrices, AdamW for the rest
@@ -72,20 +75,49 @@ def method_bytes(cfg: RunConfig, weight_bytes: int = 2, state_bytes: float = 2) 
         grads = weight_bytes * (s.dense + lora)  # frozen W gets no gradient
     else:
         raise ValueError(f"unknown method {name!r}")
-    if me.layerwise:  # one parameter's gradient at a time: the largest
-        grads = weight_bytes * max(max(m * n for m, n in s.targets), cfg.model.vocab_size * cfg.model.hidden_size)
+    # Layer-wise: one parameter's gradient at a time, plus what clipping keeps until the global
+    # norm is known; with gradient accumulation the earlier micro-batches still fill every .grad.
+    if me.layerwise and cfg.micro_batch >= cfg.train.batch_size:
+        largest = weight_bytes * max(max(m * n for m, n in s.targets), cfg.model.vocab_size * cfg.model.hidden_size)
+        grads = largest + (kept if cfg.train.grad_clip > 0 else 0)
     return {"weights": weights, "gradients": grads, "optimizer_state": state, "projectors": projectors}
 
 
+# Saved for backward per token and decoder layer, in activation-dtype elements: the norms' and
+# projections' inputs, q, k, v, the attention output and the residual stream (a multiple of
+# the hidden size) and the SwiGLU's gate, up and product (a multiple of the MLP width; the two
+# keep the structural 10:4 ratio, since every preset has the same width ratio). With the
+# loss's and LoRA's terms below, fitted to the peaks bench.py measured on an H100 with the
+# model compiled, as training runs it (benchmarks/plan_validation.py, docs/plan.md).
+SAVED_PER_HIDDEN, SAVED_PER_MLP = 7.25, 2.9
+LORA_SAVED_PER_RANK = 3.0  # ReLoRA: each target's rank-r products, per target and rank
+LOSS_COPIES = 1.3  # fp32 (tokens, vocab) buffers of the loss, in copies of all the micro-batch's logits
+
+
 def activation_bytes(cfg: RunConfig, act_bytes: int = 2) -> float:
-    """Rough activation memory for one micro-batch with flash attention (no T x T scores):
-    per layer the saved inputs of norms, q/k/v/o, the SwiGLU branches and residuals."""
+    """Activation memory of one micro-batch with flash attention (no T x T scores): what
+    every decoder layer saves for backward (with activation checkpointing: its input, plus
+    one layer recomputed at a time) and the embeddings' output."""
     m = cfg.model
     bt = cfg.micro_batch * cfg.seq_len
-    per_layer = bt * (10 * m.hidden_size + 4 * m.mlp_width) * act_bytes
+    per_token = SAVED_PER_HIDDEN * m.hidden_size + SAVED_PER_MLP * m.mlp_width
+    if cfg.method.name == "relora":
+        per_token += LORA_SAVED_PER_RANK * len(shapes(m).targets) / m.num_hidden_layers * cfg.method.rank
+    layer = bt * per_token * act_bytes
     if m.activation_checkpointing:
-        per_layer = bt * m.hidden_size * act_bytes
-    return m.num_hidden_layers * per_layer + bt * m.hidden_size * 4
+        saved = m.num_hidden_layers * bt * m.hidden_size * act_bytes + layer
+    else:
+        saved = m.num_hidden_layers * layer
+    return saved + bt * m.hidden_size * act_bytes
+
+
+def loss_bytes(cfg: RunConfig, act_bytes: int = 2) -> float:
+    """The fused loss's memory: its fp32 logit buffers, the head's fp32 gradient and the hidden
+    states' gradient. The loss works on chunks of rows, yet the measured peaks grow with all
+    rows of the micro-batch (compiled, the chunks' buffers are not reused), so it is counted so."""
+    m = cfg.model
+    bt = cfg.micro_batch * cfg.seq_len
+    return LOSS_COPIES * bt * m.vocab_size * 4 + m.vocab_size * m.hidden_size * 4 + bt * m.hidden_size * act_bytes
 
 
 def paper_estimate_gib(cfg: RunConfig) -> float:
@@ -95,11 +127,29 @@ def paper_estimate_gib(cfg: RunConfig) -> float:
 
 
 def breakdown_gib(cfg: RunConfig, weight_bytes: int = 2) -> dict[str, float]:
+    """Each part of training memory in GiB and `total`, the estimated peak.
+
+    Gradients appear in backward as the activations are freed, so without gradient
+    accumulation the peak holds the larger of the two (the loss's buffers counted with the
+    activations), not their sum. With accumulation the earlier micro-batches' gradients stay,
+    and a compiled backward hands out all new gradients before they are added: the peak holds
+    the gradients and the larger of the activations and a second set of gradients. Layer-wise
+    updates keep only what memory.method_bytes counts, beside the activations.
+    `gradients` here is the part held at the peak beyond the activations, so the parts add
+    up to `total`; `gradients_all` is their full size."""
     # petra keeps low-rank moments in fp32 (state_bytes 4) and torch AdamW keeps them in the
     # parameter dtype; 8-bit is 8-bit either way
     state_bytes = 4 if cfg.method.name in LOWRANK_METHODS or cfg.method.layerwise else weight_bytes
     b = method_bytes(cfg, weight_bytes=weight_bytes, state_bytes=state_bytes)
-    b["activations"] = activation_bytes(cfg, act_bytes=weight_bytes)
+    b["activations"] = activation_bytes(cfg, act_bytes=weight_bytes) + loss_bytes(cfg, act_bytes=weight_bytes)
+    b["gradients_all"] = grads = b["gradients"]
+    acts, accumulating = b["activations"], cfg.micro_batch < cfg.train.batch_size
+    if cfg.method.layerwise:  # compiled layer by layer: a layer's new gradients at a time
+        b["gradients"] = grads
+    elif accumulating:  # the compiled backward hands out every new gradient before adding them up
+        b["gradients"] = grads + max(0.0, grads - acts)
+    else:  # no .grad yet: the gradients take the activations' place
+        b["gradients"] = max(0.0, grads - acts)
     out = {k: v / GIB for k, v in b.items()}
-    out["total"] = sum(out.values())
+    out["total"] = sum(out[k] for k in ("weights", "gradients", "optimizer_state", "projectors", "activations"))
     return out
