@@ -583,7 +583,9 @@ def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path, sweeps:
     for part in parts:
         vals = [est[m][part] for m in names]
         # the largest value in the legend: a segment too thin to see is still accounted for
-        label = f"{part.replace('_', ' ')} (up to {max(vals):.3g} GiB)"
+        # gradients: what the peak holds beyond the activations they replace in backward
+        what = "gradients beyond activations" if part == "gradients" else part.replace("_", " ")
+        label = f"{what} (up to {max(vals):.3g} GiB)"
         ax.bar(names, vals, bottom=bottom, label=label, edgecolor="white", linewidth=0.6)
         bottom = [b + v for b, v in zip(bottom, vals)]
     for i, total in enumerate(bottom):
