@@ -223,22 +223,19 @@ def cmd_plan(args) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: {', '.join(unknown)} not known; choose from {', '.join(METHODS)}")
-    cuda = torch_cuda_available()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None
     if args.gpu_mem:
         budget = parse_gib(args.gpu_mem)
     elif cuda:
-        import torch
-
-        budget = torch.cuda.get_device_properties(0).total_memory / 2**30
+        budget = total
     else:
         raise ConfigError("--gpu-mem is needed without a CUDA device (the memory of the GPU to plan for, e.g. 24GiB)")
     probe_on = cuda and not args.no_probe
-    if probe_on:
-        import torch
-
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        if budget > total + 1e-6:
-            raise ConfigError(f"--gpu-mem {args.gpu_mem} is more than this GPU's {total:.1f} GiB (or use --no-probe)")
+    if probe_on and budget > total + 1e-6:
+        raise ConfigError(f"--gpu-mem {args.gpu_mem} is more than this GPU's {total:.1f} GiB (or use --no-probe)")
     cfg = build_config(overrides=ov, file=args.config)
     print(
         f"plan: preset {cfg.preset}, batch {cfg.train.batch_size} x {cfg.seq_len} tokens, {budget:.1f} GiB "
@@ -267,12 +264,6 @@ def cmd_plan(args) -> int:
     for m, why in missing:
         print(f"does not fit: {m}: {why}")
     return 0
-
-
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _table(head: list[str], rows: list[list]) -> str:

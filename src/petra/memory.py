@@ -144,12 +144,10 @@ def breakdown_gib(cfg: RunConfig, weight_bytes: int = 2) -> dict[str, float]:
     b["activations"] = activation_bytes(cfg, act_bytes=weight_bytes) + loss_bytes(cfg, act_bytes=weight_bytes)
     b["gradients_all"] = grads = b["gradients"]
     acts, accumulating = b["activations"], cfg.micro_batch < cfg.train.batch_size
-    if cfg.method.layerwise:  # compiled layer by layer: a layer's new gradients at a time
-        b["gradients"] = grads
-    elif accumulating:  # the compiled backward hands out every new gradient before adding them up
-        b["gradients"] = grads + max(0.0, grads - acts)
-    else:  # no .grad yet: the gradients take the activations' place
-        b["gradients"] = max(0.0, grads - acts)
+    if not cfg.method.layerwise:  # layer-wise compiles layer by layer: a layer's new gradients at a time
+        beyond = max(0.0, grads - acts)  # the gradients take the activations' place in backward
+        # accumulating, the compiled backward hands out every new gradient before adding them up
+        b["gradients"] = grads + beyond if accumulating else beyond
     out = {k: v / GIB for k, v in b.items()}
     out["total"] = sum(out[k] for k in ("weights", "gradients", "optimizer_state", "projectors", "activations"))
     return out

@@ -32,8 +32,8 @@ CONTEXT_GIB = 0.5
 # the analytic estimate has been up to 17.5% under a measured peak (docs/plan.md): without a
 # probe to confirm, a setting fits only with this much to spare
 ESTIMATE_MARGIN = 0.10
-PROBE_STEPS = 4
-TOKENS_HALF_SPEED = 2048  # the first compiles and refreshes projectors; the rest are timed
+PROBE_STEPS = 4  # the first compiles and refreshes projectors; the rest are timed
+TOKENS_HALF_SPEED = 2048
 
 
 def parse_gib(text: str) -> float:
@@ -63,6 +63,11 @@ class Candidate:
         return self.estimate["total"] * (1 + margin) + CONTEXT_GIB
 
     @property
+    def no_clip(self) -> bool:
+        """Layer-wise without clipping: a memory setting, not the user's recipe."""
+        return self.cfg.method.layerwise and self.cfg.train.grad_clip == 0
+
+    @property
     def settings(self) -> str:
         c = self.cfg
         parts = [f"micro-batch {c.micro_batch}"]
@@ -70,7 +75,7 @@ class Candidate:
             parts.append("layer-wise")
         if c.model.activation_checkpointing:
             parts.append("checkpointing")
-        if c.method.layerwise and c.train.grad_clip == 0:
+        if self.no_clip:
             parts.append("no clipping")
         return ", ".join(parts)
 
@@ -83,7 +88,7 @@ class Candidate:
         c = self.cfg
         t = (4 / 3 if c.model.activation_checkpointing else 1.0) * (1.1 if c.method.layerwise else 1.0)
         t *= 1 + TOKENS_HALF_SPEED / (c.micro_batch * c.seq_len)
-        return (round(t, 6), c.method.layerwise and c.train.grad_clip == 0)
+        return (round(t, 6), self.no_clip)
 
     def command(self) -> str:
         c = self.cfg
@@ -97,7 +102,7 @@ class Candidate:
             args.append(f"--seq-len {c.train.seq_len}")
         if c.method.layerwise:
             args.append("--layerwise")
-        if c.method.layerwise and c.train.grad_clip == 0:
+        if self.no_clip:
             args.append("--grad-clip 0")
         if c.model.activation_checkpointing:
             args.append("--set model.activation_checkpointing=true")
@@ -123,7 +128,7 @@ def _configs(base: dict, method: str, micro: int, layerwise: bool, ckpt: bool) -
             make_method(cfg).check()
         except ConfigError:
             continue
-        if not (extra and out and out[0].train.grad_clip == 0):  # the same config twice
+        if cfg not in out:  # the user's clip may be 0 already
             out.append(cfg)
     return out
 

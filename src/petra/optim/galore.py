@@ -230,7 +230,7 @@ class GaLoreOptimizer(Optimizer):
         steps. Kept in the state: a resumed run refreshes on the same steps."""
         if not group["stagger_refresh"]:
             return 0
-        low = [q for g in self.param_groups if g.get("rank") is not None for q in g["params"] if q.dim() == 2]
+        low = [q for g in self.param_groups for q in g["params"] if self._lowrank(q, g)]
         k = next(i for i, q in enumerate(low) if q is p)
         return k * group["update_proj_gap"] // len(low)
 
