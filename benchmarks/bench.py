@@ -9,8 +9,9 @@ petra implementation to each peer. Peers: Hugging Face LlamaForCausalLM (sdpa) w
 torch AdamW (hf-full) or bitsandbytes AdamW8bit (hf-adamw8bit), galore-torch 1.0
 (GaLoreAdamW / GaLoreAdamW8bit), APOLLO (apollo-torch 1.0.3, APOLLOAdamW) and peft LoRA.
 Suffix an impl with ':compile' to torch.compile its model, with '+pad' to pad the MLP width
-to a multiple of 128 (both models). petra-relora-int8 / -nf4 hold ReLoRA's frozen weights
-quantized by bitsandbytes.
+to a multiple of 128 (both models: extra trained units), with '+noalign' to run petra's MLP
+at its own width (no zero units computed for alignment, model.aligned_pad).
+petra-relora-int8 / -nf4 hold ReLoRA's frozen weights quantized by bitsandbytes.
 
 Under torchrun, petra impls take '@ddp' or '@fsdp' (train.parallel) and the total --batch is
 split over the processes, as in training. Variants for measuring: '@ddp-nosplit' compiles
@@ -97,6 +98,7 @@ def petra_config(impl, preset, rank, micro, batch=64, gap=GAP, ckpt=False, extra
     """The RunConfig a petra impl name (e.g. petra-full+pad:compile) trains with."""
     name = impl.partition("@")[0].partition(":")[0]
     name, _, pad = name.partition("+")
+    pad = pad == "pad"
     method = {
         "petra-full": "full",
         "petra-galore": "galore",
@@ -170,6 +172,9 @@ def build(
     if name.startswith("petra"):
         torch.manual_seed(0)
         model = build_model(cfg.model, device(), torch.bfloat16)
+        if "+noalign" in impl:  # the MLP at its own width, as before aligned_pad
+            for layer in model.model.layers:
+                layer.mlp.pad = 0
         d = par_.strategy(
             pmode if par else "none",
             DIST.rank,
@@ -380,7 +385,13 @@ def main():
     )
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps of each impl")
     ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="print the table and ratios of these bench outputs")
     a = ap.parse_args()
+    if a.merge:
+        rows = [r for f in a.merge for r in json.loads(Path(f).read_text())]
+        print(table(rows))
+        print(ratios(rows))
+        return
     global DIST
     if par_.launched():
         DIST = par_.setup("ddp", "cuda" if CUDA else "cpu")

@@ -107,3 +107,54 @@ def test_compiled_model_gives_the_eager_loss_and_gradients(monkeypatch, recwarn,
         assert torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-6), n
     model.compile_parts(False)
     assert model.loss_fn is fused_cross_entropy
+
+
+def test_aligned_pad_only_for_widths_tensor_cores_cannot_take():
+    from petra.model import aligned_pad
+
+    assert [aligned_pad(w) for w in (5461, 171, 1376, 2736, 11008)] == [43, 21, 0, 0, 0]
+    assert LlamaForCausalLM(ModelConfig(**PRESETS["tiny"])).model.layers[0].mlp.pad == 0  # 176
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_aligned_mlp_is_the_same_function_with_the_same_gradients(compiled):
+    """The 1b MLP (width 5461) runs 43 zero units wider on CUDA: outputs, input gradients and
+    weight gradients must be those of the plain MLP (also as a captured graph)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**{**PRESETS["tiny"], "intermediate_size": 171})).double()
+    mlp = model.model.layers[0].mlp
+    assert mlp.pad == 21
+    x = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
+    ref = mlp(x)  # on the CPU: the plain path
+    (ref * torch.arange(64)).sum().backward()
+    want = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+    x.grad = None
+    mlp.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    fn = torch.compile(mlp.aligned, backend="aot_eager") if compiled else mlp.aligned
+    out = fn(x)
+    (out * torch.arange(64)).sum().backward()
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-14)
+    for a, b in zip([x.grad] + [p.grad for p in mlp.parameters()], want):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_padded_linear_gradients():
+    from petra.model import PaddedLinear
+
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)  # 3 inputs + 2 padded ones
+    w = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: PaddedLinear.apply(x, w, 3, 2), (x, w))
+    y = PaddedLinear.apply(x, w, 3, 2)
+    assert y.shape == (4, 9) and torch.equal(y[:, 6:], torch.zeros(4, 3, dtype=torch.float64))
+    assert torch.allclose(y[:, :6], x[:, :3] @ w.t())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the aligned path runs on CUDA")
+def test_aligned_mlp_runs_on_cuda_in_bf16():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(**{**PRESETS["tiny"], "intermediate_size": 171})).cuda().bfloat16()
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, 5, 64, device="cuda", dtype=torch.bfloat16)
+    plain = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert torch.allclose(mlp(x).float(), plain.float(), rtol=2e-2, atol=2e-3)
