@@ -389,6 +389,8 @@ def main():
     a = ap.parse_args()
     if a.merge:
         rows = [r for f in a.merge for r in json.loads(Path(f).read_text())]
+        done = {(r["preset"], r["impl"]) for r in rows if "error" not in r}  # a failure measured again later
+        rows = [r for r in rows if "error" not in r or (r["preset"], r["impl"]) not in done]
         print(table(rows))
         print(ratios(rows))
         return
@@ -462,7 +464,8 @@ def ratios(rows):
     ok = [r for r in ok if "@" not in r["impl"]]  # parallel variants: compared with their plain run
     for r in ok:
         for q in ok:
-            if q["preset"] == r["preset"] and base(q["impl"]) in PEERS.get(base(r["impl"]), ()):
+            same = q["preset"] == r["preset"] and q["micro_batch"] == r["micro_batch"]
+            if same and base(q["impl"]) in PEERS.get(base(r["impl"]), ()):
                 mem = f"{r['peak_gib'] / q['peak_gib']:.2f}" if q["peak_gib"] else "-"
                 out.append(
                     f"| {r['preset']} | {r['impl']} | {q['impl']} | "
@@ -473,18 +476,19 @@ def ratios(rows):
 
 def table(rows):
     out = [
-        "| preset | impl | GPUs | median ms | host ms | amortized ms | refresh s | tokens/s | tokens/s/GPU | MFU | "
-        "peak GiB/GPU | opt. state MiB/GPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | impl | GPUs | micro-batch | median ms | host ms | amortized ms | refresh s | tokens/s | "
+        "tokens/s/GPU | MFU | peak GiB/GPU | opt. state MiB/GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['preset']} | {r['impl']} | | failed: {r['error'][:60]} | | | | | | | | |")
+            out.append(f"| {r['preset']} | {r['impl']} | | | failed: {r['error'][:60]} | | | | | | | | |")
             continue
         rs = f"{r['refresh_s']:.2f}" if r["refresh_s"] is not None else "-"
         host = f"{r['enqueue_ms']:.1f}" if "enqueue_ms" in r else "-"
         out.append(
-            f"| {r['preset']} | {r['impl']} | {r.get('gpus', 1)} | {r['median_ms']:.1f} | {host} | "
+            f"| {r['preset']} | {r['impl']} | {r.get('gpus', 1)} | {r.get('micro_batch', '')} | "
+            f"{r['median_ms']:.1f} | {host} | "
             f"{r['amortized_ms']:.1f} | {rs} | {r['tokens_per_s']:,.0f} | "
             f"{r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | {100 * r['mfu']:.1f}% | "
             f"{r['peak_gib']:.1f} | {r.get('optimizer_state_mib', float('nan')):.0f} |"

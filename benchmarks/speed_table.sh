@@ -20,7 +20,10 @@ P=petra-full:compile,petra-galore:compile,petra-galore8bit:compile,petra-galore8
 if [ "${1:-a}" = a ]; then
   run a-60m 100 --presets 60m --impls petra-full:compile,petra-galore:compile,galore-torch:compile
   run a-350m 440 --presets 350m --impls $P,hf-full:compile,galore-torch:compile,galore-torch-8bit:compile,apollo:compile,apollo-mini:compile,fira:compile,hf-adamw8bit:compile,hf-lora:compile
-else
-  run b-1b-mb64 120 --presets 1b --micro 1b=64 --impls petra-full:compile
-  run b-1b 420 --presets 1b --impls $P,hf-full:compile,apollo:compile,apollo-mini:compile,hf-adamw8bit:compile,hf-full,galore-torch:compile,galore-torch-8bit:compile
+else  # call a's galore-torch rows failed (the wheel was not carried); they run here
+  run b-1b-mb64 100 --presets 1b --micro 1b=64 --impls petra-full:compile
+  run b-60m 60 --presets 60m --impls galore-torch:compile
+  run b-350m 110 --presets 350m --impls galore-torch:compile,galore-torch-8bit:compile
+  run b-1b 310 --presets 1b --impls ${P%,petra-relora:compile},hf-full:compile,galore-torch:compile,apollo:compile,\
+apollo-mini:compile,hf-adamw8bit:compile,hf-full,galore-torch-8bit:compile,petra-relora:compile
 fi

@@ -38,8 +38,8 @@ class ModelConfig:
     rms_norm_eps: float = _f(1e-6, "RMSNorm epsilon")
     rope_theta: float = _f(10000.0, "RoPE base")
     init_std: float = _f(0.02, "standard deviation of the initial weights")
-    # Off for the paper presets so their parameter counts stay the papers'; 128 makes eager
-    # bf16 matmuls much faster.
+    # Off for the paper presets so their parameter counts stay the papers'. (Widths tensor
+    # cores cannot take are computed padded with zero units anyway: model.aligned_pad.)
     pad_intermediate_to: int = _f(0, "round the MLP width up to a multiple of this (0 = off)")
     activation_checkpointing: bool = _f(
         False, "recompute each decoder layer in backward instead of storing its activations"

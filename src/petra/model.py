@@ -131,8 +131,10 @@ class PaddedLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         rows, cols = ctx.pad
         gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = gy @ F.pad(w, (0, cols, 0, rows))
+        if ctx.needs_input_grad[0]:  # padded by another op than forward's, so that a compiled
+            # graph does not share one padded copy between forward and backward (keeping it alive)
+            wp = torch.cat([w, w.new_zeros(rows, w.shape[1])]) if rows else w
+            gx = gy @ (torch.cat([wp, wp.new_zeros(wp.shape[0], cols)], 1) if cols else wp)
         if ctx.needs_input_grad[1]:
             gw = (gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]))[: w.shape[0], : w.shape[1]]
         return gx, gw, None, None
