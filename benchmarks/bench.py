@@ -97,8 +97,7 @@ def sync() -> None:
 def petra_config(impl, preset, rank, micro, batch=64, gap=GAP, ckpt=False, extra=None):
     """The RunConfig a petra impl name (e.g. petra-full+pad:compile) trains with."""
     name = impl.partition("@")[0].partition(":")[0]
-    name, _, pad = name.partition("+")
-    pad = pad == "pad"
+    name, *suffixes = name.split("+")
     method = {
         "petra-full": "full",
         "petra-galore": "galore",
@@ -126,7 +125,7 @@ def petra_config(impl, preset, rank, micro, batch=64, gap=GAP, ckpt=False, extra
         "method.stagger_refresh": False,
         "model.activation_checkpointing": ckpt,
     }
-    if pad:
+    if "pad" in suffixes:
         ov["model.pad_intermediate_to"] = 128
     ov.update(extra or {})
     if name.startswith("petra-relora-"):

@@ -99,8 +99,9 @@ class MLP(nn.Module):
         self.pad = aligned_pad(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = all(type(m) is nn.Linear for m in (self.gate_proj, self.up_proj, self.down_proj))
-        if self.pad and x.is_cuda and plain:
+        # only plain linears: ReLoRA's (and FSDP2's wrapped) modules run their own forward
+        linears = (self.gate_proj, self.up_proj, self.down_proj)
+        if self.pad and x.is_cuda and all(type(m) is nn.Linear for m in linears):
             return self.aligned(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -116,9 +117,9 @@ class MLP(nn.Module):
 
 class PaddedLinear(torch.autograd.Function):
     """x @ W'^T for W' = W with `rows` zero rows (more outputs) and `cols` zero columns (more
-    inputs) appended. Backward pads W again rather than keeping the padded copy (a saved
-    copy of every padded MLP weight added 6% to the 1b peak); W's gradient is the padded
-    product's top-left block."""
+    inputs) appended. Backward pads W again rather than keeping the padded copy alive from
+    forward (docs/benchmarks.md, sixth session); W's gradient is the padded product's
+    top-left block."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
