@@ -246,7 +246,8 @@ def test_8bit_update_equals_torchao_subclass_ops(device):
         m.copy_(m0)
         v.copy_(v0)
         if out is ours:
-            d = _update_8bit(m, v, r, b1, b2, eps, bc2, bound, compiled=device == "cuda")
+            keep = torch.ones((), dtype=torch.bool, device=device)
+            d = _update_8bit(m, v, r, b1, b2, eps, bc2, bound, keep, compiled=device == "cuda")
         else:
             m32 = m.dequantize().lerp(r, 1 - b1)
             v32 = v.dequantize().mul(b2).addcmul(r, r, value=1 - b2)
@@ -456,9 +457,9 @@ def _refreshes(opt, weights, grads, monkeypatch):
     seen: dict[int, list[int]] = {}
     real = type(opt)._refresh
 
-    def spy(self, p, g, state, group, shards):
+    def spy(self, p, g, state, group, shards, ok=None):
         seen.setdefault(int(state["step"]), []).append(state["index"])  # the weights come first
-        return real(self, p, g, state, group, shards)
+        return real(self, p, g, state, group, shards, ok)
 
     monkeypatch.setattr(type(opt), "_refresh", spy)
     for gs in grads:

@@ -76,10 +76,11 @@ def _poison_forward(monkeypatch, bad):
     monkeypatch.setattr(pm, "fused_cross_entropy", poisoned)
 
 
-@pytest.mark.parametrize("method", ["full", "galore"])
+@pytest.mark.parametrize("method", ["full", "galore", "galore-layerwise", "apollo"])
 def test_a_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, tiny_cfg, monkeypatch, method):
     _poison_forward(monkeypatch, {8})
-    ov = {"method.name": method, "method.rank": 8, "train.save_every": 3}
+    name, layerwise = method.removesuffix("-layerwise"), method.endswith("-layerwise")
+    ov = {"method.name": name, "method.layerwise": layerwise, "method.rank": 8, "train.save_every": 3}
     s = train(tiny_cfg(**ov), tmp_path / "r", **quiet)
     assert s["status"] == "finished" and s["skipped_steps"] == 1
     recs = read_metrics(tmp_path / "r" / "metrics.jsonl")

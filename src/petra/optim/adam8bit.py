@@ -63,7 +63,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         v = state[key]
         return v.dequantize() if isinstance(v, self._q) else v
 
-    def _inner(self, rs, states, group):
+    def _inner(self, rs, states, group, ok=None):
         b1, b2 = group["betas"]
         quant = [i for i, st in enumerate(states) if isinstance(st["exp_avg"], self._q)]
         plain = [i for i, st in enumerate(states) if not isinstance(st["exp_avg"], self._q)]
@@ -71,9 +71,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         dens: list = [None] * len(rs)
         divs: list = [None] * len(rs)
         if plain:  # small tensors keep fp32 moments: the foreach path of GaLoreAdamW
-            n, d, v = super()._inner([rs[i] for i in plain], [states[i] for i in plain], group)
+            n, d, v = super()._inner([rs[i] for i in plain], [states[i] for i in plain], group, ok)
             for j, i in enumerate(plain):
                 nums[i], dens[i], divs[i] = n[j], d[j], v[j]
+        # one compiled specialization whether or not the step may be skipped on the device
+        keep = ok if ok is not None else torch.ones((), dtype=torch.bool, device=rs[0].device)
         for i in quant:
             st = states[i]
             t = float(st["moment_step"])
@@ -82,7 +84,16 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             bc2 = torch.full((), math.sqrt(1 - b2**t), device=rs[i].device)
             bound = torch.full((), adam_step_bound(b1, b2, t) * (1 - b1**t), device=rs[i].device)
             nums[i] = _update_8bit(
-                st["exp_avg"], st["exp_avg_sq"], rs[i], b1, b2, self._eps(group, t), bc2, bound, compiled=rs[i].is_cuda
+                st["exp_avg"],
+                st["exp_avg_sq"],
+                rs[i],
+                b1,
+                b2,
+                self._eps(group, t),
+                bc2,
+                bound,
+                keep,
+                compiled=rs[i].is_cuda,
             )
             dens[i] = torch.ones((), device=rs[i].device)  # the direction is complete but for 1 / bc1
             divs[i] = 1 - b1**t
@@ -90,10 +101,20 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
 
 def _update_8bit(
-    m, v, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor, bound: torch.Tensor, compiled: bool = False
+    m,
+    v,
+    r,
+    b1: float,
+    b2: float,
+    eps: float,
+    bc2_sqrt: torch.Tensor,
+    bound: torch.Tensor,
+    keep: torch.Tensor,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Adam moments m, v held in 8-bit (torchao's OptimState8bit): dequantize, update,
-    quantize again; returns m / (sqrt(v) / bc2_sqrt + eps), each entry within +-bound.
+    quantize again where `keep` (a 0-d bool tensor) is True; returns
+    m / (sqrt(v) / bc2_sqrt + eps), each entry within +-bound.
 
     Two guards keep every coordinate's step within what fp32 Adam could take (bound =
     adam_step_bound * (1 - b1^t)): a positive second moment is never stored as 0 (the
@@ -107,26 +128,48 @@ def _update_8bit(
     1 ms of host time, 70 ms a step at 60m. Under torch.compile on CUDA it is one fused
     kernel per moment shape."""
     fn = _compiled_update() if compiled else _update_8bit_codes
-    return fn(m.codes, m.scale, m.qmap, v.codes, v.scale, v.qmap, r, b1, b2, eps, bc2_sqrt, bound)
+    return fn(m.codes, m.scale, m.qmap, v.codes, v.scale, v.qmap, r, b1, b2, eps, bc2_sqrt, bound, keep)
 
 
-def _requantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, qmap: torch.Tensor, positive: bool):
-    """Store x into (codes, scale) blockwise; a positive x of an unsigned map never becomes code 0."""
+def _requantize(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    qmap: torch.Tensor,
+    positive: bool,
+    keep: torch.Tensor | None = None,
+):
+    """Store x into (codes, scale) blockwise (only where the 0-d bool `keep` is True, if
+    given); a positive x of an unsigned map never becomes code 0."""
     scaled, new_scale = _ao["scale"](x, codes.numel() // scale.numel())
     q = _ao["quantize"](scaled, qmap)
     if positive:
         q = torch.where((q == 0) & (x > 0), torch.ones_like(q), q)
+    if keep is not None:
+        q, new_scale = torch.where(keep, q, codes), torch.where(keep, new_scale, scale)
     codes.copy_(q)
     scale.copy_(new_scale)
 
 
 def _update_8bit_codes(
-    mc, ms, mq, vc, vs, vq, r, b1: float, b2: float, eps: float, bc2_sqrt: torch.Tensor, bound: torch.Tensor
+    mc,
+    ms,
+    mq,
+    vc,
+    vs,
+    vq,
+    r,
+    b1: float,
+    b2: float,
+    eps: float,
+    bc2_sqrt: torch.Tensor,
+    bound: torch.Tensor,
+    keep: torch.Tensor,
 ):
     m32 = _ao["dequant"](mc, mq, ms).lerp(r, 1 - b1)
     v32 = _ao["dequant"](vc, vq, vs).mul(b2).addcmul(r, r, value=1 - b2)
-    _requantize(m32, mc, ms, mq, positive=False)
-    _requantize(v32, vc, vs, vq, positive=True)
+    _requantize(m32, mc, ms, mq, positive=False, keep=keep)
+    _requantize(v32, vc, vs, vq, positive=True, keep=keep)
     d = m32 / (v32.sqrt() / bc2_sqrt + eps)
     return torch.minimum(torch.maximum(d, -bound), bound)
 

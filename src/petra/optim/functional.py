@@ -45,11 +45,25 @@ def add_back_(w: torch.Tensor, d: torch.Tensor, P: torch.Tensor | None, Q: torch
 
 
 def adam_moments_(
-    ms: list[torch.Tensor], vs: list[torch.Tensor], grads: list[torch.Tensor], b1: float, b2: float
+    ms: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    b1: float,
+    b2: float,
+    ok: torch.Tensor | None = None,
 ) -> None:
-    """m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, in place, as torch.optim.AdamW does."""
-    torch._foreach_lerp_(ms, grads, 1 - b1)
-    torch._foreach_mul_(vs, b2)
+    """m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, in place, as torch.optim.AdamW does.
+
+    With `ok` (a 0-d bool tensor) the update happens only if it is True, decided on the
+    device: a False turns the coefficients into those of b1 = b2 = 1, which leave m and v
+    exactly as they were provided the gradients are finite (zeroed by the caller). True gives
+    the same bits as the plain update."""
+    if ok is None:
+        torch._foreach_lerp_(ms, grads, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+    else:
+        torch._foreach_lerp_(ms, grads, [torch.where(ok, 1 - b1, 0.0)] * len(ms))
+        torch._foreach_mul_(vs, torch.where(ok, b2, 1.0))
     torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
 
 

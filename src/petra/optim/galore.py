@@ -11,6 +11,14 @@ for its 2-D parameters; every other parameter gets the plain optimizer. Per-step
 State holds tensors only (bases included), so state_dict() round-trips exactly. The split
 into `project_grad` and `apply_update` is what layer-wise training uses to clip exactly.
 
+`step(found_inf=...)` skips a step whose gradient is not finite without a host sync, as
+torch's fused AdamW does: every write to the weights and the state is made a no-op on the
+device by its coefficients, and the host's step counts are put back at the next step, once
+the flag has reached the host by an asynchronous copy. A sync would make the host wait for
+backward before it issues the update's few kernels per matrix, which then no longer overlap
+the GPU's backward. The first update and refreshes that rotate or reset the moments still
+decide on the host: they create or rewrite state that the device cannot put back cheaply.
+
 Under FSDP2 a parameter is a DTensor whose rows are split over processes, and so is its
 gradient G. The optimizer works on the local rows and no process holds a whole moment:
 - right projection (Q, n x r, held by every rank): R_i = G_i Q and W_i += D_i Q^T are local;
@@ -110,6 +118,9 @@ class GaLoreOptimizer(Optimizer):
     lowrank_defaults = LOWRANK_DEFAULTS  # what a group holding `rank` gets unless it says otherwise
 
     def __init__(self, params, defaults: dict):
+        # steps skipped or not, known on the device only: (flag on the host once its event
+        # has passed, the states whose counts went up)
+        self._unsettled: list[tuple[torch.Tensor, torch.cuda.Event | None, list[dict]]] = []
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -129,6 +140,7 @@ class GaLoreOptimizer(Optimizer):
         stay on the CPU: torch casts floating state to the parameter's dtype, which would
         turn fp32 moments and step counts of a bf16 model into bf16 on resume."""
         super().load_state_dict(state_dict)
+        self._unsettled = []
         params = [p for g in self.param_groups for p in g["params"]]
         for idx, saved in state_dict["state"].items():
             p = params[idx]
@@ -136,8 +148,35 @@ class GaLoreOptimizer(Optimizer):
                 if torch.is_tensor(v):
                     self.state[p][k] = v.clone() if k in ("step", "moment_step") else v.to(device=p.device)
 
+    def state_dict(self) -> dict:
+        self._settle()
+        return super().state_dict()
+
+    def _settle(self) -> None:
+        """Put back the step counts of updates that the device skipped. Their flags were
+        copied to the host a step ago, so the wait is for work long finished."""
+        for flag, done, states in self._unsettled:
+            if done is not None:
+                done.synchronize()
+            if not flag.item():  # a host tensor: no sync
+                for st in states:
+                    st["step"] -= 1
+                    st["moment_step"] -= 1
+        self._unsettled = []
+
+    def _unsettle(self, ok: torch.Tensor, states: list[dict]) -> None:
+        if ok.is_cuda:
+            flag, done = ok.to("cpu", non_blocking=True), torch.cuda.Event()
+            done.record()
+        else:
+            flag, done = ok.clone(), None
+        self._unsettled.append((flag, done, states))
+
     # -- projection --------------------------------------------------------------------
-    def _refresh(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, shards) -> None:
+    def _refresh(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, shards, ok=None) -> None:
+        """New bases for p from its gradient g. With `ok` (0-d bool, False = a skipped step)
+        the bases change only if it is True, decided on the device; the skipped step's retry
+        refreshes again (its step count is put back)."""
         # the side is chosen at the first refresh and kept: a state saved by an earlier
         # version (squares from the left) resumes as it was saved
         left, right = (
@@ -150,17 +189,29 @@ class GaLoreOptimizer(Optimizer):
         seed = (int(state["step"]) * 1_000_003 + state["index"]) % (2**62)
         gen = torch.Generator(device=g.device).manual_seed(seed)
         old = {k: state[k] for k in ("P", "Q") if k in state}
+        if ok is not None:  # a finite stand-in for a skipped step's gradient
+            g = torch.where(ok, g, 0)
+        new = {}
         if group["projector"] == "random":  # APOLLO: the gradient plays no part
             for key, on, side in (("P", left, p.shape[0]), ("Q", right, p.shape[1])):
                 if on:
-                    state[key] = gaussian_basis(side, min(r, side), g.device, gen).to(dtype)
-            return
-        op = Dense(g) if shards is None else RowSharded(g, shards, p.shape[1])
-        if left:
-            state["P"] = compute_basis(op, min(r, p.shape[0]), group["projector"], old.get("P"), gen).to(dtype)
-        if right:
-            state["Q"] = compute_basis(op.t(), min(r, p.shape[1]), group["projector"], old.get("Q"), gen).to(dtype)
-        if old and any(k in state for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row")):
+                    new[key] = gaussian_basis(side, min(r, side), g.device, gen).to(dtype)
+        else:
+            op = Dense(g) if shards is None else RowSharded(g, shards, p.shape[1])
+            finite = ok is not None
+            if left:
+                basis = compute_basis(op, min(r, p.shape[0]), group["projector"], old.get("P"), gen, finite)
+                new["P"] = basis.to(dtype)
+            if right:
+                basis = compute_basis(op.t(), min(r, p.shape[1]), group["projector"], old.get("Q"), gen, finite)
+                new["Q"] = basis.to(dtype)
+        for key, basis in new.items():
+            state[key] = basis if ok is None else torch.where(ok, basis, old[key])
+        if (
+            old
+            and group["projector"] != "random"
+            and any(k in state for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row"))
+        ):
             self._switch_state(state, old, group["switch_state"])
 
     def _switch_state(self, state: dict, old: dict, mode: str) -> None:
@@ -206,8 +257,11 @@ class GaLoreOptimizer(Optimizer):
         return state
 
     @torch.no_grad()
-    def project_grad(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """The gradient in the space the inner optimizer sees (refreshing the basis when due)."""
+    def project_grad(self, p: torch.Tensor, group: dict, ok: torch.Tensor | None = None) -> torch.Tensor:
+        """The gradient in the space the inner optimizer sees (refreshing the basis when due;
+        `ok` as for `_refresh`)."""
+        if self._unsettled:
+            self._settle()
         g = p.grad
         if g.is_sparse:
             raise RuntimeError("GaLore optimizers do not support sparse gradients")
@@ -219,9 +273,24 @@ class GaLoreOptimizer(Optimizer):
         if "P" not in state and "Q" not in state:  # the first basis
             state["offset"] = self._refresh_offset(p, group)
             self._refresh(p, g, state, group, shards)
-        elif int(state["step"]) % group["update_proj_gap"] == state.get("offset", 0):
-            self._refresh(p, g, state, group, shards)
+        elif self._refresh_due(state, group):
+            self._refresh(p, g, state, group, shards, ok)
         return self.project(g, state, shards)
+
+    def _refresh_due(self, state: dict, group: dict) -> bool:
+        return int(state["step"]) % group["update_proj_gap"] == state.get("offset", 0)
+
+    def _decides_on_host(self, p: torch.Tensor, group: dict) -> bool:
+        """Whether p's next update creates state or rewrites its moments (its first update;
+        a refresh with switch_state reproject or reset): a skip of it is decided on the host."""
+        state = self.state.get(p)
+        if not state:
+            return True
+        if not self._lowrank(p, group):
+            return False
+        if "P" not in state and "Q" not in state:
+            return True
+        return group["switch_state"] != "keep" and self._refresh_due(state, group)
 
     def _refresh_offset(self, p: torch.Tensor, group: dict) -> int:
         """The step of each update_proj_gap cycle at which p refreshes its basis: 0 for all
@@ -240,8 +309,17 @@ class GaLoreOptimizer(Optimizer):
         self.apply_updates([p], [r], group, coef)
 
     @torch.no_grad()
-    def apply_updates(self, params: list[torch.Tensor], rs: list[torch.Tensor], group: dict, coef: float = 1.0) -> None:
-        """Update a list of parameters of one group from their (projected) gradients.
+    def apply_updates(
+        self,
+        params: list[torch.Tensor],
+        rs: list[torch.Tensor],
+        group: dict,
+        coef: float | torch.Tensor = 1.0,
+        ok: torch.Tensor | None = None,
+    ) -> None:
+        """Update a list of parameters of one group from their (projected) gradients, scaled
+        by coef (a float or a 0-d tensor). With `ok` (a 0-d bool tensor) the update happens
+        only if it is True, decided on the device (see the module docstring).
 
         The element-wise math runs as a few multi-tensor (foreach) kernels per piece of the
         list; each low-rank parameter then costs one fused `addmm_` (back-projection + add).
@@ -252,9 +330,11 @@ class GaLoreOptimizer(Optimizer):
         for st in states:
             st["step"] += 1
             st["moment_step"] += 1
+        if ok is not None:
+            self._unsettle(ok, states)
         self._init_moments(rs, states)
         for piece in self._pieces(params, rs, states, group):
-            self._update_piece(*piece, group, coef)
+            self._update_piece(*piece, group, coef, ok)
 
     def _pieces(self, params, rs, states, group):
         """(params, rs, states) in pieces of at most chunk_elements gradient elements, so that
@@ -287,16 +367,22 @@ class GaLoreOptimizer(Optimizer):
         if piece[0]:
             yield piece
 
-    def _update_piece(self, params, rs, states, group, coef: float) -> None:
+    def _update_piece(self, params, rs, states, group, coef, ok) -> None:
         rs = [r.float() for r in rs]
-        if coef != 1.0:
+        if torch.is_tensor(coef) or coef != 1.0:
             torch._foreach_mul_(rs, coef)
-        nums, dens, divs = self._inner(rs, states, group)
+        if ok is not None:  # a skipped step computes on zeros; the writes below are no-ops
+            rs = [torch.where(ok, r, 0.0) for r in rs]
+        nums, dens, divs = self._inner(rs, states, group, ok)
         lr = group["lr"]
         owners, params = params, [local(p) for p in params]  # FSDP2: update this rank's rows
         decay_after = group.get("convention", "torch") == "galore-torch"
+        decay = 1 - lr * group["weight_decay"]
+        if ok is not None:
+            decay = torch.where(ok, decay, 1.0)
+            okf = ok.float()
         if group["weight_decay"] and not decay_after:
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            torch._foreach_mul_(params, decay)
         low = [i for i, p in enumerate(params) if self._lowrank(p, group)]
         dense = [i for i, p in enumerate(params) if not self._lowrank(p, group)]
         if dense:
@@ -304,8 +390,12 @@ class GaLoreOptimizer(Optimizer):
             ns = [nums[i].to(params[i].dtype) for i in dense]
             if dens is not None:  # exactly torch.optim.AdamW's addcdiv
                 ds = [dens[i].to(params[i].dtype) for i in dense]
+                if ok is not None:  # (the numerators are the moments) a skip divides by infinity
+                    torch._foreach_div_(ds, okf)
                 torch._foreach_addcdiv_(ps, ns, ds, [-lr / divs[i] for i in dense])
             else:
+                if ok is not None:
+                    torch._foreach_mul_(ns, okf)
                 torch._foreach_mul_(ns, [-lr / divs[i] for i in dense])
                 torch._foreach_add_(ps, ns)
         if low:
@@ -316,12 +406,14 @@ class GaLoreOptimizer(Optimizer):
                 else [n.clone() for n in low_nums]
             )
             torch._foreach_div_(dirs, [divs[i] for i in low])
+            if ok is not None:
+                torch._foreach_mul_(dirs, okf)
             for d, i in zip(dirs, low):
-                self._apply_lowrank(params[i], owners[i], d, rs[i], states[i], group, coef)
+                self._apply_lowrank(params[i], owners[i], d, rs[i], states[i], group, coef, ok)
         if group["weight_decay"] and decay_after:
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            torch._foreach_mul_(params, decay)
 
-    def _apply_lowrank(self, p, owner, d, r, state: dict, group: dict, coef: float) -> None:
+    def _apply_lowrank(self, p, owner, d, r, state: dict, group: dict, coef, ok) -> None:
         """p's update from its low-rank direction d (the inner optimizer's output for the
         projected gradient r), in the way the group's `update` says:
 
@@ -342,8 +434,10 @@ class GaLoreOptimizer(Optimizer):
                 "updates with clipping keep only the projected gradient; use grad_clip=0 with layer-wise"
             )
         g = local(owner.grad).float()
-        if coef != 1.0:
+        if torch.is_tensor(coef) or coef != 1.0:
             g = g * coef
+        if ok is not None:
+            g = torch.where(ok, g, 0.0)
         P, Q = state.get("P"), state.get("Q")
         s = channel_scales(d, r, 0 if P is not None else 1, group["scale_type"] == "tensor")
         if group["update"] == "fira":
@@ -353,9 +447,11 @@ class GaLoreOptimizer(Optimizer):
         t = float(state["moment_step"])
         b1, b2 = group.get("betas", (0.0, 0.0))
         unit = math.sqrt(1 - b2**t) / (1 - b1**t)  # Adam's bias correction (1 without betas)
-        u, state["update_norm"] = limit_norm_growth(
-            g.mul_(s), state.get("update_norm"), group["norm_growth_limit"], unit
-        )
+        previous = state.get("update_norm")
+        u, norm = limit_norm_growth(g.mul_(s), previous, group["norm_growth_limit"], unit)
+        if ok is not None:  # a previous norm of infinity limits nothing, as none does
+            norm = torch.where(ok, norm, previous if previous is not None else torch.full_like(norm, math.inf))
+        state["update_norm"] = norm
         if group["update"] == "fira":
             add_back_(u, d * a, P, Q)
         p.add_(u.to(p.dtype), alpha=-group["lr"])
@@ -369,14 +465,25 @@ class GaLoreOptimizer(Optimizer):
         add_back_(p, d, P, Q)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, found_inf: torch.Tensor | None = None):
+        """One update of every parameter with a gradient. With `found_inf` (a 0-d tensor,
+        non-zero = skip, as torch's fused optimizers take it) the step is skipped, step
+        counts included, on the device where it can be (see the module docstring)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._settle()
+        ok = None
+        if found_inf is not None:
+            if any(self._decides_on_host(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None):
+                if bool(found_inf):
+                    return loss
+            else:
+                ok = found_inf == 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            self.apply_updates(params, [self.project_grad(p, group) for p in params], group)
+            self.apply_updates(params, [self.project_grad(p, group, ok) for p in params], group, ok=ok)
         return loss
 
     # -- state storage (fp32 here; 8-bit in adam8bit.py) -------------------------------------
@@ -400,13 +507,15 @@ class GaLoreOptimizer(Optimizer):
                 self._zeros(state, k, state[k])
 
     def _inner(
-        self, rs: list[torch.Tensor], states: list[dict], group: dict
+        self, rs: list[torch.Tensor], states: list[dict], group: dict, ok: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[float]]:
-        """(numerators, denominators or None, divisors): direction_i = num_i / den_i / div_i."""
+        """(numerators, denominators or None, divisors): direction_i = num_i / den_i / div_i.
+        With `ok` False (on the device) the state stays as it was and the rs are zeros."""
         raise NotImplementedError
 
 
 CONVENTIONS = ("torch", "galore-torch")
+ADAFACTOR_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg")
 
 
 class GaLoreAdamW(GaLoreOptimizer):
@@ -454,11 +563,11 @@ class GaLoreAdamW(GaLoreOptimizer):
                 self._zeros(st, "exp_avg", r)
                 self._zeros(st, "exp_avg_sq", r)
 
-    def _inner(self, rs, states, group):
+    def _inner(self, rs, states, group, ok=None):
         b1, b2 = group["betas"]
         ms = [self._dequant(st, "exp_avg") for st in states]
         vs = [self._dequant(st, "exp_avg_sq") for st in states]
-        adam_moments_(ms, vs, rs, b1, b2)
+        adam_moments_(ms, vs, rs, b1, b2, ok)
         for st, m, v in zip(states, ms, vs):
             self._store(st, "exp_avg", m)
             self._store(st, "exp_avg_sq", v)
@@ -534,8 +643,18 @@ class GaLoreAdafactor(GaLoreOptimizer):
             )
         super().add_param_group(param_group)
 
-    def _inner(self, rs, states, group):
-        return [self._one(r, st, group) for r, st in zip(rs, states)], None, [1.0] * len(rs)
+    def _inner(self, rs, states, group, ok=None):
+        if ok is None:
+            return [self._one(r, st, group) for r, st in zip(rs, states)], None, [1.0] * len(rs)
+        # the moments are small (factored, or low-rank): a skipped step selects the old ones
+        okf, out = ok.float(), []
+        for r, st in zip(rs, states):
+            old = {k: st[k].clone() for k in ADAFACTOR_KEYS if k in st}
+            out.append(self._one(r, st, group))
+            for k in ADAFACTOR_KEYS:
+                if k in st:  # a moment created now was zeros before
+                    st[k] = old.get(k, torch.zeros_like(st[k])).lerp_(st[k], okf)
+        return out, None, [1.0] * len(rs)
 
     def _one(self, r, state, group):
         return adafactor_direction(

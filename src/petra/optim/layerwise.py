@@ -9,7 +9,7 @@ accumulation, and never sees a global norm, which breaks clipping. Here:
 - clipping: the hook records ||G|| and keeps only the *projected* gradient
   (the size of one optimizer moment for low-rank parameters) before freeing G; `finish()`
   then knows the exact global norm and applies every update with the clip coefficient,
-  or none of them when the norm is not finite (the step is skipped).
+  or none of them when the norm is not finite (the step is skipped, on the device).
   Without clipping the update happens directly in the hook and cannot be skipped.
 
 Under FSDP2 the hook fires on each parameter's reduced gradient shard as soon as FSDP2 has
@@ -72,15 +72,16 @@ class LayerwiseStepper:
                         self._take(p, group)
         norm = torch.linalg.vector_norm(torch.stack(self._norms)) if self._norms else torch.zeros(())
         norm = sum_square_over_shards(norm, self._sharded)
-        if self._pending and bool(torch.isfinite(norm)):
-            coef = float((self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+        if self._pending:  # skipped on the device if the norm is not finite: no host sync
+            ok = torch.isfinite(norm)
+            coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
             by_group: dict[int, tuple[dict, list, list]] = {}
             for p, r, group in self._pending:
                 entry = by_group.setdefault(id(group), (group, [], []))
                 entry[1].append(p)
                 entry[2].append(r)
             for group, ps, rs in by_group.values():  # one batched update per group
-                self.optimizer.apply_updates(ps, rs, group, coef)
+                self.optimizer.apply_updates(ps, rs, group, coef, ok)
         self._pending, self._norms, self.armed = [], [], False
         return norm
 

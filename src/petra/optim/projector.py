@@ -145,21 +145,32 @@ def gaussian_basis(m: int, rank: int, device, generator: torch.Generator | None 
 
 
 def compute_basis(
-    g, rank: int, method: str, prev: torch.Tensor | None, generator: torch.Generator | None = None
+    g,
+    rank: int,
+    method: str,
+    prev: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+    finite: bool = False,
 ) -> torch.Tensor:
-    """The sign-aligned left basis of g (a tensor or an operator such as Dense)."""
-    return align_signs(_basis(_as_op(g), rank, method, prev, generator), prev)
+    """The sign-aligned left basis of g (a tensor or an operator such as Dense). `finite`:
+    the caller guarantees g is finite, which spares the check (a host sync)."""
+    return align_signs(_basis(_as_op(g), rank, method, prev, generator, finite), prev)
 
 
 def _basis(
-    g, rank: int, method: str, prev: torch.Tensor | None, generator: torch.Generator | None = None
+    g,
+    rank: int,
+    method: str,
+    prev: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+    finite: bool = False,
 ) -> torch.Tensor:
     """The left basis of g by `method`; never raises for bad numerics.
 
     A non-finite gradient or a failing factorization keeps the previous basis (or falls
     back to exact SVD / a random orthonormal basis on the first refresh) and logs why.
     """
-    if not g.finite():
+    if not finite and not g.finite():
         log.warning("gradient of shape %s is not finite; keeping the previous projector", tuple(g.shape))
         return prev if prev is not None else _random_basis(g, rank, generator)
     try:
