@@ -380,7 +380,9 @@ def test_updates_in_chunks_equal_one_batched_update(monkeypatch, cls, device):
         monkeypatch.setattr(
             opt,
             "_update_piece",
-            lambda ps_, *a, f=opt._update_piece: (pieces.append([tuple(p.shape) for p in ps_]), f(ps_, *a))[1],
+            lambda ps_, *a, f=opt._update_piece, **kw: (pieces.append([tuple(p.shape) for p in ps_]), f(ps_, *a, **kw))[
+                1
+            ],
         )
         monkeypatch.setattr(opt, "chunk_elements", chunk)
         for step in range(4):
@@ -511,3 +513,96 @@ def test_a_state_saved_before_staggering_refreshes_on_multiples_of_the_gap(monke
     for st in opt.state.values():
         st.pop("offset", None)  # as an earlier petra saved it
     assert _refreshes(opt, weights, grads[2:], monkeypatch) == {4: [0, 1, 2, 3], 8: [0, 1, 2, 3]}
+
+
+# projected moments of (16, 512) and (512, 16) are 8-bit in GaLoreAdamW8bit, (128, 16) stays fp32
+STACK_SHAPES = [(64, 512)] * 3 + [(512, 64)] * 2 + [(128, 128), (32,)]
+
+
+def _stacked_run(cls, stacks, device, proj_type="std", convention="torch", steps=7, skip=(4,), per_stack=None):
+    """An optimizer on matrices of a few shapes, one step skipped on the device (found_inf),
+    refreshes staggered over a gap of 3 so that some fall between stacked updates."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s).to(device)) for s in STACK_SHAPES]
+    group = {"params": ps[:6], "rank": 16, "update_proj_gap": 3, "proj_type": proj_type, "stagger_refresh": True}
+    opt = cls([group, {"params": ps[6:]}], lr=1e-2, weight_decay=0.1, convention=convention)
+    opt.stacks = stacks
+    if per_stack:  # stacks of at most this many (64, 512) matrices
+        opt.stack_elements = per_stack * 64 * 512
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(device)
+        opt.step(found_inf=torch.tensor(float(step in skip), device=device))
+    return ps, opt
+
+
+def _flat_state(opt) -> dict:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            for name, t in (("codes", v.codes), ("scale", v.scale)) if hasattr(v, "codes") else (("", v),):
+                out[i, k, name] = t
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+@pytest.mark.parametrize("proj_type,convention", [("std", "torch"), ("left", "galore-torch"), ("full", "torch")])
+def test_matrices_of_one_shape_update_as_one_stack_with_the_numbers_of_one_at_a_time(
+    proj_type, convention, cls, device, monkeypatch
+):
+    stacked_pieces = []
+    real = cls._update_piece
+    monkeypatch.setattr(
+        cls,
+        "_update_piece",
+        lambda self, ps, *a, **kw: (stacked_pieces.append(kw.get("stacked")), real(self, ps, *a, **kw)),
+    )
+    one, opt1 = _stacked_run(cls, False, device, proj_type, convention)
+    assert not any(stacked_pieces)
+    stacked, opt2 = _stacked_run(cls, True, device, proj_type, convention)
+    # 8-bit with a full projection: (16, 16) moments stay fp32, which never stack
+    assert any(stacked_pieces) == (cls is GaLoreAdamW or proj_type != "full")
+    s1, s2 = _flat_state(opt1), _flat_state(opt2)
+    assert s1.keys() == s2.keys()
+    assert all(float(s2[i, "step", ""]) == 6 for i in range(len(STACK_SHAPES)))  # 7 steps, one skipped
+    split, _ = _stacked_run(cls, True, device, proj_type, convention, per_stack=2)
+    if device == "cpu":  # the same bits, in stacks of 3 and 2 or of 2 and 1
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(one, stacked, split))
+        assert all(torch.equal(s1[k], s2[k]) if torch.is_tensor(s1[k]) else s1[k] == s2[k] for k in s1)
+    else:  # cuBLAS may round a batched product differently from single ones
+        for a, b, c in zip(one, stacked, split):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+
+
+def test_host_work_of_a_stacked_step_does_not_grow_with_the_matrices(monkeypatch):
+    """The point of stacking: the operations dispatched per step (each a kernel launch on a
+    GPU) are per shape, not per matrix. Views and reads of CPU step counts launch nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func is not torch.ops.aten._local_scalar_dense.default:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(k):
+        ps = [torch.nn.Parameter(torch.randn(32, 64)) for _ in range(k)]
+        opt = GaLoreAdamW([{"params": ps, "rank": 8, "update_proj_gap": 100}], lr=1e-2)
+        for step in range(3):
+            for p in ps:
+                p.grad = torch.randn(32, 64)
+            if step < 2:
+                opt.step(found_inf=torch.zeros(()))
+        Count.n = 0
+        with Count():
+            opt.step(found_inf=torch.zeros(()))
+        return Count.n
+
+    assert ops(16) == ops(4)
+    monkeypatch.setattr(GaLoreAdamW, "stacks", False)
+    assert ops(16) >= ops(4) + 12 * 4  # one at a time: 5 per fp32 matrix here (bf16 adds casts)

@@ -133,9 +133,10 @@ def test_a_skipped_step_does_not_sync_with_the_device(device):
     for i, gs in enumerate(good):
         _step(oa, pa, gs)
         if i >= 2:  # state exists and the 8-bit update is compiled: nothing left to decide on the host
+            bad = _bad(device, torch.bfloat16)  # (writing NaN into a CUDA tensor from Python syncs)
             torch.cuda.set_sync_debug_mode("error")
             try:
-                _step(ob, pb, _bad(device, torch.bfloat16), found_inf=1)
+                _step(ob, pb, bad, found_inf=1)
                 _step(ob, pb, gs, found_inf=0)
             finally:
                 torch.cuda.set_sync_debug_mode(0)

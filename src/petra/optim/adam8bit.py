@@ -59,6 +59,20 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                 like.shape, signed=(key == "exp_avg"), block_size=self.block_size, device=like.device
             )
 
+    def _stackable(self, state: dict) -> bool:
+        # moments kept in fp32 (small matrices) would be quantized by _store as a stack
+        return isinstance(state.get("exp_avg"), self._q)
+
+    def _stack_moments(self, moments: list) -> torch.Tensor:
+        """Stacked codes with the blocks' scales in a row: every matrix holds whole blocks,
+        so the stack is the 8-bit tensor of the stacked moments."""
+        m = moments[0]
+        return self._q(torch.stack([x.codes for x in moments]), torch.cat([x.scale for x in moments]), m.qmap, m.signed)
+
+    def _unstack_moments(self, stacked, moments: list) -> None:
+        torch._foreach_copy_([x.codes for x in moments], list(stacked.codes.unbind(0)))
+        torch._foreach_copy_([x.scale for x in moments], list(stacked.scale.chunk(len(moments))))
+
     def _dequant(self, state: dict, key: str) -> torch.Tensor:
         v = state[key]
         return v.dequantize() if isinstance(v, self._q) else v

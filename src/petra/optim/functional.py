@@ -25,23 +25,25 @@ def sides(shape: torch.Size, proj_type: str) -> tuple[bool, bool]:
 
 
 def project(g: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None) -> torch.Tensor:
-    """P^T G Q with either side optional: (r, n), (m, r) or (r, r)."""
+    """P^T G Q with either side optional: (r, n), (m, r) or (r, r); or a stack of them
+    (a leading batch dimension on G, P and Q)."""
     if P is not None:
-        g = P.to(g.dtype).t() @ g
+        g = P.to(g.dtype).mT @ g
     if Q is not None:
         g = g @ Q.to(g.dtype)
     return g
 
 
 def add_back_(w: torch.Tensor, d: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None) -> None:
-    """w += P d Q^T (either side optional) as one fused addmm."""
+    """w += P d Q^T (either side optional) as one fused addmm (baddbmm for a stack)."""
     d = d.to(w.dtype)
+    mm_ = w.baddbmm_ if w.dim() == 3 else w.addmm_
     if P is not None and Q is not None:
-        w.addmm_(P.to(w.dtype) @ d, Q.to(w.dtype).t())
+        mm_(P.to(w.dtype) @ d, Q.to(w.dtype).mT)
     elif P is not None:
-        w.addmm_(P.to(w.dtype), d)
+        mm_(P.to(w.dtype), d)
     else:
-        w.addmm_(d, Q.to(w.dtype).t())
+        mm_(d, Q.to(w.dtype).mT)
 
 
 def adam_moments_(

@@ -11,6 +11,9 @@ for its 2-D parameters; every other parameter gets the plain optimizer. Per-step
 State holds tensors only (bases included), so state_dict() round-trips exactly. The split
 into `project_grad` and `apply_update` is what layer-wise training uses to clip exactly.
 
+`step()` updates the low-rank matrices of one shape together, as one stack (`_shape_batches`):
+a few batched kernels instead of several operations per matrix, the same numbers.
+
 `step(found_inf=...)` skips a step whose gradient is not finite without a host sync, as
 torch's fused AdamW does: every write to the weights and the state is made a no-op on the
 device by its coefficients, and the host's step counts are put back at the next step, once
@@ -115,6 +118,10 @@ class GaLoreOptimizer(Optimizer):
     moment_keys = ("exp_avg", "exp_avg_sq")  # state tensors shaped like the (projected) gradient
     row_split = True  # the inner update is element-wise: a parameter may be updated in row blocks
     chunk_elements = 1 << 24  # parameters updated together hold at most this many gradient elements
+    # step() updates low-rank matrices of one shape as one stack (see _shape_batches); the
+    # stacked weights and gradients of a batch hold at most this many elements each
+    stacks = False
+    stack_elements = 1 << 26
     lowrank_defaults = LOWRANK_DEFAULTS  # what a group holding `rank` gets unless it says otherwise
 
     def __init__(self, params, defaults: dict):
@@ -270,12 +277,16 @@ class GaLoreOptimizer(Optimizer):
             return g
         state = self._state(p)
         shards = row_shards(p)
-        if "P" not in state and "Q" not in state:  # the first basis
+        self._prepare_basis(p, g, state, group, shards, ok)
+        return self.project(g, state, shards)
+
+    def _prepare_basis(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, shards, ok) -> None:
+        """p's first basis, or a new one when its refresh is due (`ok` as for `_refresh`)."""
+        if "P" not in state and "Q" not in state:
             state["offset"] = self._refresh_offset(p, group)
             self._refresh(p, g, state, group, shards)
         elif self._refresh_due(state, group):
             self._refresh(p, g, state, group, shards, ok)
-        return self.project(g, state, shards)
 
     def _refresh_due(self, state: dict, group: dict) -> bool:
         return int(state["step"]) % group["update_proj_gap"] == state.get("offset", 0)
@@ -327,14 +338,70 @@ class GaLoreOptimizer(Optimizer):
         if not params:
             return
         states = [self._state(p) for p in params]
-        for st in states:
-            st["step"] += 1
-            st["moment_step"] += 1
-        if ok is not None:
-            self._unsettle(ok, states)
+        self._advance(states, ok)
         self._init_moments(rs, states)
         for piece in self._pieces(params, rs, states, group):
             self._update_piece(*piece, group, coef, ok)
+
+    def _advance(self, states: list[dict], ok: torch.Tensor | None) -> None:
+        """Count an update in each state (one host op for all: these are CPU tensors)."""
+        torch._foreach_add_([st["step"] for st in states], 1)
+        torch._foreach_add_([st["moment_step"] for st in states], 1)
+        if ok is not None:
+            self._unsettle(ok, states)
+
+    def _shape_batches(self, params: list[torch.Tensor], group: dict, ok) -> tuple[list[list[torch.Tensor]], list]:
+        """(batches, the rest): step() updates the low-rank matrices of one shape, side and
+        moment step as one stack (one batched projection, one set of element-wise kernels, one
+        baddbmm back): one at a time, each matrix costs several host-side operations, and
+        small models then wait on the host (docs/benchmarks.md, seventh session). Due
+        refreshes happen here, one matrix at a time. The first update (which creates the
+        state), other update rules and FSDP2 shards go one at a time."""
+        if not (self.stacks and group.get("rank") is not None and group["update"] == "galore"):
+            return [], params
+        by_key: dict[tuple, list[torch.Tensor]] = {}
+        rest = []
+        for p in params:
+            st = self.state.get(p)
+            if not (
+                st and self._stackable(st) and self._lowrank(p, group) and not is_sharded(p) and not p.grad.is_sparse
+            ):
+                rest.append(p)
+                continue
+            self._prepare_basis(p, p.grad, st, group, None, ok)
+            bases = tuple((k, st[k].shape, st[k].dtype) for k in ("P", "Q") if k in st)
+            by_key.setdefault((p.shape, p.dtype, p.grad.dtype, bases, float(st["moment_step"])), []).append(p)
+        batches = []
+        for ps in by_key.values():
+            per = max(1, self.stack_elements // ps[0].numel())
+            batches += [ps[i : i + per] for i in range(0, len(ps), per)]
+        return batches, rest
+
+    def _update_stack(self, params: list[torch.Tensor], group: dict, ok) -> None:
+        """The update of matrices alike (see _shape_batches) as one: weights, gradients,
+        bases and moments stacked, updated by `_update_piece` as one 3-D parameter, then
+        copied back. Element for element the math of one matrix at a time."""
+        states = [self.state[p] for p in params]
+        self._advance(states, ok)
+        stack = {k: torch.stack([st[k] for st in states]) for k in ("P", "Q") if k in states[0]}
+        stack.update({k: self._stack_moments([st[k] for st in states]) for k in self.moment_keys})
+        stack["moment_step"] = states[0]["moment_step"]
+        w = torch.stack([p.detach() for p in params])
+        r = self.project(torch.stack([p.grad for p in params]), stack)
+        self._update_piece([w], [r], [stack], group, 1.0, ok, stacked=True)
+        torch._foreach_copy_(params, list(w.unbind(0)))
+        for k in self.moment_keys:
+            self._unstack_moments(stack[k], [st[k] for st in states])
+
+    def _stackable(self, state: dict) -> bool:
+        """Whether a low-rank matrix with this state can update in a stack: it has moments."""
+        return "exp_avg" in state
+
+    def _stack_moments(self, moments: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(moments)
+
+    def _unstack_moments(self, stacked: torch.Tensor, moments: list[torch.Tensor]) -> None:
+        torch._foreach_copy_(moments, list(stacked.unbind(0)))
 
     def _pieces(self, params, rs, states, group):
         """(params, rs, states) in pieces of at most chunk_elements gradient elements, so that
@@ -367,7 +434,7 @@ class GaLoreOptimizer(Optimizer):
         if piece[0]:
             yield piece
 
-    def _update_piece(self, params, rs, states, group, coef, ok) -> None:
+    def _update_piece(self, params, rs, states, group, coef, ok, stacked: bool = False) -> None:
         rs = [r.float() for r in rs]
         if torch.is_tensor(coef) or coef != 1.0:
             torch._foreach_mul_(rs, coef)
@@ -383,8 +450,9 @@ class GaLoreOptimizer(Optimizer):
             okf = ok.float()
         if group["weight_decay"] and not decay_after:
             torch._foreach_mul_(params, decay)
-        low = [i for i, p in enumerate(params) if self._lowrank(p, group)]
-        dense = [i for i, p in enumerate(params) if not self._lowrank(p, group)]
+        is_low = [stacked or self._lowrank(p, group) for p in params]
+        low = [i for i, on in enumerate(is_low) if on]
+        dense = [i for i, on in enumerate(is_low) if not on]
         if dense:
             ps = [params[i] for i in dense]
             ns = [nums[i].to(params[i].dtype) for i in dense]
@@ -483,6 +551,9 @@ class GaLoreOptimizer(Optimizer):
                 ok = found_inf == 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            batches, params = self._shape_batches(params, group, ok)
+            for batch in batches:
+                self._update_stack(batch, group, ok)
             self.apply_updates(params, [self.project_grad(p, group, ok) for p in params], group, ok=ok)
         return loss
 
@@ -533,6 +604,7 @@ class GaLoreAdamW(GaLoreOptimizer):
     """
 
     inner_keys = ("lr", "betas", "eps", "weight_decay", "convention")
+    stacks = True
 
     def __init__(
         self,
