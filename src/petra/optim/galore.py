@@ -386,7 +386,7 @@ class GaLoreOptimizer(Optimizer):
         stack = {k: torch.stack([st[k] for st in states]) for k in ("P", "Q") if k in states[0]}
         stack.update({k: self._stack_moments([st[k] for st in states]) for k in self.moment_keys})
         stack["moment_step"] = states[0]["moment_step"]
-        w = torch.stack([p.detach() for p in params])
+        w = torch.stack(params)  # (step() runs without autograd)
         r = self.project(torch.stack([p.grad for p in params]), stack)
         self._update_piece([w], [r], [stack], group, 1.0, ok, stacked=True)
         torch._foreach_copy_(params, list(w.unbind(0)))
