@@ -125,9 +125,9 @@ class GaLoreOptimizer(Optimizer):
     lowrank_defaults = LOWRANK_DEFAULTS  # what a group holding `rank` gets unless it says otherwise
 
     def __init__(self, params, defaults: dict):
-        # steps skipped or not, known on the device only: (flag on the host once its event
-        # has passed, the states whose counts went up)
-        self._unsettled: list[tuple[torch.Tensor, torch.cuda.Event | None, list[dict]]] = []
+        # steps skipped or not, known on the device only: (the device flag, its copy on the
+        # host once its event has passed, the states whose counts went up)
+        self._unsettled: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None, list[dict]]] = []
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -162,7 +162,7 @@ class GaLoreOptimizer(Optimizer):
     def _settle(self) -> None:
         """Put back the step counts of updates that the device skipped. Their flags were
         copied to the host a step ago, so the wait is for work long finished."""
-        for flag, done, states in self._unsettled:
+        for _, flag, done, states in self._unsettled:
             if done is not None:
                 done.synchronize()
             if not flag.item():  # a host tensor: no sync
@@ -172,12 +172,15 @@ class GaLoreOptimizer(Optimizer):
         self._unsettled = []
 
     def _unsettle(self, ok: torch.Tensor, states: list[dict]) -> None:
+        if self._unsettled and self._unsettled[-1][0] is ok:  # one copy of a step's flag
+            self._unsettled[-1][3].extend(states)
+            return
         if ok.is_cuda:
             flag, done = ok.to("cpu", non_blocking=True), torch.cuda.Event()
             done.record()
         else:
             flag, done = ok.clone(), None
-        self._unsettled.append((flag, done, states))
+        self._unsettled.append((ok, flag, done, list(states)))
 
     # -- projection --------------------------------------------------------------------
     def _refresh(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, shards, ok=None) -> None:
