@@ -112,6 +112,8 @@ def petra_config(impl, preset, rank, micro, batch=64, gap=GAP, ckpt=False, extra
         "petra-apollo": "apollo",
         "petra-apollo-mini": "apollo-mini",
         "petra-fira": "fira",
+        "petra-muon": "muon",
+        "petra-adam-mini": "adam-mini",
     }.get(name, "full")
     ov = {
         "preset": preset,
@@ -444,6 +446,8 @@ PEERS = {
     "petra-apollo": ("apollo", "petra-full"),
     "petra-apollo-mini": ("apollo-mini", "petra-full"),
     "petra-fira": ("fira", "petra-full"),
+    "petra-muon": ("petra-full",),  # petra's Muon is torch.optim.Muon's: no other peer
+    "petra-adam-mini": ("petra-full",),  # the adam-mini package itself, on petra's model
     "petra-relora": ("hf-lora",),
     "petra-relora-int8": ("hf-lora",),
     "petra-relora-nf4": ("hf-lora",),

@@ -1,29 +1,45 @@
-# The speed issue's one-session table (docs/benchmarks.md, sixth session): every petra method
-# and every peer package, compiled, at 60m / 350m / 1b, in two device calls of under 10
-# minutes each: `bash benchmarks/speed_table.sh a` then `bash benchmarks/speed_table.sh b`.
-# Rows are written as they finish ($OUT/*.json); the table and ratios over both calls:
-#   python benchmarks/bench.py --merge docs/bench/session6/*.json
+# The speed issue's one-session table (docs/benchmarks.md, eighth session): every petra method
+# and the peer packages, compiled, at 60m / 350m / 1b, in three device calls of under 10
+# minutes each on one lease: `bash benchmarks/speed_table.sh a`, then `b`, then `c`. Rows are
+# written as they finish ($OUT/*.json); the table and ratios over all calls:
+#   python benchmarks/bench.py --merge docs/bench/session8/*.json
+# Call a also runs the CUDA tests of the optimizers and times layer-wise 8-bit before the
+# stacked layer-wise update, from `.before/`:
+#   rm -rf .before && mkdir .before && git archive 94dd883 src benchmarks | tar -x -C .before
+# (The sixth session's two-call version of this script is `git show 21a720e:benchmarks/speed_table.sh`.)
 set -u
 pip install -q --no-deps --target /tmp/site .whl/*.whl > /dev/null 2>&1
-export PYTHONPATH=/tmp/site:src
+export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, peft, galore_torch, bitsandbytes, torchao; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, 'torchao', torchao.__version__)"
-B="python3 benchmarks/bench.py --steps 5 --warmup 2"
-run() {  # name, seconds, bench arguments...
-  local name=$1 limit=$2
+B="benchmarks/bench.py --steps 8 --warmup 2"
+run() {  # name, seconds, bench arguments... (a .before/ bench when the name starts with "before")
+  local name=$1 limit=$2 root=.
   shift 2
-  timeout "$limit" $B "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
-  echo "$name exit $?"
+  [ "${name#before}" != "$name" ] && root=.before
+  timeout "$limit" python3 $root/$B "$@" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "$name exit $? at ${SECONDS}s"
   grep -E '^\| (60m|350m|1b) \| [a-z]' "$OUT/$name.log" | grep -v ' x |' | head -40
 }
-P=petra-full:compile,petra-galore:compile,petra-galore8bit:compile,petra-galore8bit-lw:compile,petra-apollo:compile,petra-apollo-mini:compile,petra-fira:compile,petra-relora:compile
-if [ "${1:-a}" = a ]; then
-  run a-60m 100 --presets 60m --impls petra-full:compile,petra-galore:compile,galore-torch:compile
-  run a-350m 440 --presets 350m --impls $P,hf-full:compile,galore-torch:compile,galore-torch-8bit:compile,apollo:compile,apollo-mini:compile,fira:compile,hf-adamw8bit:compile,hf-lora:compile
-else  # call a's galore-torch rows failed (the wheel was not carried); they run here
-  run b-1b-mb64 100 --presets 1b --micro 1b=64 --impls petra-full:compile
-  run b-60m 60 --presets 60m --impls galore-torch:compile
-  run b-350m 110 --presets 350m --impls galore-torch:compile,galore-torch-8bit:compile
-  run b-1b 310 --presets 1b --impls ${P%,petra-relora:compile},hf-full:compile,galore-torch:compile,apollo:compile,\
-apollo-mini:compile,hf-adamw8bit:compile,hf-full,galore-torch-8bit:compile,petra-relora:compile
-fi
+P=petra-full:compile,petra-galore:compile,petra-galore8bit:compile,petra-galore8bit-lw:compile,petra-apollo:compile
+P=$P,petra-apollo-mini:compile,petra-fira:compile,petra-relora:compile,petra-muon:compile,petra-adam-mini:compile
+case "${1:-a}" in
+a)
+  timeout 80 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_galore.py tests/test_skip.py \
+    -k "cuda and (stack or skip)" 2>&1 | tail -3
+  run a-60m 120 --presets 60m --impls petra-full:compile,petra-galore:compile,petra-galore8bit:compile,galore-torch:compile,galore-torch-8bit:compile
+  run before-a-350m 95 --presets 350m --impls petra-galore8bit-lw:compile
+  run a-350m 270 --presets 350m --impls $P
+  ;;
+b)
+  run b-350m 320 --presets 350m --impls hf-full:compile,hf-adamw8bit:compile,galore-torch:compile,galore-torch-8bit:compile,apollo:compile,apollo-mini:compile,fira:compile,hf-lora:compile
+  run b-350m-profile 60 --presets 350m --impls petra-full:compile --profile 2
+  run b-1b-mb64 150 --presets 1b --micro 1b=64 --impls petra-full:compile --profile 2
+  ;;
+c)  # galore-torch and fira at 1b (an exact SVD refresh of about 40 s, three a row) are left out
+  run c-1b 500 --presets 1b --impls petra-full:compile,petra-galore:compile,petra-galore8bit:compile,\
+petra-galore8bit-lw:compile,hf-full:compile,petra-relora:compile,petra-apollo:compile,petra-apollo-mini:compile,\
+petra-muon:compile,petra-adam-mini:compile,petra-fira:compile,hf-adamw8bit:compile,apollo-mini:compile,hf-lora:compile
+  ;;
+esac
+python3 benchmarks/bench.py --merge "$OUT"/*.json 2>&1 | grep -v ' x |' | tail -30

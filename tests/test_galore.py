@@ -606,3 +606,49 @@ def test_host_work_of_a_stacked_step_does_not_grow_with_the_matrices(monkeypatch
     assert ops(16) == ops(4)
     monkeypatch.setattr(GaLoreAdamW, "stacks", False)
     assert ops(16) >= ops(4) + 12 * 4  # one at a time: 5 per fp32 matrix here (bf16 adds casts)
+
+
+def _layerwise_stacked_run(cls, stacks, device, steps=6, skip=(4,)):
+    """Layer-wise updates with clipping (finish() applies them) on matrices of a few shapes,
+    one step's gradient not finite (skipped on the device), refreshes staggered over a gap of 3."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s).to(device)) for s in STACK_SHAPES]
+    group = {"params": ps[:6], "rank": 16, "update_proj_gap": 3, "stagger_refresh": True}
+    opt = cls([group, {"params": ps[6:]}], lr=1e-2, weight_decay=0.1)
+    opt.stacks = stacks
+    lw = LayerwiseStepper(opt, grad_clip=0.5)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        cs = [torch.randn(p.shape, generator=g).to(device) for p in ps]
+        if step in skip:
+            cs[1][0, 0] = float("nan")
+        lw.armed = True
+        sum((p * c).sum() for p, c in zip(ps, cs)).backward()
+        lw.finish()
+    return ps, opt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_layerwise_updates_stack_with_the_numbers_of_one_at_a_time(cls, device, monkeypatch):
+    """finish() hands every clipped update to apply_updates at once: matrices alike update as
+    one stack there too, from their projected gradients, with the clip coefficient and the
+    device-side skip."""
+    stacked_sizes = []
+    real = cls._update_stack
+    monkeypatch.setattr(
+        cls, "_update_stack", lambda self, ps, *a, **kw: (stacked_sizes.append(len(ps)), real(self, ps, *a, **kw))
+    )
+    one, opt1 = _layerwise_stacked_run(cls, False, device)
+    assert not stacked_sizes
+    stacked, opt2 = _layerwise_stacked_run(cls, True, device)
+    assert sorted(set(stacked_sizes)) == [2, 3]  # (64, 512) x 3 and (512, 64) x 2; (128, 128) alone
+    s1, s2 = _flat_state(opt1), _flat_state(opt2)
+    assert s1.keys() == s2.keys()
+    assert all(float(s2[i, "step", ""]) == 5 for i in range(len(STACK_SHAPES)))  # 6 steps, one skipped
+    if device == "cpu":
+        assert all(torch.equal(a, b) for a, b in zip(one, stacked))
+        assert all(torch.equal(s1[k], s2[k]) if torch.is_tensor(s1[k]) else s1[k] == s2[k] for k in s1)
+    else:
+        for a, b in zip(one, stacked):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -335,9 +335,17 @@ class GaLoreOptimizer(Optimizer):
         by coef (a float or a 0-d tensor). With `ok` (a 0-d bool tensor) the update happens
         only if it is True, decided on the device (see the module docstring).
 
-        The element-wise math runs as a few multi-tensor (foreach) kernels per piece of the
-        list; each low-rank parameter then costs one fused `addmm_` (back-projection + add).
+        Low-rank matrices alike update as one stack (`_shape_batches`; layer-wise updates
+        come here with their projected gradients). The others' element-wise math runs as a
+        few multi-tensor (foreach) kernels per piece of the list; each low-rank parameter
+        among them then costs one fused `addmm_` (back-projection + add).
         """
+        if not params:
+            return
+        batches, rest = self._shape_batches(params, group, ok, rs)
+        for batch in batches:
+            self._update_stack([params[i] for i in batch], group, ok, [rs[i] for i in batch], coef)
+        params, rs = [params[i] for i in rest], [rs[i] for i in rest]
         if not params:
             return
         states = [self._state(p) for p in params]
@@ -353,45 +361,61 @@ class GaLoreOptimizer(Optimizer):
         if ok is not None:
             self._unsettle(ok, states)
 
-    def _shape_batches(self, params: list[torch.Tensor], group: dict, ok) -> tuple[list[list[torch.Tensor]], list]:
-        """(batches, the rest): step() updates the low-rank matrices of one shape, side and
-        moment step as one stack (one batched projection, one set of element-wise kernels, one
-        baddbmm back): one at a time, each matrix costs several host-side operations, and
-        small models then wait on the host (docs/benchmarks.md, seventh session). Due
-        refreshes happen here, one matrix at a time. The first update (which creates the
-        state), other update rules and FSDP2 shards go one at a time."""
+    def _shape_batches(self, params: list[torch.Tensor], group: dict, ok, rs=None) -> tuple[list[list[int]], list[int]]:
+        """(batches, the rest), as indices into params: the low-rank matrices of one shape,
+        side and moment step update as one stack (one batched projection, one set of
+        element-wise kernels, one baddbmm back): one at a time, each matrix costs several
+        host-side operations, and small models then wait on the host (docs/benchmarks.md,
+        seventh session). Without `rs` (the projected gradients, which layer-wise updates
+        bring) due refreshes happen here, one matrix at a time. The first update (which
+        creates the state), other update rules and FSDP2 shards go one at a time."""
         if not (self.stacks and group.get("rank") is not None and group["update"] == "galore"):
-            return [], params
-        by_key: dict[tuple, list[torch.Tensor]] = {}
+            return [], list(range(len(params)))
+        by_key: dict[tuple, list[int]] = {}
         rest = []
-        for p in params:
+        for i, p in enumerate(params):
             st = self.state.get(p)
+            g = p.grad if rs is None else rs[i]
             if not (
-                st and self._stackable(st) and self._lowrank(p, group) and not is_sharded(p) and not p.grad.is_sparse
+                st
+                and self._stackable(st)
+                and self._lowrank(p, group)
+                and not is_sharded(p)
+                and g is not None
+                and not g.is_sparse
+                and not (rs is None and self._decides_on_host(p, group))  # a refresh that resets moments
             ):
-                rest.append(p)
+                rest.append(i)
                 continue
-            self._prepare_basis(p, p.grad, st, group, None, ok)
+            # what a due refresh (switch_state keep, done below) leaves as it is
             bases = tuple((k, st[k].shape, st[k].dtype) for k in ("P", "Q") if k in st)
-            by_key.setdefault((p.shape, p.dtype, p.grad.dtype, bases, float(st["moment_step"])), []).append(p)
+            key = (p.shape, p.dtype, g.shape, g.dtype, bases, float(st["moment_step"]))
+            by_key.setdefault(key, []).append(i)
         batches = []
-        for ps in by_key.values():
-            per = max(1, self.stack_elements // ps[0].numel())
-            batches += [ps[i : i + per] for i in range(0, len(ps), per)]
-        return batches, rest
+        for idx in by_key.values():
+            per = max(1, self.stack_elements // params[idx[0]].numel())
+            for batch in (idx[i : i + per] for i in range(0, len(idx), per)):
+                if len(batch) == 1:  # a stack of one would only add copies
+                    rest += batch
+                    continue
+                batches.append(batch)
+                for i in batch if rs is None else ():
+                    self._prepare_basis(params[i], params[i].grad, self.state[params[i]], group, None, ok)
+        return batches, sorted(rest)
 
-    def _update_stack(self, params: list[torch.Tensor], group: dict, ok) -> None:
-        """The update of matrices alike (see _shape_batches) as one: weights, gradients,
-        bases and moments stacked, updated by `_update_piece` as one 3-D parameter, then
-        copied back. Element for element the math of one matrix at a time."""
+    def _update_stack(self, params: list[torch.Tensor], group: dict, ok, rs=None, coef=1.0) -> None:
+        """The update of matrices alike (see _shape_batches) as one: weights, gradients (or
+        the projected ones, `rs`), bases and moments stacked, updated by `_update_piece` as
+        one 3-D parameter, then copied back. Element for element the math of one matrix at a
+        time."""
         states = [self.state[p] for p in params]
         self._advance(states, ok)
         stack = {k: torch.stack([st[k] for st in states]) for k in ("P", "Q") if k in states[0]}
         stack.update({k: self._stack_moments([st[k] for st in states]) for k in self.moment_keys})
         stack["moment_step"] = states[0]["moment_step"]
         w = torch.stack(params)  # (step() runs without autograd)
-        r = self.project(torch.stack([p.grad for p in params]), stack)
-        self._update_piece([w], [r], [stack], group, 1.0, ok, stacked=True)
+        r = self.project(torch.stack([p.grad for p in params]), stack) if rs is None else torch.stack(rs)
+        self._update_piece([w], [r], [stack], group, coef, ok, stacked=True)
         torch._foreach_copy_(params, list(w.unbind(0)))
         for k in self.moment_keys:
             self._unstack_moments(stack[k], [st[k] for st in states])
@@ -554,10 +578,11 @@ class GaLoreOptimizer(Optimizer):
                 ok = found_inf == 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            batches, params = self._shape_batches(params, group, ok)
+            batches, rest = self._shape_batches(params, group, ok)
             for batch in batches:
-                self._update_stack(batch, group, ok)
-            self.apply_updates(params, [self.project_grad(p, group, ok) for p in params], group, ok=ok)
+                self._update_stack([params[i] for i in batch], group, ok)
+            rest = [params[i] for i in rest]
+            self.apply_updates(rest, [self.project_grad(p, group, ok) for p in rest], group, ok=ok)
         return loss
 
     # -- state storage (fp32 here; 8-bit in adam8bit.py) -------------------------------------
