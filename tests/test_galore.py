@@ -519,12 +519,15 @@ def test_a_state_saved_before_staggering_refreshes_on_multiples_of_the_gap(monke
 STACK_SHAPES = [(64, 512)] * 3 + [(512, 64)] * 2 + [(128, 128), (32,)]
 
 
-def _stacked_run(cls, stacks, device, proj_type="std", convention="torch", steps=7, skip=(4,), per_stack=None):
+def _stacked_run(
+    cls, stacks, device, proj_type="std", convention="torch", steps=7, skip=(4,), per_stack=None, switch_state="keep"
+):
     """An optimizer on matrices of a few shapes, one step skipped on the device (found_inf),
     refreshes staggered over a gap of 3 so that some fall between stacked updates."""
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s).to(device)) for s in STACK_SHAPES]
     group = {"params": ps[:6], "rank": 16, "update_proj_gap": 3, "proj_type": proj_type, "stagger_refresh": True}
+    group["switch_state"] = switch_state
     opt = cls([group, {"params": ps[6:]}], lr=1e-2, weight_decay=0.1, convention=convention)
     opt.stacks = stacks
     if per_stack:  # stacks of at most this many (64, 512) matrices
@@ -575,6 +578,18 @@ def test_matrices_of_one_shape_update_as_one_stack_with_the_numbers_of_one_at_a_
         for a, b, c in zip(one, stacked, split):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("switch_state", ["reset", "reproject"])
+def test_refreshes_that_rewrite_moments_keep_stacks_exact(switch_state):
+    """A refresh that resets (or rotates) a matrix's moments changes its moment step (or its
+    moments) mid-cycle, staggered: such a matrix updates on its own that step, the others
+    still as a stack, with the numbers of one at a time."""
+    one, opt1 = _stacked_run(GaLoreAdamW, False, "cpu", switch_state=switch_state, steps=9)
+    stacked, opt2 = _stacked_run(GaLoreAdamW, True, "cpu", switch_state=switch_state, steps=9)
+    assert all(torch.equal(a, b) for a, b in zip(one, stacked))
+    s1, s2 = _flat_state(opt1), _flat_state(opt2)
+    assert all(torch.equal(s1[k], s2[k]) if torch.is_tensor(s1[k]) else s1[k] == s2[k] for k in s1)
 
 
 def test_host_work_of_a_stacked_step_does_not_grow_with_the_matrices(monkeypatch):
