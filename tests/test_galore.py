@@ -519,17 +519,23 @@ def test_a_state_saved_before_staggering_refreshes_on_multiples_of_the_gap(monke
 STACK_SHAPES = [(64, 512)] * 3 + [(512, 64)] * 2 + [(128, 128), (32,)]
 
 
+def _stack_optimizer(cls, stacks, device, convention="torch", **group):
+    """Matrices of STACK_SHAPES in a low-rank group (rank 16, refreshes staggered over a gap of
+    3, `group`'s keys on top), the vector in a plain one; stacked updates on or off."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s).to(device)) for s in STACK_SHAPES]
+    low = {"params": ps[:6], "rank": 16, "update_proj_gap": 3, "stagger_refresh": True, **group}
+    opt = cls([low, {"params": ps[6:]}], lr=1e-2, weight_decay=0.1, convention=convention)
+    opt.stacks = stacks
+    return ps, opt
+
+
 def _stacked_run(
     cls, stacks, device, proj_type="std", convention="torch", steps=7, skip=(4,), per_stack=None, switch_state="keep"
 ):
     """An optimizer on matrices of a few shapes, one step skipped on the device (found_inf),
     refreshes staggered over a gap of 3 so that some fall between stacked updates."""
-    torch.manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(s).to(device)) for s in STACK_SHAPES]
-    group = {"params": ps[:6], "rank": 16, "update_proj_gap": 3, "proj_type": proj_type, "stagger_refresh": True}
-    group["switch_state"] = switch_state
-    opt = cls([group, {"params": ps[6:]}], lr=1e-2, weight_decay=0.1, convention=convention)
-    opt.stacks = stacks
+    ps, opt = _stack_optimizer(cls, stacks, device, convention, proj_type=proj_type, switch_state=switch_state)
     if per_stack:  # stacks of at most this many (64, 512) matrices
         opt.stack_elements = per_stack * 64 * 512
     for step in range(steps):
@@ -626,11 +632,7 @@ def test_host_work_of_a_stacked_step_does_not_grow_with_the_matrices(monkeypatch
 def _layerwise_stacked_run(cls, stacks, device, steps=6, skip=(4,)):
     """Layer-wise updates with clipping (finish() applies them) on matrices of a few shapes,
     one step's gradient not finite (skipped on the device), refreshes staggered over a gap of 3."""
-    torch.manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(s).to(device)) for s in STACK_SHAPES]
-    group = {"params": ps[:6], "rank": 16, "update_proj_gap": 3, "stagger_refresh": True}
-    opt = cls([group, {"params": ps[6:]}], lr=1e-2, weight_decay=0.1)
-    opt.stacks = stacks
+    ps, opt = _stack_optimizer(cls, stacks, device)
     lw = LayerwiseStepper(opt, grad_clip=0.5)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)

@@ -399,8 +399,9 @@ class GaLoreOptimizer(Optimizer):
                     rest += batch
                     continue
                 batches.append(batch)
-                for i in batch if rs is None else ():
-                    self._prepare_basis(params[i], params[i].grad, self.state[params[i]], group, None, ok)
+                if rs is None:  # due refreshes, now that the matrix is known to stack
+                    for i in batch:
+                        self._prepare_basis(params[i], params[i].grad, self.state[params[i]], group, None, ok)
         return batches, sorted(rest)
 
     def _update_stack(self, params: list[torch.Tensor], group: dict, ok, rs=None, coef=1.0) -> None:
@@ -473,8 +474,9 @@ class GaLoreOptimizer(Optimizer):
         decay_after = group.get("convention", "torch") == "galore-torch"
         decay = 1 - lr * group["weight_decay"]
         if ok is not None:
-            decay = torch.where(ok, decay, 1.0)
             okf = ok.float()
+            if group["weight_decay"]:
+                decay = torch.where(ok, decay, 1.0)
         if group["weight_decay"] and not decay_after:
             torch._foreach_mul_(params, decay)
         is_low = [stacked or self._lowrank(p, group) for p in params]
