@@ -5,6 +5,8 @@ import sys
 import pytest
 
 from petra.cli import main
+from petra.compare import paper_lr
+from petra.tuning import lr_grid
 
 
 def test_help_text_on_every_train_flag_with_its_default(capsys):
@@ -115,7 +117,7 @@ def test_compare_writes_table_plots_report_and_skips_finished_runs(tmp_path, cac
     assert main(argv) == 0
     rows = json.loads((out / "comparison.json").read_text())
     assert rows[2]["status"] == "failed" and "out of memory" in rows[2]["reason"]
-    assert "finished earlier, not rerun" in capsys.readouterr().out
+    assert "reached step 8 earlier, not rerun" in capsys.readouterr().out
 
 
 def test_resume_with_a_different_preset_is_refused(tmp_path, cache_dir, capsys):
@@ -155,67 +157,118 @@ def test_compare_never_reports_old_runs_under_new_settings(tmp_path, cache_dir, 
     ]
     assert main(argv) == 0
     capsys.readouterr()
-    changed = argv[:6] + ["4"] + argv[7:] + ["--lrs", "galore=0.01"]
+    changed = argv[:6] + ["4"] + argv[7:] + ["--lrs", "galore=0.02"]
     assert main(changed) == 2
     err = capsys.readouterr().err
     assert "holds runs made with other settings" in err and "train.steps: 6 -> 4" in err
-    assert "galore (train.lr: 0.001 -> 0.01, train.steps: 6 -> 4" in err and "--rerun-changed" in err
+    assert "galore (train.lr: 0.01 -> 0.02, train.steps: 6 -> 4" in err and "--rerun-changed" in err
     assert main(changed + ["--rerun-changed"]) == 0
     assert (out / "full.old-1" / "summary.json").is_file() and (out / "galore.old-1" / "config.json").is_file()
     rows = json.loads((out / "comparison.json").read_text())
-    assert [(r["steps"], r["lr"]) for r in rows] == [(4, 0.001), (4, 0.01)]
+    assert [(r["steps"], r["lr"]) for r in rows] == [(4, 0.001), (4, 0.02)]  # full at its paper rate
     assert "4 steps of batch 4 x 32" in (out / "comparison.md").read_text()
     assert "CPU timings are indicative only" in (out / "comparison.md").read_text()
 
 
-def test_compare_tunes_each_learning_rate_and_reports_spreads_over_seeds(tmp_path, cache_dir, capsys):
-    import json
-
-    from petra.compare import lr_grid, paper_lr
-
+def test_compare_tunes_by_successive_halving_on_the_full_schedule_and_reports_spreads(tmp_path, cache_dir, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "--preset", "tiny", "--methods", "full,apollo-mini", "--steps", "8", "--batch-size", "4"]
-    argv += ["--seq-len", "64", "--eval-every", "4", "--out", str(out), "--no-progress", "--tune", "--tune-points"]
-    argv += ["2", "--tune-fraction", "0.5", "--seeds", "2", "--set", f"data.cache_dir={cache_dir}"]
-    argv += ["--set", "train.val_tokens=512"]
+    argv += ["--seq-len", "64", "--out", str(out), "--no-progress", "--tune", "--tune-points", "3"]
+    argv += ["--seeds", "2", "--set", f"data.cache_dir={cache_dir}", "--set", "train.val_tokens=512"]
     assert main(argv) == 0
     sweeps = json.loads((out / "tune" / "sweeps.json").read_text())
     rows = {r["method"]: r for r in json.loads((out / "comparison.json").read_text())}
     for m, sw in sweeps.items():
-        grid, losses = sw["grid"], {float(lr): v for lr, v in sw["runs"].items()}
-        assert sw["steps"] == 4 and set(lr_grid(paper_lr(m), 2)) <= set(grid) == set(losses)
-        assert sw["chosen"] == min(losses, key=losses.get)
-        # two points always put the best at an edge: the grid grows that way, at most twice
-        assert sw["edge"] == (sw["chosen"] in (grid[0], grid[-1])) and (len(grid) == 4 or not sw["edge"])
-        assert all(b == pytest.approx(2 * a, rel=1e-3) for a, b in zip(grid, grid[1:]))
-        assert rows[m]["lr"] == sw["chosen"] and rows[m]["seeds"] == 2
-        seeds = [json.loads((out / m / f"seed-{k}" / "config.json").read_text())["train"] for k in (0, 1)]
-        assert [s["seed"] for s in seeds] == [0, 1] and {s["lr"] for s in seeds} == {sw["chosen"]}
-        assert {s["steps"] for s in seeds} == {8}
+        assert sw["steps"] == 8 and sw["rung"] == 2  # 8 evaluation points: the quarter is step 2
+        runs = {float(lr): v for lr, v in sw["runs"].items()}
+        assert set(lr_grid(paper_lr(m), 3)) <= set(runs) and len(runs) <= 5
+        # every point ran the full schedule's first quarter; the better ones went on to its end
+        for lr, v in runs.items():
+            cfg = json.loads((out / "tune" / m / f"lr-{lr:g}" / "config.json").read_text())["train"]
+            assert cfg["steps"] == 8 and cfg["lr"] == lr
+            summary = json.loads((out / "tune" / m / f"lr-{lr:g}" / "summary.json").read_text())
+            assert summary["step"] == (2 if v["stopped"] else 8) and (v["final"] is None) == v["stopped"]
+            assert v["curve"][0][0] == 4 * 64 and len(v["curve"]) == (2 if v["stopped"] else 8)  # every step
+        going_on = [lr for lr, v in runs.items() if not v["stopped"]]
+        at_rung = {lr: v["at_rung"] for lr, v in runs.items()}
+        assert len(going_on) == 2 and sorted(at_rung, key=at_rung.get)[:2] == sorted(going_on, key=at_rung.get)
+        finals = {lr: runs[lr]["final"] for lr in going_on}
+        assert sw["chosen"] == min(finals, key=finals.get) == rows[m]["lr"] and rows[m]["seeds"] == 2
+        # the chosen run is the first seed's; the second trains at the chosen rate
+        seed1 = json.loads((out / m / "seed-1" / "config.json").read_text())["train"]
+        assert (seed1["seed"], seed1["lr"], seed1["steps"]) == (1, sw["chosen"], 8)
     # the gap is the mean of the per-seed gaps, with their spread
+    first = {m: out / "tune" / m / f"lr-{sweeps[m]['chosen']:g}" for m in rows}
     ppl = {
-        m: [json.loads((out / m / f"seed-{k}" / "summary.json").read_text())["val_ppl"] for k in (0, 1)] for m in rows
+        m: [json.loads((d / "summary.json").read_text())["val_ppl"] for d in (first[m], out / m / "seed-1")]
+        for m in rows
     }
     gaps = [a - f for a, f in zip(ppl["apollo-mini"], ppl["full"])]
     mini = rows["apollo-mini"]
     assert mini["gap"] == pytest.approx(sum(gaps) / 2, abs=1e-3)
     assert mini["gap_sd"] == pytest.approx(abs(gaps[0] - gaps[1]) / 2**0.5, abs=1e-3)
     assert mini["gap_significant"] == (abs(mini["gap"]) > mini["gap_sd"])
+    assert mini["val_loss_sd"] > 0
     table = (out / "comparison.md").read_text()
-    assert "## Learning-rate sweeps" in table and f"{rows['full']['lr']:g} (tuned" in table
+    assert "## Learning-rate search" in table and f"{rows['full']['lr']:g} (tuned" in table
+    assert "(sd, 2 seeds)" in table and "## Ranking at each evaluation point" in table
     assert (out / "tune.png").stat().st_size > 0
     report = (out / "report.html").read_text()  # the notes as HTML: a heading, a table, bold, no markdown
-    assert "<h2>Learning-rate sweeps</h2>" in report and "<b>2 seeds per method</b>" in report
-    assert "<th>method</th><th>final validation loss" in report and "**" not in report and "|---" not in report
+    assert "<h2>Learning-rate search</h2>" in report and "<b>2 seeds per method</b>" in report
+    assert "**" not in report and "|---" not in report and "`" not in report
     # a second call trains nothing again
     capsys.readouterr()
     assert main(argv) == 0
-    assert "training in" not in capsys.readouterr().out
+    assert "training to step" not in capsys.readouterr().out
 
 
-def test_compare_refuses_bad_seed_and_tune_settings(tmp_path, capsys):
-    base = ["compare", "--preset", "tiny", "--methods", "full", "--out", str(tmp_path / "c")]
-    assert main([*base, "--seeds", "0"]) == 2
-    assert "--seeds 0 must be at least 1" in capsys.readouterr().err
-    assert main([*base, "--tune", "--tune-fraction", "1.5"]) == 2
-    assert "--tune-fraction 1.5 must be in (0, 1]" in capsys.readouterr().err
+def test_compare_refuses_bad_settings_before_any_work(tmp_path, capsys):
+    base = ["compare", "--preset", "tiny", "--out", str(tmp_path / "c")]
+    for extra, message in (
+        (["--methods", "full", "--seeds", "0"], "--seeds 0 must be at least 1"),
+        (["--methods", "full", "--tune", "--tune-points", "1"], "--tune-points 1 must be at least 2"),
+        (["--methods", "full", "--jobs", "0"], "--jobs 0 must be at least 1"),
+        (["--methods", "full", "--tokens", "0"], "--tokens '0' must be more than 0 tokens"),
+        (["--methods", "full", "--tokens", "lots"], "or tokens per parameter with x (e.g. 20x)"),
+        (["--methods", "full,galore,full"], "--methods names full more than once"),
+        (["--methods", "full", "--protocol", "galore-paper", "--preset", "tiny"], "defined for presets 60m"),
+    ):
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "text, tokens",
+    [("20x", 20 * 362_816), ("0.5x", 181_408), ("10M", 10_000_000), ("1.5B", 1_500_000_000), ("2e3", 2000)],
+)
+def test_tokens_take_counts_and_multiples_of_the_parameters(text, tokens):
+    from petra.compare import parse_tokens
+
+    assert parse_tokens(text, 362_816) == tokens
+
+
+def test_the_galore_paper_protocol_sets_table_2s_setup():
+    from petra.compare import method_config, paper_lr, protocol_overrides
+    from petra.config import build_config
+
+    cfg = build_config(overrides=protocol_overrides("galore-paper", "60m"))
+    t = cfg.train
+    assert (t.steps, t.batch_size, cfg.seq_len, cfg.warmup_steps, t.min_lr_ratio, t.grad_clip) == (
+        10_000,
+        512,
+        256,
+        1000,
+        0.1,
+        0.0,
+    )
+    g = method_config(cfg, "galore", t.steps, paper_lr("galore"))
+    assert (g.method.rank, g.method.scale, g.method.update_proj_gap, g.method.projector, g.train.lr) == (
+        128,
+        0.25,
+        200,
+        "svd",
+        0.01,
+    )
+    assert protocol_overrides("galore-paper", "1b")["train.steps"] == 100_000

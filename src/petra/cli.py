@@ -143,25 +143,36 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
+    from .compare import compare, protocol_overrides
+    from .jobs import CompareStopped
 
     ov = overrides_from(args)
+    if args.protocol:  # the recipe first, the user's own flags on top
+        ov = {**protocol_overrides(args.protocol, ov.get("preset", "60m")), **ov}
     cfg = build_config(overrides=ov, file=args.config)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    compare(
-        cfg,
-        methods,
-        Path(args.out),
-        tokens=args.tokens,
-        lrs=args.lrs,
-        explicit=set(ov),
-        show_progress=not args.no_progress,
-        rerun_changed=args.rerun_changed,
-        tune=args.tune,
-        seeds=args.seeds,
-        tune_fraction=args.tune_fraction,
-        tune_points=args.tune_points,
-    )
+    try:
+        compare(
+            cfg,
+            methods,
+            Path(args.out),
+            tokens=args.tokens,
+            lrs=args.lrs,
+            explicit=set(ov),
+            show_progress=not args.no_progress,
+            rerun_changed=args.rerun_changed,
+            tune=args.tune,
+            seeds=args.seeds,
+            tune_points=args.tune_points,
+            jobs=args.jobs,
+        )
+    except CompareStopped as e:
+        print(
+            f"compare stopped by signal {e.signum}: the running runs saved their checkpoints; "
+            f"the same command resumes it",
+            file=sys.stderr,
+        )
+        return 128 + e.signum
     return 0
 
 
@@ -409,9 +420,18 @@ def parser() -> argparse.ArgumentParser:
         "comparison.md/.csv/.json, plots and report.html to --out.",
         epilog=EXIT_CODES,
     )
-    c.add_argument("--methods", default="full,galore,galore8bit,relora", help="comma-separated methods")
     c.add_argument(
-        "--tokens", type=str, default=None, help="token budget per method, e.g. 20M (default: --steps x batch x seq)"
+        "--methods",
+        default="full,galore,galore8bit,relora",
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: full,galore,galore8bit,relora)",
+    )
+    c.add_argument(
+        "--tokens",
+        type=str,
+        default=None,
+        help="token budget of every run: a count (20M, 1.5B) or tokens per parameter (20x, Chinchilla's "
+        "compute-optimal budget); under 1 per parameter the report warns that it measures early training "
+        "(default: --steps x batch x seq)",
     )
     c.add_argument(
         "--lrs", default=None, help="peak learning rate per method, e.g. full=1e-3,galore=1e-2 (others use --lr)"
@@ -426,13 +446,31 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--tune",
         action="store_true",
-        help="choose each method's peak learning rate first: short runs on a factor-2 grid around its "
-        "paper's rate, the lowest validation loss wins (methods in --lrs keep theirs)",
+        help="search each method's peak learning rate by successive halving on the full schedule: every "
+        "rate of a factor-2 grid around its paper's starts the full run, the worse half stops at a quarter "
+        "of the budget, the lowest final validation loss wins (methods in --lrs keep theirs)",
     )
-    c.add_argument("--tune-fraction", type=float, default=0.25, help="--tune: share of the token budget per sweep run")
-    c.add_argument("--tune-points", type=int, default=5, help="--tune: learning rates in each method's grid")
+    c.add_argument("--tune-points", type=int, default=5, help="--tune: learning rates in each grid (default: 5)")
     c.add_argument(
-        "--seeds", type=int, default=1, help="runs per method with seeds train.seed, +1, ...: the table gives spreads"
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per method with seeds train.seed, +1, ...: the table gives spreads (default: 1)",
+    )
+    c.add_argument(
+        "--protocol",
+        choices=["galore-paper"],
+        default=None,
+        help="a published setup: galore-paper = GaLore's Table 2 at --preset 60m/130m/350m/1b (batch 512 x 256, "
+        "its steps, 10%% warm-up, cosine to 10%%, no clipping, exact SVD every 200 steps, 10M validation "
+        "tokens); give C4 as --data to reproduce it (default: none)",
+    )
+    c.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each its own process (one GPU shared, or one GPU each where several "
+        "are visible); their throughput is then marked as shared (default: 1)",
     )
     _add_run_flags(c)
     c.set_defaults(func=cmd_compare)

@@ -1,65 +1,56 @@
 """`petra compare`: train several methods on the same data, seed, token budget and schedule
-shape, then write the seed article's comparison table, measured: comparison.md/.csv/.json,
-PNG plots and a self-contained report.html.
+shape, then judge them where it counts, at the end of the budget: the seed article's table,
+measured, with a verdict on whether the ranking has settled.
 
-Each method runs in out/<method>/. A finished method is not rerun; an interrupted one
-resumes from its checkpoint; a failed one (out of memory, divergence) is a row marked
-failed with the reason, and the other methods still run. A method whose run in out/ was
-made with other settings is never reported under the new ones: compare stops naming the
-fields, or, with rerun_changed, moves the old run aside and trains it again. Every cell
-of the table comes from the run's own config.json and summary.json.
+Every run is evaluated at the same token counts (GRID_POINTS of them), so the ranking can be
+read at each; verdict.py calls the final ranking settled only if no pair of methods was in the
+opposite order in the last half of the budget. `--tune` searches each method's learning rate
+by successive halving on the full schedule (tuning.py); `--jobs N` trains N runs side by side
+(jobs.py). Each run lives in out/<method> (out/<method>/seed-K with several seeds; a tuned
+method's first seed is its chosen run in out/tune/<method>/lr-X). A finished run is not rerun;
+an interrupted one resumes; a failed one (out of memory, divergence) is a row marked failed
+and the others go on. A run in out made with other settings is never reported under the new
+ones: compare stops naming the fields or, with rerun_changed, moves it aside and trains it
+again. Every cell comes from the runs' own config.json, summary.json and metrics.jsonl.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
-import gc
-import html
 import json
 import math
 import re
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from . import checkpoint
 from .config import RANKED_METHODS, RESUMABLE_CHANGES, ConfigError, RunConfig, from_dict, method_defaults, replace
-from .memory import SEED_FIGURES, breakdown_gib, paper_estimate_gib
+from .jobs import Job, reached, read_summary, run_jobs
+from .memory import SEED_FIGURES, paper_estimate_gib, shapes
 from .metrics import read_metrics
 from .parallel import main_process
 from .rundir import RunDirectory
+from .tuning import Halving, lr_grid, survivors
+from .verdict import Measure, judge
 
-COLUMNS = [
-    ("method", "method"),
-    ("status", "status"),
-    ("val_loss", "val loss ± s.e."),
-    ("val_ppl", "val ppl"),
-    ("gap", "gap to full"),
-    ("tokens", "tokens"),
-    ("passes", "passes"),
-    ("rank", "rank"),
-    ("trainable_params", "trainable params"),
-    ("optimizer_state_mib", "opt. state MiB (measured)"),
-    ("paper_estimate_gib", "memory GiB (papers' conv.)"),
-    ("seed_gib", "seed GiB (1B)"),
-    ("peak_mem_gib", "peak memory GiB"),
-    ("examples_per_s", "examples/s"),
-    ("tokens_per_s", "tokens/s"),
-    ("lr", "peak lr"),
-    ("warm_start", "warm start"),
-    ("optimizer", "optimizer"),
-]
+GRID_POINTS = 8  # evaluation points every run of a compare shares
 
 
-def parse_tokens(text: str | None) -> int | None:
+def parse_tokens(text: str | None, params: int) -> int | None:
+    """--tokens: a count with an optional k, M or B suffix (20M), or a multiple of the
+    model's parameters (20x: Chinchilla's 20 tokens per parameter)."""
     if text is None:
         return None
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMbB]?)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]\d+)?\s*([kKmMbBxX]?)\s*", str(text))
     if not m:
-        raise ConfigError(f"--tokens {text!r} must be a number with an optional k, M or B suffix (e.g. 20M)")
-    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()])
+        raise ConfigError(
+            f"--tokens {text!r} must be a number with an optional k, M or B suffix (e.g. 20M), "
+            f"or tokens per parameter with x (e.g. 20x)"
+        )
+    number = float(str(text).strip().rstrip("kKmMbBxX"))
+    unit = m.group(2).lower()
+    n = int(number * (params if unit == "x" else {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[unit]))
+    if n <= 0:
+        raise ConfigError(f"--tokens {text!r} must be more than 0 tokens")
+    return n
 
 
 def parse_lrs(text: str | None, methods: list[str]) -> dict[str, float]:
@@ -84,13 +75,40 @@ def parse_lrs(text: str | None, methods: list[str]) -> dict[str, float]:
 PAPER_LRS = {"full": 1e-3, "full8bit": 1e-3, "relora": 1e-3, "muon": 1e-3, "adam-mini": 1e-3}
 
 
+# GaLore's Table 2 (arXiv 2403.03507, its scripts/benchmark_c4): sequence 256, batch 512, 10%
+# linear warm-up then cosine to 10%, no clipping, no weight decay, an exact SVD for every matrix
+# every 200 steps (all at once), ranks 128/256/256/512, each method at its paper rate
+# (paper_lr), validated on 10M tokens. With C4 as --data it reproduces the table's setup.
+PROTOCOLS = {
+    "galore-paper": {
+        "steps": {"60m": 10_000, "130m": 20_000, "350m": 60_000, "1b": 100_000},
+        "set": {
+            "train.batch_size": 512,
+            "train.warmup_steps": -1,
+            "train.min_lr_ratio": 0.1,
+            "train.grad_clip": 0.0,
+            "train.weight_decay": 0.0,
+            "train.val_tokens": 10_000_000,
+            "method.update_proj_gap": 200,
+            "method.projector": "svd",
+            "method.stagger_refresh": False,
+        },
+    }
+}
+
+
+def protocol_overrides(name: str, preset: str) -> dict:
+    """The config overrides of a named protocol at a preset (the user's own overrides go on top)."""
+    if name not in PROTOCOLS:
+        raise ConfigError(f"--protocol {name!r} is not known; protocols: {', '.join(PROTOCOLS)}")
+    p = PROTOCOLS[name]
+    if preset not in p["steps"]:
+        raise ConfigError(f"--protocol {name} is defined for presets {', '.join(p['steps'])}, not {preset}")
+    return {"preset": preset, "train.steps": p["steps"][preset], **p["set"]}
+
+
 def paper_lr(method: str) -> float:
     return PAPER_LRS.get(method, 1e-2)
-
-
-def lr_grid(centre: float, points: int) -> list[float]:
-    """`points` learning rates a factor 2 apart, centred (geometrically) on `centre`."""
-    return [float(f"{centre * 2.0 ** (k - (points - 1) / 2):.4g}") for k in range(points)]
 
 
 def method_config(
@@ -177,36 +195,46 @@ def check_existing(cfgs: dict[str, RunConfig], out: Path, rerun_changed: bool, l
         log(f"{m}: the run in {out / m} was made with other settings; moved to {_move_aside(out / m)}, rerunning")
 
 
-def run_one(cfg: RunConfig, run_dir: Path, show_progress: bool, log) -> dict:
-    from .train import train
+@dataclass
+class MethodPlan:
+    """One method's runs: a fixed learning rate, or one searched by successive halving."""
 
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        done = json.loads(summary_path.read_text())
-        if done.get("status") == "finished":
-            log(f"{cfg.method.name}: {run_dir} finished earlier, not rerun")
-            return done
-    resume = checkpoint.exists(run_dir)
-    log(
-        f"== {cfg.method.name} (lr {cfg.train.lr:g}, seed {cfg.train.seed}): "
-        f"{'resuming' if resume else 'training'} in {run_dir}"
-    )
-    try:
-        return train(None if resume else cfg, run_dir, resume=resume, show_progress=show_progress, log=log)
-    except ConfigError:
-        raise  # bad input is the user's to fix, for every method alike
-    except Exception as e:  # out of memory, divergence, ...: a failed row, the others go on
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        log(f"{cfg.method.name} failed: {reason}")
-        failed = {"status": "failed", "reason": reason}
-        if main_process():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            summary_path.write_text(json.dumps(failed))
-        return failed
-    finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    name: str
+    lr: float | None  # None while the search runs
+    halving: Halving | None = None
+    dirs: list[str] = field(default_factory=list)  # run directory of each seed, once known
+
+
+def _lr_dir(method: str, lr: float) -> str:
+    return f"tune/{method}/lr-{lr:g}"
+
+
+def _seed_dir(method: str, k: int, seeds: int) -> str:
+    return method if seeds == 1 else f"{method}/seed-{k}"
+
+
+class Progress:
+    """Overall progress in steps (of one size for every run), and the time left at the pace so far."""
+
+    def __init__(self, tokens_per_step: int):
+        import time
+
+        self.clock = time.perf_counter
+        self.planned = self.trained = 0
+        self.tokens_per_step, self.t0 = tokens_per_step, self.clock()
+
+    def line(self) -> str:
+        tps, total = self.tokens_per_step, self.planned * self.tokens_per_step
+        if not self.trained:
+            return f" ({total / 1e6:.3g}M tokens to train)"
+        left = (self.clock() - self.t0) / self.trained * max(0, self.planned - self.trained)
+        when = f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+        return f" ({self.trained * tps / 1e6:.3g}M of {total / 1e6:.3g}M tokens trained, about {when} left)"
+
+
+def _start_step(run_dir: Path) -> int:
+    s = read_summary(run_dir)
+    return s.get("step", 0) if s and s.get("status") in ("finished", "stopped", "interrupted") else 0
 
 
 def compare(
@@ -221,158 +249,180 @@ def compare(
     rerun_changed: bool = False,
     tune: bool = False,
     seeds: int = 1,
-    tune_fraction: float = 0.25,
     tune_points: int = 5,
+    jobs: int = 1,
 ) -> list[dict]:
+    """Train every method (tuned, over seeds), then write the table, plots, report and verdict."""
     if not methods:
         raise ConfigError("--methods is empty; name at least one of full, galore, galore8bit, relora, ...")
+    dup = sorted({m for m in methods if methods.count(m) > 1})
+    if dup:
+        raise ConfigError(f"--methods names {', '.join(dup)} more than once; name each method once")
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds} must be at least 1")
-    if tune and not (0 < tune_fraction <= 1 and tune_points >= 2):
-        raise ConfigError(
-            f"--tune-fraction {tune_fraction} must be in (0, 1] and --tune-points {tune_points} at least 2"
-        )
-    budget = parse_tokens(tokens)
+    if tune and tune_points < 2:
+        raise ConfigError(f"--tune-points {tune_points} must be at least 2")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs} must be at least 1")
+    if jobs > 1 and not main_process() or jobs > 1 and _under_torchrun():
+        raise ConfigError("--jobs runs separate processes; under torchrun use --jobs 1 (every process trains)")
+    params = shapes(base.model).total
     per_step = base.train.batch_size * base.seq_len
+    budget = parse_tokens(tokens, params)
     steps = max(1, math.ceil(budget / per_step)) if budget else base.train.steps
+    every = base.train.eval_every if "train.eval_every" in explicit else max(1, steps // GRID_POINTS)
+    base = replace(base, train={"eval_every": every})
     lr_of = parse_lrs(lrs, methods)
-    cfgs = {m: method_config(base, m, steps, lr_of.get(m), explicit) for m in methods}  # validates all first
-    sweeps: dict[str, dict] = {}
-    if tune:  # the sweep runs' configs, validated before any training too
-        tune_steps = max(2, round(steps * tune_fraction))
-        for m in methods:
-            if m in lr_of:
-                continue  # a learning rate given with --lrs is used as given
-            grid = lr_grid(paper_lr(m), tune_points)
-            # the builder also makes the rate past an edge, when one is needed
-            make = lambda lr, m=m: method_config(base, m, tune_steps, lr, explicit)  # noqa: E731
-            sweeps[m] = {"grid": grid, "steps": tune_steps, "runs": {}, "make": make}
-            sweeps[m]["cfgs"] = {lr: make(lr) for lr in grid}
+
+    def lr_for(m: str) -> float:  # a method's rate when it is not searched
+        return lr_of.get(m) or (base.train.lr if "train.lr" in explicit else paper_lr(m))
+
+    def cfg_for(m: str, lr: float, k: int = 0) -> RunConfig:
+        return method_config(base, m, steps, lr, explicit, base.train.seed + k)
+
+    plans: dict[str, MethodPlan] = {}
+    for m in methods:
+        cfg_for(m, lr_for(m))  # every method's config validated before any training
+        if tune and m not in lr_of:
+            rung = rung_for(cfg_for(m, paper_lr(m)), every)
+            plans[m] = MethodPlan(m, None, Halving(lr_grid(paper_lr(m), tune_points), steps, rung))
+        else:
+            plans[m] = MethodPlan(m, lr_for(m), dirs=[_seed_dir(m, k, seeds) for k in range(seeds)])
     if not main_process():  # under torchrun every process trains; rank 0 alone reports
         log = lambda *a, **k: None  # noqa: E731
+
     with RunDirectory(out, lock=main_process()):
+        first = {d: cfg_for(p.name, p.lr, k) for p in plans.values() if p.lr is not None for k, d in enumerate(p.dirs)}
+        first.update({_lr_dir(m, lr): cfg_for(m, lr) for m, p in plans.items() if p.halving for lr in p.halving.grid})
+        if main_process():
+            check_existing(first, out, rerun_changed, log)
         log(
-            f"compare: {', '.join(methods)} on preset {base.preset}, {steps} steps x {per_step} tokens "
-            f"= {steps * per_step / 1e6:.2f}M tokens each, {seeds} seed(s)"
-            + (f"; learning rates tuned on {tune_fraction:.0%} of that" if sweeps else "")
+            f"compare: {', '.join(methods)} on preset {base.preset} ({params / 1e6:.2f}M parameters), "
+            f"{steps} steps x {per_step} tokens = {steps * per_step / 1e6:.3g}M tokens "
+            f"({steps * per_step / params:.3g} per parameter) each, {seeds} seed(s), evaluated every {every} steps"
+            + ("; learning rates searched by successive halving on the full schedule" if tune else "")
+            + (f"; {jobs} runs at a time" if jobs > 1 else "")
         )
-        if sweeps:
-            _tune(sweeps, out, rerun_changed, show_progress, log)
-            for m, sw in sweeps.items():
-                cfgs[m] = method_config(base, m, steps, sw["chosen"], explicit)
-        return _compare(base, methods, cfgs, out, show_progress, log, rerun_changed, seeds, sweeps, explicit)
+        progress = Progress(per_step)
+
+        def job(m: str, key: str, cfg: RunConfig, to: int, label: str, **tags) -> Job:
+            start = to if reached(out / key, to) is not None else min(to, _start_step(out / key))
+            progress.planned += to - start
+            return Job(key, cfg, to, label, tags={"method": m, "from": start, **tags})
+
+        def seed_jobs(p: MethodPlan, ks) -> list[Job]:
+            return [
+                job(p.name, d, cfg_for(p.name, p.lr, k), steps, f"{p.name} (lr {p.lr:g}, seed {base.train.seed + k})")
+                for k, d in ((k, p.dirs[k]) for k in ks)
+            ]
+
+        def tune_jobs(p: MethodPlan) -> list[Job]:
+            new = []
+            for lr, to in p.halving.next_runs():
+                key, cfg = _lr_dir(p.name, lr), cfg_for(p.name, lr)
+                if main_process() and key not in first:  # a point past the grid's edge
+                    check_existing({key: cfg}, out, rerun_changed, log)
+                    first[key] = cfg
+                what = "to the quarter" if to < steps else "to the end"
+                new.append(job(p.name, key, cfg, to, f"{p.name} at lr {lr:g}, {what}", lr=lr))
+            if p.halving.extensions and not p.halving.going_on and new:
+                log(f"{p.name}: the best rate so far is at the grid's edge; trying {new[0].tags['lr']:g}")
+            return new
+
+        def on_done(j: Job, r: dict) -> list[Job]:
+            progress.trained += j.to_step - j.tags["from"]
+            p = plans[j.tags["method"]]
+            if "lr" not in j.tags:  # a seed's run of a fixed or chosen rate
+                return []
+            ok = r.get("status") in ("finished", "stopped")
+            was = p.halving.going_on
+            p.halving.report(j.tags["lr"], j.to_step, r.get("loss_at") if ok else None)
+            if was is None and p.halving.going_on is not None and p.halving.stopped:
+                on, off = (", ".join(f"{x:g}" for x in xs) for xs in (p.halving.going_on, p.halving.stopped))
+                log(f"{p.name}: at step {p.halving.rung} going on with lr {on}; stopped {off}")
+            new = tune_jobs(p)
+            if p.halving.done and p.lr is None:
+                return new + _chosen(p)
+            return new
+
+        def _chosen(p: MethodPlan) -> list[Job]:
+            h = p.halving
+            if h.chosen is None:
+                log(f"{p.name}: every learning rate of its search failed; see {out / 'tune' / p.name}")
+                p.dirs = [_lr_dir(p.name, h.grid[0])]
+                return []
+            p.lr = h.chosen
+            p.dirs = [_lr_dir(p.name, h.chosen)] + [_seed_dir(p.name, k, seeds) for k in range(1, seeds)]
+            log(
+                f"{p.name}: chose lr {h.chosen:g} (final val loss {h.final[h.chosen]:.4f})"
+                + (" -- at the grid's edge: the best rate may lie beyond it" if h.edge else "")
+            )
+            later = {d: cfg_for(p.name, p.lr, k) for k, d in enumerate(p.dirs) if k}
+            if main_process() and later:
+                check_existing(later, out, rerun_changed, log)
+            return seed_jobs(p, range(1, seeds))
+
+        queue = [j for p in plans.values() if p.halving for j in tune_jobs(p)]
+        queue += [j for p in plans.values() if p.lr is not None for j in seed_jobs(p, range(seeds))]
+        run_jobs(queue, on_done, out, jobs, show_progress, log, progress.line)
+        return _report(base, plans, out, params, seeds, log)
 
 
-def _tune(sweeps: dict[str, dict], out: Path, rerun_changed: bool, show_progress: bool, log, extend: int = 2) -> None:
-    """Each method's learning-rate sweep (out/tune/METHOD/lr-X); the chosen rate has the
-    lowest final validation loss. A choice at the grid's edge extends the grid by one more
-    factor of 2 that way, up to `extend` times; one still at the edge is flagged (the best
-    rate may lie beyond)."""
-    if main_process():
-        first = {f"tune/{m}/lr-{lr:g}": cfg for m, sw in sweeps.items() for lr, cfg in sw["cfgs"].items()}
-        check_existing(first, out, rerun_changed, log)
-    for i, (m, sw) in enumerate(sweeps.items(), 1):
-        for extension in range(extend + 1):
-            for lr, cfg in sw["cfgs"].items():
-                if lr in sw["runs"]:
-                    continue
-                log(f"-- sweep of method {i}/{len(sweeps)}: {m} at lr {lr:g} for {sw['steps']} steps")
-                s = run_one(cfg, out / f"tune/{m}/lr-{lr:g}", show_progress, log)
-                sw["runs"][lr] = s.get("val_loss") if s.get("status") == "finished" else None
-            done = {lr: v for lr, v in sw["runs"].items() if v is not None and math.isfinite(v)}
-            if not done:
-                raise ConfigError(f"every learning rate of {m}'s sweep failed ({sw['grid']}); see {out / 'tune' / m}")
-            sw["chosen"] = min(done, key=done.get)
-            sw["edge"] = sw["chosen"] in (sw["grid"][0], sw["grid"][-1])
-            if not sw["edge"] or extension == extend:
-                break
-            lr = float(f"{sw['chosen'] * (2 if sw['chosen'] == sw['grid'][-1] else 0.5):.4g}")
-            log(f"{m}: the best rate so far, {sw['chosen']:g}, is at the grid's edge; trying {lr:g}")
-            sw["grid"] = sorted([*sw["grid"], lr])
-            sw["cfgs"][lr] = sw["make"](lr)
-            if main_process():
-                check_existing({f"tune/{m}/lr-{lr:g}": sw["cfgs"][lr]}, out, rerun_changed, log)
-        sw["runs"] = dict(sorted(sw["runs"].items()))
-        log(
-            f"{m}: chose lr {sw['chosen']:g} (val loss {sw['runs'][sw['chosen']]:.4f})"
-            + (" -- at the grid's edge: the best rate may lie beyond it" if sw["edge"] else "")
-        )
-        del sw["cfgs"], sw["make"]
-    if main_process():
-        saved = {m: {**sw, "runs": {f"{lr:g}": v for lr, v in sw["runs"].items()}} for m, sw in sweeps.items()}
-        (out / "tune" / "sweeps.json").write_text(json.dumps(saved, indent=2))
+def rung_for(cfg: RunConfig, every: int) -> int:
+    """Where successive halving stops the worse half: the evaluation point nearest a quarter of
+    the steps; for ReLoRA not before its first merge (its warm start is full rank, the same
+    for every method, and tells nothing of its LoRA phase)."""
+    steps = cfg.train.steps
+    rung = max(every, round(steps / 4 / every) * every)
+    if cfg.method.name == "relora":
+        first_merge = cfg.method.warm_start_steps + cfg.method.reset_interval
+        rung = max(rung, -(-first_merge // every) * every)
+    return min(steps, rung)
 
 
-class ETA:
-    """Overall progress of compare's runs in tokens, and the time left at the pace so far."""
+def _under_torchrun() -> bool:
+    import os
 
-    def __init__(self, total_tokens: int):
-        self.total, self.tokens, self.t0 = total_tokens, 0, time.perf_counter()
-
-    def done(self, tokens: int, trained: bool = True) -> None:
-        """A run's tokens: trained now (they set the pace), or finished earlier (off the total)."""
-        if trained:
-            self.tokens += tokens
-        else:
-            self.total -= tokens
-
-    def line(self) -> str:
-        if not self.tokens:
-            return f" ({self.total / 1e6:.3g}M tokens to train)"
-        left = (time.perf_counter() - self.t0) / self.tokens * (self.total - self.tokens)
-        when = f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
-        return f" ({self.tokens / 1e6:.3g}M of {self.total / 1e6:.3g}M tokens trained, about {when} left)"
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _tokens(cfg: RunConfig) -> int:
-    """The tokens a run trains on."""
-    return cfg.train.steps * cfg.train.batch_size * cfg.seq_len
-
-
-def _run_dirs(methods: list[str], seeds: int) -> list[tuple[str, int, str]]:
-    """(method, seed index, run directory relative to out): out/METHOD for one seed,
-    out/METHOD/seed-K for several."""
-    return [(m, k, m if seeds == 1 else f"{m}/seed-{k}") for m in methods for k in range(seeds)]
-
-
-def _compare(
-    base: RunConfig,
-    methods: list[str],
-    cfgs: dict[str, RunConfig],
-    out: Path,
-    show_progress: bool,
-    log,
-    rerun_changed: bool = False,
-    seeds: int = 1,
-    sweeps: dict | None = None,
-    explicit: set[str] = frozenset(),
-) -> list[dict]:
-    runs = _run_dirs(methods, seeds)
-    run_cfgs = {
-        d: cfgs[m]
-        if seeds == 1
-        else method_config(base, m, cfgs[m].train.steps, cfgs[m].train.lr, explicit, base.train.seed + k)
-        for m, k, d in runs
+def val_curve(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """tokens -> (validation loss, its standard error) at each evaluation of a run."""
+    return {
+        r["tokens"]: (r["val_loss"], r.get("val_loss_se") or 0.0)
+        for r in read_metrics(run_dir / "metrics.jsonl")
+        if r.get("val_loss") is not None and math.isfinite(r["val_loss"])
     }
-    if main_process():
-        check_existing(run_cfgs, out, rerun_changed, log)
-    per_method: dict[str, list[dict]] = {m: [] for m in methods}
-    eta = ETA(sum(_tokens(c) for c in run_cfgs.values()))
-    for i, (m, k, d) in enumerate(runs, 1):
-        log(f"-- run {i}/{len(runs)}: {m}" + (f", seed {run_cfgs[d].train.seed}" if seeds > 1 else "") + eta.line())
-        c = run_cfgs[d]
-        earlier = (out / d / "summary.json").is_file()  # a finished run is not trained again
-        s = run_one(c, out / d, show_progress, log)
-        eta.done(_tokens(c), trained=not (earlier and s.get("status") == "finished"))
-        saved = saved_config(out / d)  # the run's own settings, which the table reports
-        row = make_row(m, from_dict(saved) if saved else run_cfgs[d], s)
-        row["run_dir"] = d
-        per_method[m].append(row)
-    rows = [aggregate(per_method[m]) for m in methods] if seeds > 1 else [per_method[m][0] for m in methods]
+
+
+def curves_of(runs: list[Path]) -> dict[int, Measure]:
+    """A method's curve over its seeds: the points every seed was evaluated at."""
+    each = [val_curve(d) for d in runs]
+    common = set.intersection(*(set(c) for c in each)) if each else set()
+    return {t: Measure([c[t][0] for c in each], [c[t][1] for c in each]) for t in sorted(common)}
+
+
+def _report(base: RunConfig, plans: dict[str, MethodPlan], out: Path, params: int, seeds: int, log) -> list[dict]:
+    """Rows from the runs' own files, the verdict over their curves, and every output."""
+    per_method: dict[str, list[dict]] = {}
+    cfgs: dict[str, RunConfig] = {}
+    for m, p in plans.items():
+        per_method[m] = []
+        for d in p.dirs:
+            s = read_summary(out / d) or {"status": "failed", "reason": "not trained"}
+            if p.halving is not None and p.halving.chosen is None:
+                s = {"status": "failed", "reason": "every learning rate of the search failed"}
+            saved = saved_config(out / d)
+            cfg = from_dict(saved) if saved else method_config(base, m, base.train.steps, p.lr)
+            row = make_row(m, cfg, s, params)
+            row["run_dir"] = d
+            per_method[m].append(row)
+            cfgs.setdefault(m, cfg)
+    rows = [aggregate(per_method[m]) if seeds > 1 else per_method[m][0] for m in plans]
     for r in rows:
-        if sweeps and r["method"] in sweeps:
-            r["tuned"] = True
-            r["lr_edge"] = sweeps[r["method"]]["edge"]
+        h = plans[r["method"]].halving
+        if h is not None:
+            r["tuned"], r["lr_edge"] = True, h.edge
     full = next((r for r in rows if r["method"] == "full" and r["status"] == "finished"), None)
     for r in rows:
         if full and r.get("val_ppl") is not None:
@@ -382,18 +432,65 @@ def _compare(
             se = math.hypot(r.get("val_loss_se") or 0, full.get("val_loss_se") or 0)
             if r is not full and se > 0 and seeds == 1:  # the loss difference in standard errors: noise below about 2
                 r["gap_se"] = round((r["val_loss"] - full["val_loss"]) / se, 1)
-    passes = max((r.get("passes") or 0) for r in rows)
+    ok = [r["method"] for r in rows if r["status"] == "finished"]
+    curves = {m: curves_of([out / r["run_dir"] for r in per_method[m]]) for m in ok}
+    verdict = judge(curves)
+    sweeps = {m: _sweep_record(p, out) for m, p in plans.items() if p.halving is not None}
+    passes = max((r.get("passes") or 0 for r in rows), default=0)
     if passes > 1:
         log(
             f"warning: the budget is {passes:.1f} passes over the training data; perplexity then measures "
             f"memorization more than the method. Use a larger corpus (petra data build) or fewer tokens."
         )
     if main_process():
-        write_tables(rows, out, base, passes, sweeps or {}, seeds)
-        write_plots(rows, cfgs, out, sweeps or {})
-        write_report(rows, out, base)
+        from . import report
+
+        device = _device(rows)
+        if sweeps:
+            (out / "tune" / "sweeps.json").write_text(json.dumps(sweeps, indent=2))
+            report.plot_sweeps(sweeps, out, out / "tune.png")
+        report.write_tables(rows, out, base, device, verdict, params, sweeps, seeds, passes)
+        report.plot_val_loss(curves, verdict, params, out / "val_loss.png")
+        report.plot_lr([r for r in rows if (out / r["run_dir"]).is_dir()], out, out / "lr.png")
+        report.plot_memory(rows, cfgs, device.startswith("cuda"), out / "memory.png")
+        report.plot_throughput(rows, device.startswith("cpu"), out / "throughput.png")
+        report.write_report(out)
         print((out / "comparison.md").read_text())
+        names = ", ".join(
+            f for f in ("comparison.md", "comparison.csv", "comparison.json", "report.html") if (out / f).exists()
+        )
+        log(f"wrote {out}: {names}; plots {', '.join(p for p in report.PLOTS if (out / p).exists())}")
     return rows
+
+
+def _device(rows: list[dict]) -> str:
+    """Where the runs trained, as their summaries say: 'cpu', or 'cuda: NVIDIA H200'."""
+    dev = next((r.get("device") for r in rows if r.get("device")), "") or "cpu"
+    name = next((r.get("device_name") for r in rows if r.get("device_name")), None)
+    return f"cuda: {name}" if dev.startswith("cuda") and name else dev
+
+
+def _sweep_record(p: MethodPlan, out: Path) -> dict:
+    """sweeps.json's entry of one method: every rate's curve, where it stopped, the choice."""
+    h = p.halving
+    runs = {}
+    for lr in h.grid:
+        curve = val_curve(out / _lr_dir(p.name, lr))
+        runs[f"{lr:g}"] = {
+            "at_rung": None if h.at_rung.get(lr, math.inf) == math.inf else h.at_rung[lr],
+            "final": None if h.final.get(lr, math.inf) == math.inf else h.final[lr],
+            "stopped": lr in h.stopped,
+            "curve": sorted([t, v[0]] for t, v in curve.items()),
+        }
+    return {
+        "grid": h.grid,
+        "steps": h.steps,
+        "rung": h.rung,
+        "runs": runs,
+        "chosen": h.chosen,
+        "edge": h.edge if h.chosen is not None else False,
+        "survivors": survivors(len(h.grid)),
+    }
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -412,13 +509,16 @@ def aggregate(rows: list[dict]) -> dict:
         out.update(status=failed[0]["status"], reason=failed[0].get("reason", ""))
     done = [r for r in rows if r.get("val_ppl") is not None]
     if done:
-        for key in ("val_loss", "tokens_per_s", "examples_per_s"):
-            out[key] = round(_mean_sd([r[key] for r in done])[0], 4)
+        mean, sd = _mean_sd([r["val_loss"] for r in done])
+        out["val_loss"], out["val_loss_sd"], out["val_loss_se"] = round(mean, 5), round(sd, 5), None
         mean, sd = _mean_sd([r["val_ppl"] for r in done])
         out["val_ppl"], out["val_ppl_sd"] = round(mean, 4), round(sd, 4)
-        out["val_loss_se"] = None
+        out["tokens_per_s"] = round(_mean_sd([r["tokens_per_s"] for r in done])[0])
+        iqrs = [r["tokens_per_s_iqr"] for r in done if r.get("tokens_per_s_iqr")]
+        # the spread of every seed's windows together: the lowest quartile to the highest
+        out["tokens_per_s_iqr"] = [min(q[0] for q in iqrs), max(q[1] for q in iqrs)] if iqrs else None
         out["peak_mem_gib"] = max(r["peak_mem_gib"] for r in done)
-        out["tokens_per_s_iqr"] = None
+        out["side_by_side"] = max(r.get("side_by_side") or 1 for r in done)
     return out
 
 
@@ -433,7 +533,7 @@ def paired_gaps(row: dict, runs: list[dict], full_runs: list[dict]) -> None:
     row.update(gap=round(mean, 3), gap_sd=round(sd, 3), gap_significant=abs(mean) > sd)
 
 
-def make_row(method: str, cfg: RunConfig, s: dict) -> dict:
+def make_row(method: str, cfg: RunConfig, s: dict, params: int) -> dict:
     seed = SEED_FIGURES.get((cfg.preset, method))
     row = {
         "method": method,
@@ -453,6 +553,7 @@ def make_row(method: str, cfg: RunConfig, s: dict) -> dict:
         row.update(
             val_ppl=round(s["val_ppl"], 3) if s["val_ppl"] else None,
             tokens=s["tokens"],
+            tokens_per_param=round(s["tokens"] / params, 4),
             val_loss=s.get("val_loss"),
             val_loss_se=s.get("val_loss_se"),
             passes=round(s["passes"], 3),
@@ -462,242 +563,7 @@ def make_row(method: str, cfg: RunConfig, s: dict) -> dict:
             tokens_per_s=round(tps),
             tokens_per_s_iqr=[round(x) for x in iqr] if iqr else None,
             device=s.get("device", ""),
-            examples_per_s=round(tps / cfg.seq_len, 2),
+            device_name=s.get("device_name"),
+            side_by_side=s.get("side_by_side", 1),
         )
     return row
-
-
-def _cell(r: dict, key: str) -> str:
-    v = r.get(key)
-    if key == "status" and v == "failed":
-        return f"failed: {r.get('reason', '')}"
-    if v is None:
-        return ""
-    if key == "val_loss":
-        se = r.get("val_loss_se")
-        return f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")
-    if key == "gap" and r.get("gap_sd") is not None:
-        return f"{v:+,.3f} ± {r['gap_sd']:.3f}" + ("" if r.get("gap_significant") else " (not significant)")
-    if key == "gap" and r.get("gap_se") is not None:
-        return f"{v:,.3f} ({r['gap_se']:+.1f} s.e.)"
-    if key == "val_ppl" and r.get("val_ppl_sd") is not None:
-        return f"{v:,.3f} ± {r['val_ppl_sd']:.3f}"
-    if key == "lr" and r.get("tuned"):
-        return f"{v:g} (tuned" + (", at the grid's edge)" if r.get("lr_edge") else ")")
-    if isinstance(v, float):
-        return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.0f}"
-    if key == "tokens_per_s" and r.get("tokens_per_s_iqr"):
-        lo, hi = r["tokens_per_s_iqr"]
-        return f"{v:,} ({lo:,}-{hi:,})"
-    if isinstance(v, int) and key != "rank":
-        return f"{v:,}"
-    return str(v)
-
-
-def write_tables(
-    rows: list[dict], out: Path, base: RunConfig, passes: float, sweeps: dict | None = None, seeds: int = 1
-) -> None:
-    (out / "comparison.json").write_text(json.dumps(rows, indent=2))
-    with (out / "comparison.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS] + ["reason"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in w.fieldnames})
-    dev = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    steps = sorted({r["steps"] for r in rows})
-    lines = [
-        f"# petra compare: preset {base.preset}, {'/'.join(map(str, steps))} steps of batch "
-        f"{base.train.batch_size} x {base.seq_len}, data {base.data.source!r}, {dev}",
-        "",
-        "| " + " | ".join(h for _, h in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    lines += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
-    lines += [
-        "",
-        "val loss: the mean over the validation windows (train.val_tokens) ± its standard error. "
-        "gap to full: validation perplexity minus the full-rank run's (the seed quotes 0.08 for GaLore at 1B "
-        "and 0.44 for ReLoRA at 1.3B), with the loss difference in standard errors of both runs (within "
-        "about ±2: not told apart from the validation sample's noise; seed-to-seed spread is not in it). "
-        "memory (papers' conv.): bf16 weights + optimizer states "
-        "(+ GaLore projectors), as the GaLore paper's Table 2 counts; peak memory: measured (device "
-        "memory on CUDA, process RSS on CPU). tokens/s: the median of the logging windows after "
-        "warm-up, with their interquartile range in brackets.",
-    ]
-    if seeds > 1:
-        lines += [
-            "",
-            f"**{seeds} seeds per method** (train.seed, train.seed + 1, ...: initialization and data order). "
-            "val ppl: the mean ± the standard deviation over seeds; gap to full: the mean of the per-seed "
-            "gaps (the same seed for both runs) ± their standard deviation, marked not significant where "
-            "the mean is smaller than that spread. Other columns: means over seeds (peak memory: the largest).",
-        ]
-    if sweeps:
-        lines += ["", "## Learning-rate sweeps", ""]
-        lines += [
-            f"Each method's peak learning rate was chosen by the lowest final validation loss of short runs "
-            f"({next(iter(sweeps.values()))['steps']} steps, the same data, seed and schedule shape) on a factor-2 "
-            "grid around its paper's rate, extended past an edge up to twice; a choice still at the edge is flagged.",
-            "",
-            "| method | final validation loss at each peak learning rate | chosen |",
-            "|---|---|---|",
-        ]
-        for m, sw in sweeps.items():
-            cells = [f"{lr:g}: " + (f"{v:.4f}" if v is not None else "failed") for lr, v in sw["runs"].items()]
-            chosen = f"{sw['chosen']:g}" + (" (edge)" if sw["edge"] else "")
-            lines.append(f"| {m} | " + ", ".join(cells) + f" | {chosen} |")
-    if any(str(r.get("device", "")).startswith("cpu") for r in rows):
-        lines += [
-            "",
-            "**CPU timings are indicative only**: on a CPU shared with other work the windows of one run "
-            "differ several-fold; compare throughput on a GPU (`benchmarks/bench.py`).",
-        ]
-    if passes > 1:
-        lines += [
-            "",
-            f"**warning**: {passes:.1f} passes over the training data: perplexity measures "
-            "memorization more than the method.",
-        ]
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
-
-
-def write_plots(rows: list[dict], cfgs: dict[str, RunConfig], out: Path, sweeps: dict | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # the curves of the first seed's run
-    metrics = {r["method"]: read_metrics(out / r.get("run_dir", r["method"]) / "metrics.jsonl") for r in rows}
-    if sweeps:
-        _sweep_plot(plt, sweeps, out / "tune.png")
-    _line_plot(plt, metrics, "tokens", "val_loss", 1e6, "tokens (M)", "validation loss", out / "val_loss.png")
-    _line_plot(plt, metrics, "step", "lr", 1, "step", "learning rate", out / "lr.png")
-
-    parts = ["weights", "gradients", "optimizer_state", "projectors", "activations"]
-    cuda = torch.cuda.is_available()  # bf16 there; fp32 on CPU, where RSS is no device memory
-    fig, ax = plt.subplots(figsize=(8.5, 4))
-    names = [r["method"] for r in rows]
-    est = {m: breakdown_gib(cfgs[m], weight_bytes=2 if cuda else 4) for m in names}
-    bottom = [0.0] * len(rows)
-    for part in parts:
-        vals = [est[m][part] for m in names]
-        # the largest value in the legend: a segment too thin to see is still accounted for
-        # gradients: what the peak holds beyond the activations they replace in backward
-        what = "gradients beyond activations" if part == "gradients" else part.replace("_", " ")
-        label = f"{what} (up to {max(vals):.3g} GiB)"
-        ax.bar(names, vals, bottom=bottom, label=label, edgecolor="white", linewidth=0.6)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    for i, total in enumerate(bottom):
-        ax.annotate(f"{total:.3g}", (i, total), ha="center", va="bottom", fontsize=8)
-    measured = [r.get("peak_mem_gib") for r in rows]
-    if cuda and any(m is not None for m in measured):
-        ax.scatter(
-            names,
-            [m if m is not None else float("nan") for m in measured],
-            color="black",
-            marker="_",
-            s=400,
-            label="measured peak (table: peak memory GiB)",
-            zorder=3,
-        )
-    ax.set(
-        ylabel="GiB",
-        title="memory estimate by part; bar tops: its total as petra estimate gives it (not a table column)"
-        + ("" if cuda else "; fp32 on CPU"),
-    )
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
-    fig.tight_layout()
-    fig.savefig(out / "memory.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.bar(names, [r.get("tokens_per_s") or 0 for r in rows], color="tab:green")
-    ax.set(ylabel="tokens/s", title="training throughput")
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=110)
-    plt.close(fig)
-
-
-def _line_plot(
-    plt, metrics: dict[str, list[dict]], x: str, y: str, x_unit: float, xlabel: str, ylabel: str, path: Path
-) -> None:
-    """One line per method of metric y against x, from the runs' metrics.jsonl. Each method
-    has its own dash pattern and width (widest first), so lines that coincide (methods with
-    one schedule) all stay visible."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    styles = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
-    n = len(metrics)
-    for i, (m, recs) in enumerate(metrics.items()):
-        v = [(r[x] / x_unit, r[y]) for r in recs if y in r]
-        if v:
-            ax.plot(
-                [a for a, _ in v],
-                [b for _, b in v],
-                linestyle=styles[i % len(styles)],
-                linewidth=1.2 + 2.0 * (n - 1 - i) / max(1, n - 1),
-                marker="o" if y == "val_loss" else None,
-                ms=3,
-                label=m,
-            )
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _sweep_plot(plt, sweeps: dict, path: Path) -> None:
-    """Final validation loss against peak learning rate, one line per method, the chosen rate starred."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for m, sw in sweeps.items():
-        pts = [(lr, v) for lr, v in sw["runs"].items() if v is not None]
-        line = ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=4, label=m)[0]
-        ax.plot([sw["chosen"]], [sw["runs"][sw["chosen"]]], marker="*", ms=14, color=line.get_color())
-    ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation loss", title="learning-rate sweeps (* chosen)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _markdown_html(text: str) -> str:
-    """The little markdown comparison.md's notes use (paragraphs, ## headings, tables,
-    **bold**) as HTML, so the report shows them as the markdown file does."""
-    parts = []
-    for block in (b.strip() for b in text.split("\n\n")):
-        if not block:
-            continue
-        if block.startswith("## "):
-            parts.append(f"<h2>{html.escape(block[3:])}</h2>")
-        elif all(line.startswith("|") for line in block.splitlines()):
-            rows = [line.strip("|").split("|") for line in block.splitlines() if not line.startswith("|---")]
-            tags = ["th"] + ["td"] * (len(rows) - 1)  # the first row is the header
-            cells = ["".join(f"<{t}>{html.escape(c.strip())}</{t}>" for c in r) for t, r in zip(tags, rows)]
-            parts.append("<table>" + "".join(f"<tr>{c}</tr>" for c in cells) + "</table>")
-        else:
-            parts.append("<p>" + re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(block)) + "</p>")
-    return "".join(parts)
-
-
-def write_report(rows: list[dict], out: Path, base: RunConfig) -> None:
-    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in COLUMNS) + "</tr>" for r in rows)
-    imgs = "".join(
-        f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode((out / name).read_bytes()).decode()}">'
-        f"</figure>"
-        for name in ("val_loss.png", "tune.png", "lr.png", "memory.png", "throughput.png")
-        if (out / name).exists()
-    )
-    note = _markdown_html((out / "comparison.md").read_text().split("\n\n", 2)[-1])
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>petra compare</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}th{{background:#f3f3f3}}
-figure{{display:inline-block;margin:8px}}img{{max-width:560px}}p{{max-width:1100px}}
-h2{{font-size:18px}}table+table,p+table{{margin-top:8px}}</style></head><body>
-<h1>petra compare: preset {html.escape(base.preset)}</h1>
-<table><tr>{head}</tr>{body}</table>{note}{imgs}</body></html>"""
-    (out / "report.html").write_text(page)

@@ -181,6 +181,9 @@ class TrainConfig:
     save_every: int = _f(100, "steps between checkpoints (0 = only at the end)")
     log_every: int = _f(10, "steps between metrics lines")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = _f(
+        0, "CPU threads of this process (0 = torch's default, one per core; 1 on a busy machine or with compare --jobs)"
+    )
     dtype: str = _f("auto", "weights and compute (auto = bf16 on CUDA, fp32 on CPU)")
     compile: str = _f("auto", "torch.compile the model (auto = on for CUDA)")
     stop_after: int = _f(0, "end the run at this step as if interrupted (0 = off)")
@@ -430,6 +433,7 @@ def validate_train(t: TrainConfig) -> None:
         ("max_skipped_steps", 0),
         ("divergence_patience", 0),
         ("micro_batch_size", 0),
+        ("threads", 0),
     ):
         _at_least(f"train.{k}", getattr(t, k), low)
     if t.batch_size % (t.micro_batch_size or t.batch_size):
@@ -493,7 +497,17 @@ def validate(cfg: RunConfig) -> None:
 # fields that may differ when resuming; anything else must match the saved run
 RESUMABLE_CHANGES = {
     ("train", k)
-    for k in ("stop_after", "device", "compile", "eval_every", "save_every", "log_every", "parallel", "log_to")
+    for k in (
+        "stop_after",
+        "device",
+        "compile",
+        "eval_every",
+        "save_every",
+        "log_every",
+        "parallel",
+        "log_to",
+        "threads",
+    )
 }
 
 

@@ -209,7 +209,7 @@ def probe(cfg: RunConfig, cap_gib: float | None = None, steps: int = PROBE_STEPS
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        train_step(run, False)
+        train_step(run, None)
         end = method.on_step_end(run.step, run.model, run.optimizer)
         run.model, run.optimizer = end.model, end.optimizer
         run.step += 1

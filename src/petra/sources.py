@@ -49,6 +49,16 @@ def split_of(key: str, val_fraction: float) -> str:
 _VERSE_NUMBER = re.compile(r"^\d+\.\s*")  # "12. " before each verse; KJV's [italics] brackets go too
 
 
+# Some translations' texts (Leeser, Diaglot) hold Windows-1252 punctuation (quotes, dashes)
+# decoded as Latin-1: C1 control characters. Each maps back to the character it was.
+_CP1252 = {c: bytes([c]).decode("cp1252") for c in range(0x80, 0xA0) if c not in (0x81, 0x8D, 0x8F, 0x90, 0x9D)}
+
+
+def fix_cp1252(text: str) -> str:
+    """Text with the C1 control characters that are Windows-1252 punctuation made that punctuation."""
+    return text.translate(_CP1252)
+
+
 def bible_documents(translation: str) -> Iterator[Document]:
     """One document per chapter, verse numbers removed; keyed by chapter, not translation."""
     try:
@@ -65,7 +75,7 @@ def bible_documents(translation: str) -> Iterator[Document]:
         verse = _VERSE_NUMBER.sub("", content[starts[vid] : ends[vid]].strip())
         chapters.setdefault(vid // 1000, []).append(verse.replace("[", "").replace("]", ""))
     for chap, verses in chapters.items():
-        yield Document(f"bible:{chap}", " ".join(v for v in verses if v))
+        yield Document(f"bible:{chap}", fix_cp1252(" ".join(v for v in verses if v)))
 
 
 # -- text ---------------------------------------------------------------------------------

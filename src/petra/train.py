@@ -167,6 +167,8 @@ def setup(
             f"{out} already holds a run (a checkpoint); resume it with --resume {out} or choose another --out"
         )
     method = make_method(cfg, parallel)  # the method's checks come before any work
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     check_installed(cfg.train.log_to)
     B = cfg.train.batch_size
     rows = B // parallel.world
@@ -252,7 +254,8 @@ def _banner(run: Run, log) -> None:
     log(
         f"petra: {cfg.preset} ({run.n_params / 1e6:.2f}M parameters, "
         f"{count_parameters(run.model, True) / 1e6:.2f}M trainable), method {run.method.name}{rank}, "
-        f"{cfg.train.steps} steps of {cfg.train.batch_size}x{cfg.seq_len} tokens, {passes:.2f} passes over "
+        f"{cfg.train.steps} steps of {cfg.train.batch_size}x{cfg.seq_len} tokens "
+        f"({cfg.train.steps * run.tokens_per_step / run.n_params:.3g} per parameter), {passes:.2f} passes over "
         f"{len(run.data.train) / 1e6:.2f}M training tokens, {run.device} {str(run.dtype).replace('torch.', '')}"
         + run.parallel.describe()
     )
@@ -267,10 +270,10 @@ class StepResult(NamedTuple):
     loss: float  # mean over all processes' rows
     grad_norm: float  # before clipping; not finite = the update was skipped
     lr: float
-    stop: bool  # some process was asked to stop
+    stop: int  # the signal some process was sent (0: none)
 
 
-def train_step(run: Run, stop_requested: bool) -> StepResult:
+def train_step(run: Run, signum: int | None) -> StepResult:
     """One optimizer step: learning rate, micro-batches, the method's update, one all-reduce."""
     method, parallel, device = run.method, run.parallel, run.device
     set_lr(run.optimizer, method.lr_factor(run.step))
@@ -285,13 +288,11 @@ def train_step(run: Run, stop_requested: bool) -> StepResult:
             (loss / run.accum).backward()
         loss_sum += loss.detach()
     grad_norm = method.step(run.model, run.optimizer)
-    # one all-reduce carries the loss and whether any process was told to stop
-    shared = parallel.all_reduce(
-        torch.stack([loss_sum.float() / run.accum, torch.tensor(float(stop_requested), device=device)])
-    )
-    return StepResult(
-        float(shared[0]) / parallel.world, float(grad_norm), run.optimizer.param_groups[0]["lr"], bool(shared[1] > 0)
-    )
+    # one all-reduce carries the loss, how many processes were told to stop and by which signal
+    told = torch.tensor([float(signum is not None), float(signum or 0)], device=device)
+    shared = parallel.all_reduce(torch.cat([(loss_sum.float() / run.accum).reshape(1), told]))
+    stop = round(float(shared[2]) / float(shared[1])) if shared[1] > 0 else 0
+    return StepResult(float(shared[0]) / parallel.world, float(grad_norm), run.optimizer.param_groups[0]["lr"], stop)
 
 
 def _components(run: Run, log, show_progress: bool) -> tuple[Checkpointer, Validator, TrainLog, Health]:
@@ -324,11 +325,11 @@ def loop(run: Run, log=print, show_progress: bool = True) -> dict:
     ckpt, val, tlog, health = _components(run, log, show_progress)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    status = "finished"
+    status, signum = "finished", None
     try:
         with StopRequest() as stop:
             while run.step < run.last_step:
-                r = train_step(run, stop.requested)
+                r = train_step(run, stop.signum)
                 failure = health.check(run.step + 1, r.loss, r.grad_norm)
                 if failure is None and not health.finite(r.loss, r.grad_norm):
                     if not run.parallel.all_finite(run.model, run.device):
@@ -354,7 +355,7 @@ def loop(run: Run, log=print, show_progress: bool = True) -> dict:
                     with tlog.paused():
                         ckpt.save(run.step, run.model, run.device, run.state)
                 if r.stop:
-                    status = "interrupted"
+                    status, signum = "interrupted", r.stop  # every process exits with the same code
                     break
     finally:
         tlog.close()
@@ -362,7 +363,7 @@ def loop(run: Run, log=print, show_progress: bool = True) -> dict:
         status = "stopped"  # at train.stop_after
     if status != "finished":
         log(f"{status} at step {run.step} (checkpoint saved); continue with: petra train --resume {run.out}")
-    return _summary(run, status, val, health, tlog, stop.signum)
+    return _summary(run, status, val, health, tlog, signum)
 
 
 def _summary(run: Run, status: str, val: Validator, health: Health, tlog: TrainLog, signum: int | None) -> dict:
@@ -375,12 +376,14 @@ def _summary(run: Run, status: str, val: Validator, health: Health, tlog: TrainL
         "val_tokens": len(run.val_batches) * run.tokens_per_step,
         "val_ppl": perplexity(val.loss),
         "tokens": run.step * run.tokens_per_step,
+        "tokens_per_param": round(run.step * run.tokens_per_step / run.n_params, 4),
         "params": run.n_params,
         "trainable_params": count_parameters(run.model, True),
         "tokens_per_s": rate["median"],
         "tokens_per_s_iqr": rate["iqr"],
         "throughput_windows": rate["n"],
         "device": str(run.device),
+        "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
         "skipped_steps": health.skipped,
         "peak_mem_gib": peak_memory_gib(run.device),
         "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
