@@ -129,6 +129,12 @@ def write_tables(
     ]
     if per_param < EARLY_TOKENS_PER_PARAM:
         lines += ["", f"**Warning, {EARLY_WARNING}.**"]
+    else:
+        lines += [
+            "",
+            f"Past early training (at least {EARLY_TOKENS_PER_PARAM:g} token per parameter)"
+            + ("." if per_param >= 20 else "; a longer budget (up to --tokens 20x) may still change the ranking."),
+        ]
     lines += ["", "## Verdict", "", *summary_lines(verdict, params)]
     lines += ["", "## Quality", "", *_md_table(rows, _columns(QUALITY, rows))]
     lines += ["", "## Cost", "", *_md_table(rows, _columns(COST, rows))]
