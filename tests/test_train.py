@@ -158,21 +158,31 @@ def test_collapse_and_finite_divergence_stop_the_run(tmp_path, tiny_cfg, monkeyp
         train(tiny_cfg(**{"train.divergence_patience": 4}), tmp_path / "c", **quiet)
 
 
-def test_a_save_that_fails_leaves_the_previous_checkpoint_loadable(tmp_path, tiny_cfg, monkeypatch):
+@pytest.mark.parametrize(
+    "error",  # a full disk: an OSError, or from torch's zip writer a RuntimeError
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/3"),
+    ],
+)
+def test_a_save_that_fails_leaves_the_previous_checkpoint_loadable(tmp_path, tiny_cfg, monkeypatch, error):
     real, calls = torch.save, {"n": 0}
 
-    def failing_save(obj, f, *a, **k):  # the second checkpoint dies half-written: disk full
+    def failing_save(obj, f, *a, **k):  # the second checkpoint dies half-written
         calls["n"] += 1
         if calls["n"] == 2:
             open(f, "wb").write(b"PK\x03\x04 half")
-            raise OSError(28, "No space left on device")
+            raise error
         return real(obj, f, *a, **k)
 
     monkeypatch.setattr(checkpoint.torch, "save", failing_save)
     run = tmp_path / "r"
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"failed \(.*; the last good checkpoint .* \(step 3\) is intact"
+    ):
         train(tiny_cfg(**{"train.save_every": 3}), run, **quiet)
     monkeypatch.undo()
+    assert not (run / "checkpoint.pt.tmp").exists()  # the partial file is not left on the full disk
     assert checkpoint.load(run)["step"] == 3
     train(None, run, resume=True, **quiet)  # and the run goes on from it
 
@@ -229,8 +239,8 @@ def test_export_loads_in_transformers_with_matching_logits(tmp_path, tiny_cfg):
     x = torch.randint(0, 2048, (2, 20))
     with torch.no_grad():
         assert torch.allclose(hf(x).logits, ours(x), atol=1e-4)
-    with pytest.raises(checkpoint.CheckpointError, match="not empty"):
-        checkpoint.export_hf(run, tmp_path / "hf")
+    with pytest.raises(ConfigError, match="not an empty directory; nothing was written there"):
+        checkpoint.export_hf(run, tmp_path / "hf")  # an export never writes into a directory with files
 
 
 def test_sigterm_saves_a_checkpoint_exits_143_and_the_run_resumes(tmp_path, cache_dir, capsys):

@@ -28,10 +28,20 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _write(obj: dict, tmp: Path) -> None:
+    """torch.save to tmp; a failed write (a full disk raises RuntimeError from torch's zip
+    writer, not OSError) leaves no partial file and one clear error."""
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"writing {tmp.parent / CKPT} failed ({str(e).splitlines()[0][:200]})") from None
+
+
 def save(run_dir: Path, payload: dict) -> Path:
     run_dir = Path(run_dir)
     path, tmp = run_dir / CKPT, run_dir / (CKPT + ".tmp")
-    torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
+    _write({"format_version": FORMAT_VERSION, **payload}, tmp)
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
     return path
 
@@ -58,7 +68,7 @@ def save_sharded(run_dir: Path, payload: dict, d) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     d.barrier()
-    torch.save({"format_version": FORMAT_VERSION, "world": d.world, **payload}, tmp / f"rank{d.rank:05d}.pt")
+    _write({"format_version": FORMAT_VERSION, "world": d.world, **payload}, tmp / f"rank{d.rank:05d}.pt")
     d.barrier()
     if d.main:
         if final.exists():
@@ -98,6 +108,33 @@ def load(run_dir: Path, map_location="cpu", rank: int = 0, world: int = 1, shard
     return _read(path, map_location)
 
 
+def run_config(run_dir: Path, warn=print) -> dict:
+    """A run's config as saved: its config.json, or where that is missing or damaged (edited
+    by hand, cut short) the copy its checkpoint holds, with a warning."""
+    from .config import from_dict
+
+    run_dir = Path(run_dir)
+    try:
+        d = json.loads((run_dir / "config.json").read_text())
+        from_dict(d)  # every section and field there
+        return d
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warn(
+            f"warning: {run_dir / 'config.json'} cannot be used ({type(e).__name__}: {str(e)[:80]}); "
+            f"the config its checkpoint holds is used and written there again"
+        )
+    sdir = _sharded_dir(run_dir)
+    path = run_dir / CKPT if (run_dir / CKPT).is_file() or sdir is None else sorted(sdir.glob("rank*.pt"))[0]
+    try:  # mmap: the config, not the weights, is read
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"]
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} holds no readable config ({type(e).__name__}); the run cannot be resumed"
+        ) from None
+
+
 def load_consolidated(run_dir: Path) -> dict:
     """The checkpoint with the whole model (FSDP2 shards concatenated), without optimizer state."""
     run_dir = Path(run_dir)
@@ -116,7 +153,7 @@ def load_consolidated(run_dir: Path) -> dict:
 
 def _read(path: Path, map_location) -> dict:
     if not path.is_file():
-        raise CheckpointError(
+        raise ConfigError(
             f"{path.parent} is not a petra run directory with a checkpoint (no {path.name} "
             f"there); give the --out directory of a petra train run"
         )
@@ -154,7 +191,7 @@ def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(st))
-    raise CheckpointError(
+    raise ConfigError(
         f"train.init_from={str(source)!r} is neither a petra run directory (with {CKPT}) "
         f"nor a directory holding model.safetensors"
     )
@@ -208,14 +245,25 @@ class Checkpointer:
                 f"the weights are not finite after step {step}; nothing was saved and "
                 f"{self.on_disk()} (lower train.lr or raise train.grad_clip)"
             )
-        self.parallel.save(self.out, state())
+        try:
+            self.parallel.save(self.out, state())
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; {self.on_disk()}") from None
         self.saved_step = step
 
 
-def keep_tokenizer(run_dir: Path, source: Path) -> Path:
+def keep_tokenizer(run_dir: Path, source: Path, sha256: str) -> Path:
     """Copy the run's tokenizer into the run directory (once), so that export and generation
-    never depend on a cache that may have moved."""
+    never depend on a cache that may have moved; a copy there that is not that tokenizer
+    (swapped by hand) stops the run."""
+    from .prepare import file_sha256
+
     dest = Path(run_dir) / ("tokenizer.model" if Path(source).suffix == ".model" else "tokenizer.json")
+    if dest.is_file() and file_sha256(dest) != sha256:
+        raise ConfigError(
+            f"{dest} is not the tokenizer this run trains with ({source}): it was replaced; restore it "
+            f"(copy {source} there) or start a new run"
+        )
     if not dest.is_file():
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.copyfile(source, tmp)
@@ -224,12 +272,22 @@ def keep_tokenizer(run_dir: Path, source: Path) -> Path:
 
 
 def run_tokenizer(run_dir: Path, payload: dict) -> Path | None:
-    """The tokenizer a run trained with: its own copy, else the path it recorded."""
-    for name in TOKENIZER_FILES:
-        if (Path(run_dir) / name).is_file():
-            return Path(run_dir) / name
+    """The tokenizer a run trained with: its own copy, else the path it recorded; a file
+    whose hash is not the one the checkpoint recorded is refused, not used."""
+    from .prepare import file_sha256
+
+    found = [Path(run_dir) / name for name in TOKENIZER_FILES if (Path(run_dir) / name).is_file()]
     tok = payload.get("tokenizer_path")
-    return Path(tok) if tok and Path(tok).is_file() else None
+    found += [Path(tok)] if tok and Path(tok).is_file() else []
+    if not found:
+        return None
+    want = payload.get("tokenizer_sha256")
+    if want is not None and file_sha256(found[0]) != want:
+        raise ConfigError(
+            f"{found[0]} is not the tokenizer {run_dir} trained with (its sha256 differs from the one the "
+            f"checkpoint recorded): it was replaced; restore the run's tokenizer"
+        )
+    return found[0]
 
 
 def hf_config(model_cfg: dict, eos_id: int | None) -> dict:
@@ -268,8 +326,8 @@ def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32", warn=print) 
 
     payload = load_consolidated(run_dir)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CheckpointError(f"export directory {out_dir} is not empty; choose a new one")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"--hf {out_dir} is not an empty directory; nothing was written there: choose a new one")
     out_dir.mkdir(parents=True, exist_ok=True)
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     weights = {k: v.to(tdtype).contiguous() for k, v in plain_state_dict(payload).items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from pathlib import Path
@@ -115,11 +114,10 @@ def cmd_train(args) -> int:
         if "preset" in ov:
             explicit.add(("model", "preset"))
         cfg = build_config(overrides=ov, file=args.config) if (ov or args.config) else None
-        if cfg is not None and "preset" in ov:
-            from .checkpoint import load
+        if cfg is not None and "preset" in ov and out.is_dir():
+            from .checkpoint import run_config
 
-            saved_cfg = out / "config.json"
-            saved = json.loads(saved_cfg.read_text()) if saved_cfg.is_file() else load(out)["config"]
+            saved = run_config(out, lambda m: None)
             if saved["preset"] != cfg.preset:
                 raise ConfigError(
                     f"cannot resume with --preset {cfg.preset}: the run in {out} uses "
@@ -576,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and exits 130 itself)
+        print("petra: interrupted (Ctrl-C); work already finished is kept", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"petra: error: {e}", file=sys.stderr)
         return 2

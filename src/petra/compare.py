@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RANKED_METHODS, RESUMABLE_CHANGES, ConfigError, RunConfig, from_dict, method_defaults, replace
+from .config import RANKED_METHODS, ConfigError, RunConfig, config_changes, from_dict, method_defaults, replace
 from .jobs import Job, reached, read_summary, run_jobs
 from .memory import SEED_FIGURES, paper_estimate_gib, shapes
 from .metrics import read_metrics
@@ -139,28 +139,6 @@ def method_config(
     return replace(base, method=changes, train=train)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def config_changes(saved: dict, requested: RunConfig) -> list[str]:
-    """'field: saved -> requested' for every setting in which a run's saved config differs
-    from the one requested, except those a resume may change."""
-    may = {f"{s}.{k}" for s, k in RESUMABLE_CHANGES}
-    old, new = _flat(saved), _flat(requested.to_dict())
-    out = []
-    for k in sorted(set(old) | set(new)):
-        if k in may or old.get(k) == new.get(k):
-            continue
-        if k == "model.vocab_size" and (old.get(k) or 0) > (new.get(k) or 0):
-            continue  # raised by the run to fit its tokenizer
-        out.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
-    return out
-
-
 def saved_config(run_dir: Path) -> dict | None:
     p = run_dir / "config.json"
     return json.loads(p.read_text()) if p.is_file() else None
@@ -181,7 +159,7 @@ def check_existing(cfgs: dict[str, RunConfig], out: Path, rerun_changed: bool, l
     changed = {}
     for m, cfg in cfgs.items():
         saved = saved_config(out / m)
-        if saved is not None and (diff := config_changes(saved, cfg)):
+        if saved is not None and (diff := config_changes(saved, cfg.to_dict())):
             changed[m] = diff
     if not changed:
         return

@@ -511,6 +511,28 @@ RESUMABLE_CHANGES = {
 }
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(saved: dict, requested: dict) -> list[str]:
+    """'field: saved -> requested' for every setting in which two saved configs (to_dict)
+    differ, except those a resume may change."""
+    may = {f"{s}.{k}" for s, k in RESUMABLE_CHANGES}
+    old, new = _flat(saved), _flat(requested)
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k in may or old.get(k) == new.get(k):
+            continue
+        if k == "model.vocab_size" and (old.get(k) or 0) > (new.get(k) or 0):
+            continue  # raised by the run to fit its tokenizer
+        out.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
+    return out
+
+
 def merge_resume_config(saved: RunConfig, requested: RunConfig | None, explicit: set[tuple[str, str]]) -> RunConfig:
     """The saved config, with the few fields a resume may change taken from the request."""
     saved.train.stop_after = 0  # a stop is one-shot: the resumed run goes on unless told again

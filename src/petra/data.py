@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
-from .prepare import MANIFEST, file_sha256, is_prepared, prepare_corpus
+from .prepare import MANIFEST, file_sha256, is_prepared, prepare_corpus, verify
 from .sources import corpus_fingerprint
 from .tokenizer import Tokenizer
 
@@ -98,6 +99,12 @@ def prepare(cfg: DataConfig, vocab_size: int, log=print, show_progress: bool = F
         raise ConfigError(f"data.tokenizer {str(user_tok)!r} does not exist")
     if cfg.source != "bible" and is_prepared(source):
         m = json.loads((source / MANIFEST).read_text())
+        problem = verify(source, m)
+        if problem is not None:
+            raise ConfigError(
+                f"data.source {str(source)!r}: {problem}; nothing was trained on it. Prepare it again: "
+                f"petra data prepare {m['settings']['source']} --out NEW_DIRECTORY"
+            )
         if user_tok is not None and file_sha256(user_tok) != m["tokenizer"]["sha256"]:
             raise ConfigError(
                 f"data.tokenizer {str(user_tok)!r} is not the tokenizer {source} was prepared with; "
@@ -120,6 +127,11 @@ def prepare(cfg: DataConfig, vocab_size: int, log=print, show_progress: bool = F
         return TokenData(
             TokenSpace([tdir / "train.bin"], meta["dtype"]), TokenSpace([tdir / "val.bin"], meta["dtype"]), tok, fp
         )
+    if is_prepared(tdir):
+        problem = verify(tdir, json.loads((tdir / MANIFEST).read_text()))
+        if problem is not None:  # petra's own cache: made again, never trained on
+            log(f"the token cache is damaged ({problem}); preparing it again")
+            shutil.rmtree(tdir)
     if not is_prepared(tdir):
         given = user_tok if user_tok is not None else (bpe if bpe.is_file() else None)
         prepare_corpus(

@@ -32,6 +32,7 @@ from .tokenizer import Tokenizer, train_tokenizer
 
 FORMAT = "petra-tokens/1"
 MANIFEST, PROGRESS = "manifest.json", "progress.json"
+STAMPS = ".petra-verified.json"  # (size, mtime, inode) of each file when its hash last matched
 SHARD_TOKENS = 1 << 27  # about 134M tokens: 256 MB of uint16 per shard
 SAMPLE_CHARS = 200_000_000  # the BPE's training sample
 _BATCH_CHARS = 4_000_000  # text per tokenizer call: enough to keep every core busy
@@ -60,6 +61,66 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
+
+
+# -- integrity -------------------------------------------------------------------------------
+
+
+def _expected(m: dict) -> dict[str, tuple[int | None, str]]:
+    """Each file of a prepared directory: its size in bytes (None: any) and sha256."""
+    import numpy as np
+
+    itemsize = np.dtype(m["dtype"]).itemsize
+    out = {m["tokenizer"]["file"]: (None, m["tokenizer"]["sha256"])}
+    for s in m["shards"]:
+        for part in ("train", "val"):
+            out[s[part]["file"]] = (s[part]["tokens"] * itemsize, s[part]["sha256"])
+    return out
+
+
+def _stat(f: Path) -> list[int]:
+    st = f.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def stamp(path: Path, m: dict) -> None:
+    """Record the files just written (their hashes were taken while writing) as verified."""
+    _save_stamps(path, {name: {"stat": _stat(path / name), "sha256": sha} for name, (_, sha) in _expected(m).items()})
+
+
+def _save_stamps(path: Path, stamps: dict) -> None:
+    try:
+        _write(path / STAMPS, stamps)
+    except OSError:
+        pass  # a read-only corpus: it is hashed again at the next open
+
+
+def verify(path: Path, m: dict) -> str | None:
+    """What is wrong with a prepared directory's shards and tokenizer, or None. Every file's
+    size is checked at every open; its sha256 whenever the file changed (size, modification
+    time or inode) since its hash last matched the manifest's, so an unchanged corpus costs
+    a few stat calls and a changed one is hashed, never trained on."""
+    try:
+        stamps = json.loads((path / STAMPS).read_text())
+    except (OSError, ValueError):
+        stamps = {}
+    changed = False
+    for name, (size, sha) in _expected(m).items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        st = _stat(f)
+        if size is not None and st[0] != size:
+            return f"{f} holds {st[0]:,} bytes where the manifest says {size:,} (truncated or damaged)"
+        if stamps.get(name) == {"stat": st, "sha256": sha}:
+            continue
+        if file_sha256(f) != sha:
+            return f"{f} changed since it was prepared (its sha256 is not the manifest's)"
+        stamps[name] = {"stat": st, "sha256": sha}
+        changed = True
+    if changed:
+        _save_stamps(path, stamps)
+    return None
 
 
 # -- pass 1: scan --------------------------------------------------------------------------
@@ -291,8 +352,9 @@ def prepare_corpus(
             if train_bpe:
                 t0 = time.perf_counter()
                 train_tokenizer(sample, vocab_size, tok_file)
+                size = Tokenizer(tok_file).vocab_size  # fewer than asked when the sample is small
                 log(
-                    f"trained a {vocab_size}-token byte-level BPE on {sc.sample_documents:,} documents "
+                    f"trained a {size}-token byte-level BPE on {sc.sample_documents:,} documents "
                     f"({sc.sample_characters / 1e6:,.1f}M characters) in {time.perf_counter() - t0:.1f}s"
                 )
             else:
@@ -317,6 +379,7 @@ def prepare_corpus(
             _tokenize(cfg, out, tok, state, sc.rule, shard_tokens, bar, save)
         manifest = _manifest(cfg, state, sc, tok, tok_file, time.perf_counter() - t0)
         _write(out / MANIFEST, manifest)
+        stamp(out, manifest)
         (out / PROGRESS).unlink()
         n = manifest["tokens"]
         log(

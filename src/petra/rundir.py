@@ -33,12 +33,12 @@ class RunDirectoryInUse(ConfigError):
 
 def check_directory(path: Path, flag: str = "--out") -> bool:
     """Create `path` if missing and prove it writable; returns whether it was created."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag} {path} is a file, not a directory; choose a directory")
-    created = not path.exists()
     try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{flag} {path} is a file, not a directory; choose a directory")
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except OSError as e:  # a name too long, no permission, ...
         raise ConfigError(f"{flag} {path}: cannot create the directory ({e.strerror or e})") from None
     probe = path / f".petra-write-test-{os.getpid()}"
     try:

@@ -11,11 +11,12 @@ always lands on the same side.
 from __future__ import annotations
 
 import codecs
-import glob
+import fnmatch
 import hashlib
 import importlib
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,10 +136,14 @@ def _decoded_chunks(f: BinaryIO, encoding: str, where: str) -> Iterator[str]:
 
 def _paragraphs(chunks: Iterator[str]) -> Iterator[str]:
     """Blank-line separated paragraphs, exactly as `text.split("\\n\\n")` of the whole text
-    would give them; one longer than _MAX_PARAGRAPH is cut at a line end so memory stays bounded."""
+    would give them, with Windows line ends (CRLF) read as LF; one longer than _MAX_PARAGRAPH
+    is cut at a line end so memory stays bounded."""
     carry = ""
     for chunk in chunks:
-        parts = (carry + chunk).split("\n\n")
+        text = carry + chunk
+        held = "\r" if text.endswith("\r") else ""  # its "\n" may start the next chunk
+        parts = text[: len(text) - len(held)].replace("\r\n", "\n").split("\n\n")
+        parts[-1] += held
         carry = parts.pop()
         yield from parts
         while len(carry) > _MAX_PARAGRAPH:
@@ -221,8 +226,14 @@ def jsonl_documents(
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise ConfigError(f"{path}:{i + 1} has no string field {field!r} (set data.text_field)")
-            yield Document(str(rec.get("key", f"{path.name}:{i}")), rec[field])
+                raise ConfigError(
+                    f"{path}:{i + 1} has no string field {field!r} (set --text-field, or data.text_field)"
+                )
+            key, text = str(rec.get("key", f"{path.name}:{i}")), rec[field]
+            if len(text) <= _MAX_PARAGRAPH:
+                yield Document(key, text)
+            else:  # a huge record is cut like a text file's paragraphs; every piece keeps its split
+                yield from (Document(key, piece) for piece in _paragraphs(iter([text])) if piece)
 
 
 def _uncompressed_name(path: Path) -> str:
@@ -282,13 +293,53 @@ def _usable(p: Path) -> bool:
     return p.is_file() and p.name.endswith(SUFFIXES)
 
 
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file under root; symlinked directories are not entered (a link back into the tree
+    would read it again, or forever)."""
+    for d, dirs, names in os.walk(root, followlinks=False):
+        dirs.sort()
+        for n in sorted(names):
+            yield Path(d) / n
+
+
+def _hidden(names: tuple[str, ...]) -> bool:
+    return any(n.startswith(".") for n in names)
+
+
+def _glob(pattern: str) -> list[Path]:
+    """The files a glob pattern matches, `**` for any depth, without entering symlinked
+    directories (Python's glob follows them)."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, c in enumerate(parts) if any(m in c for m in "*?[")), len(parts))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    rest = parts[fixed:]
+
+    def match(names: tuple[str, ...], pats: tuple[str, ...]) -> bool:
+        if not pats:
+            return not names
+        if pats[0] == "**":  # zero or more directories, hidden ones not, as glob
+            return any(match(names[k:], pats[1:]) for k in range(len(names) + 1) if not _hidden(names[:k]))
+        ok = names and fnmatch.fnmatchcase(names[0], pats[0]) and not (_hidden(names[:1]) and pats[0][0] != ".")
+        return bool(ok) and match(names[1:], pats[1:])
+
+    if not root.is_dir():
+        return []
+    return [f for f in _walk(root) if match(f.relative_to(root).parts, rest)]
+
+
 def user_files(spec: str) -> list[Path]:
-    """The files a comma-separated list of files, directories and glob patterns names, in order."""
+    """The files a comma-separated list of files, directories and glob patterns names, in
+    order; a file named twice (by two patterns, or a link and its target) is refused."""
     files: list[Path] = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         p = Path(part).expanduser()
+        if part == "bible":
+            raise ConfigError(
+                "data.source: 'bible' (the bundled corpus) cannot be combined with other sources; use it "
+                "alone, or build a corpus that holds it (petra data build) and list that directory"
+            )
         if any(c in part for c in "*?["):
-            found = sorted(Path(q) for q in glob.glob(str(p), recursive=True) if _usable(Path(q)))
+            found = [q for q in _glob(str(p)) if _usable(q)]
             if not found:
                 raise ConfigError(f"data.source pattern {part!r} matches no {'/'.join(SUFFIXES)} files")
             files += found
@@ -298,7 +349,7 @@ def user_files(spec: str) -> list[Path]:
                     f"{str(p)!r} holds prepared token shards, not text: train on it with --data {p} "
                     f"(alone), or give `petra data prepare` its original sources"
                 )
-            found = sorted(q for q in p.rglob("*") if _usable(q))
+            found = [q for q in _walk(p) if _usable(q)]
             if not found:
                 raise ConfigError(f"data.source directory {str(p)!r} holds no {'/'.join(SUFFIXES)} files")
             files += found
@@ -312,6 +363,13 @@ def user_files(spec: str) -> list[Path]:
                 f"`petra data build` or `petra data prepare`, or {'/'.join(SUFFIXES)} files, "
                 f"directories or glob patterns"
             )
+    seen: dict[str, Path] = {}
+    for f in files:
+        real = os.path.realpath(f)
+        if real in seen:
+            same = f"as {seen[real]} and {f}" if str(seen[real]) != str(f) else "twice"
+            raise ConfigError(f"data.source names the file {real} {same}; name each file once")
+        seen[real] = f
     return files
 
 

@@ -24,7 +24,11 @@ class Tokenizer:
                 import sentencepiece as spm
             except ImportError:
                 raise ConfigError("a SentencePiece tokenizer needs `pip install sentencepiece`") from None
-            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+            try:
+                self._sp = spm.SentencePieceProcessor(model_file=str(path))
+            except Exception as e:  # a damaged or foreign file: sentencepiece raises RuntimeError or OSError
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ConfigError(f"tokenizer {str(path)!r} is not a valid SentencePiece .model ({first})") from None
             self._tok = None
             self.vocab_size = self._sp.get_piece_size()
             self.eos_id = self._sp.eos_id()
@@ -35,7 +39,7 @@ class Tokenizer:
             try:
                 self._tok = HFTokenizer.from_file(str(path))
             except Exception as e:
-                raise ConfigError(f"data.tokenizer {str(path)!r} is not a valid tokenizer.json ({e})") from None
+                raise ConfigError(f"tokenizer {str(path)!r} is not a valid tokenizer.json ({e})") from None
             self._sp = None
             self.vocab_size = self._tok.get_vocab_size()
             eos = self._tok.token_to_id(EOS)

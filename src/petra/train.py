@@ -18,7 +18,7 @@ import torch
 from . import checkpoint
 from .checkpoint import Checkpointer
 from .compiling import compile_model
-from .config import ConfigError, RunConfig, from_dict, merge_resume_config
+from .config import ConfigError, RunConfig, config_changes, from_dict, merge_resume_config
 from .data import Batches, TokenData, prepare, val_batches
 from .health import Health, TrainingError, perplexity
 from .methods import Method, make_method
@@ -26,6 +26,7 @@ from .metrics import TrainLog, flops_per_token, optimizer_state_bytes, peak_memo
 from .model import build_model, count_parameters
 from .parallel import NoParallel
 from .parallel import setup as setup_parallel
+from .prepare import file_sha256
 from .rundir import RunDirectory
 from .schedule import set_lr
 from .signals import StopRequest
@@ -68,6 +69,7 @@ class Run:
     step: int
     resumed: bool
     n_params: int
+    tokenizer_sha256: str
     rows: int  # this process's rows of each global batch
     micro_batch: int  # rows per forward
 
@@ -104,6 +106,7 @@ class Run:
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "data_fingerprint": self.data.fingerprint,
             "tokenizer_path": str(self.data.tokenizer.path),
+            "tokenizer_sha256": self.tokenizer_sha256,
             "eos_id": self.data.tokenizer.eos_id,
         }
 
@@ -139,8 +142,11 @@ def train(
     # the process group comes first (a sharded checkpoint is read per process); on resume its
     # mode and device come from the run's config.json as the request amends it
     pre = cfg
-    if resume and (out / "config.json").is_file():
-        pre = merge_resume_config(from_dict(json.loads((out / "config.json").read_text())), cfg, explicit)
+    if resume:
+        pre = merge_resume_config(from_dict(checkpoint.run_config(out, log)), cfg, explicit)
+        if (done := _finished(out, pre)) is not None:
+            log(f"{out} finished its {pre.train.steps} steps earlier: nothing to train, nothing changed")
+            return done
     parallel = (
         setup_parallel(pre.train.parallel, resolve_device(pre)[0].type, unit_layers=pre.train.fsdp_unit_layers)
         if pre is not None
@@ -154,6 +160,15 @@ def train(
         return loop(run, log, show_progress)
 
 
+def _finished(out: Path, cfg: RunConfig) -> dict | None:
+    """The summary of a run that already finished its schedule (a resume changes nothing)."""
+    try:
+        s = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return s if s.get("status") == "finished" and s.get("step") == cfg.train.steps else None
+
+
 def setup(
     cfg: RunConfig | None, out: Path, resume: bool, explicit: set, parallel: NoParallel, log, show_progress: bool
 ) -> Run:
@@ -161,6 +176,12 @@ def setup(
     payload = None
     if resume:
         payload = parallel.load(out)
+        on_disk = checkpoint.run_config(out, lambda m: None)
+        if differ := config_changes(on_disk, from_dict(payload["config"]).to_dict()):
+            raise ConfigError(
+                f"{out}/{checkpoint.CKPT} was not saved by the run its config.json describes ({', '.join(differ[:4])}"
+                f"{', ...' if len(differ) > 4 else ''}); a checkpoint copied from another run is not resumed"
+            )
         cfg = merge_resume_config(from_dict(payload["config"]), cfg, explicit)
     elif checkpoint.exists(out):
         raise ConfigError(
@@ -180,6 +201,13 @@ def setup(
         )
     device, dtype = resolve_device(cfg, parallel.local_rank if parallel.active else None)
     init = checkpoint.initial_weights(cfg.train.init_from) if cfg.train.init_from and payload is None else None
+    if payload is not None and cfg.data.tokenizer and payload.get("tokenizer_sha256"):
+        # before any tokenizing: a swapped --tokenizer would otherwise re-tokenize the corpus first
+        if file_sha256(Path(cfg.data.tokenizer).expanduser()) != payload["tokenizer_sha256"]:
+            raise ConfigError(
+                f"data.tokenizer {cfg.data.tokenizer!r} is not the tokenizer this run trained with (its sha256 "
+                f"differs from the one its checkpoint recorded); restore that file to resume {out}"
+            )
 
     # data first: the cheap checks (missing files, empty corpus) fail before any model exists.
     # Rank 0 fills the token cache while the others wait, then they read it.
@@ -191,10 +219,13 @@ def setup(
     if data.vocab_size > cfg.model.vocab_size:
         log(f"tokenizer has {data.vocab_size} tokens: model.vocab_size {cfg.model.vocab_size} -> {data.vocab_size}")
         cfg.model.vocab_size = data.vocab_size
+    tokenizer_sha = file_sha256(data.tokenizer.path)
     if payload is not None and payload.get("data_fingerprint") != data.fingerprint:
+        what = "tokenizer" if payload.get("tokenizer_sha256", tokenizer_sha) != tokenizer_sha else "corpus"
         raise ConfigError(
-            "the data of this run changed since its checkpoint (corpus or tokenizer); "
-            "resuming would not continue the same run"
+            f"the {what} of this run changed since its checkpoint ({cfg.data.source!r}"
+            + (f", tokenizer {data.tokenizer.path}" if what == "tokenizer" else "")
+            + "); resuming would not continue the same run"
         )
 
     torch.manual_seed(cfg.train.seed)  # the same initial model on every process
@@ -217,7 +248,7 @@ def setup(
 
     if parallel.main:
         (out / "config.json").write_text(cfg.to_json())
-        checkpoint.keep_tokenizer(out, data.tokenizer.path)  # export never depends on a cache
+        checkpoint.keep_tokenizer(out, data.tokenizer.path, tokenizer_sha)  # export never depends on a cache
     parallel.barrier()
     run = Run(
         cfg,
@@ -237,6 +268,7 @@ def setup(
         payload["step"] if payload is not None else 0,
         payload is not None,
         n_params,
+        tokenizer_sha,
         rows,
         mb,
     )
@@ -352,8 +384,12 @@ def loop(run: Run, log=print, show_progress: bool = True) -> dict:
                         vl, se = val.run(run.wrapped)
                     tlog.validation(run.step, vl, se)
                 if ckpt.due(run.step) or r.stop:
-                    with tlog.paused():
-                        ckpt.save(run.step, run.model, run.device, run.state)
+                    why = health.abnormal()  # only a run in its normal range writes a checkpoint
+                    if why is None:
+                        with tlog.paused():
+                            ckpt.save(run.step, run.model, run.device, run.state)
+                    else:
+                        tlog.print(f"step {run.step}: no checkpoint written: {why}; {ckpt.on_disk()}")
                 if r.stop:
                     status, signum = "interrupted", r.stop  # every process exits with the same code
                     break
@@ -361,8 +397,15 @@ def loop(run: Run, log=print, show_progress: bool = True) -> dict:
         tlog.close()
     if status == "finished" and run.step < run.cfg.train.steps:
         status = "stopped"  # at train.stop_after
-    if status != "finished":
-        log(f"{status} at step {run.step} (checkpoint saved); continue with: petra train --resume {run.out}")
+    why = health.abnormal()
+    if status == "finished" and why is not None:  # collapsed or diverging before its patience ran out
+        disk = ckpt.on_disk()
+        raise TrainingError(f"the run ended at step {run.step} with {why}: it failed. {disk[0].upper()}{disk[1:]}")
+    if status != "finished" and ckpt.saved_step is None:
+        log(f"{status} at step {run.step}; no checkpoint was saved in {run.out}")
+    elif status != "finished":
+        saved = "checkpoint saved" if ckpt.saved_step == run.step else ckpt.on_disk()
+        log(f"{status} at step {run.step} ({saved}); continue with: petra train --resume {run.out}")
     return _summary(run, status, val, health, tlog, signum)
 
 
