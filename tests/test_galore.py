@@ -319,14 +319,23 @@ def test_layerwise_equals_standard_step_with_accumulation_and_clipping(clip):
     ref, ref_norms = _run_galore(False, clip, data)
     lw, lw_norms = _run_galore(True, clip, data)
     assert lw_norms == pytest.approx(ref_norms, rel=1e-5)
-    # equal up to rounding (clipping G before or after projecting it); Adam amplifies
-    # rounding a little, so the bound is 2e-5 on updates of size ~1e-2
-    diff = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), lw.parameters()))
-    assert diff < 2e-5
-    if clip:  # the bound is tight enough to see clipping: without it the result moves more
+
+    def gap(a, b):
+        return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+    # equal up to float32 rounding (the gradient clipped before or after its projection;
+    # matrices updated in stacks or one at a time). The bound is not a constant fitted to one
+    # CPU's BLAS: it is what one rounding does to this computation on this machine, the
+    # clipped run moved by a threshold one float32 ulp (2**-23) larger, with a margin of 10
+    # (Adam's normalization amplifies the rounding of small coordinates by an amount that
+    # depends on the BLAS's summation order)
+    clipped, _ = _run_galore(False, 0.05, data) if not clip else (ref, None)
+    nudged, _ = _run_galore(False, 0.05 * (1 + 2**-23), data)
+    rounding = gap(clipped, nudged)
+    assert gap(ref, lw) <= 10 * rounding, (gap(ref, lw), rounding)
+    if clip:  # and the bound is tight enough to see clipping: without it the result moves far more
         unclipped, _ = _run_galore(True, 0.0, data)
-        far = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), unclipped.parameters()))
-        assert far > 10 * diff and far > 2e-5
+        assert gap(ref, unclipped) > 100 * rounding
 
 
 @pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])

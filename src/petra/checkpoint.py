@@ -328,9 +328,10 @@ def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32", warn=print) 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"--hf {out_dir} is not an empty directory; nothing was written there: choose a new one")
-    out_dir.mkdir(parents=True, exist_ok=True)
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     weights = {k: v.to(tdtype).contiguous() for k, v in plain_state_dict(payload).items()}
+    _check_shapes(weights, payload["config"]["model"], run_dir)  # before anything is written
+    out_dir.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     cfg = hf_config(payload["config"]["model"], payload.get("eos_id"))
     cfg["torch_dtype"] = dtype
@@ -347,6 +348,23 @@ def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32", warn=print) 
     else:
         _export_tokenizer(tok, out_dir, cfg["max_position_embeddings"])
     return out_dir
+
+
+def _check_shapes(weights: dict[str, torch.Tensor], model_cfg: dict, run_dir: Path) -> None:
+    """The weights must be the model their config describes, or the export would not load."""
+    from .config import ModelConfig
+    from .model import LlamaForCausalLM
+
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in LlamaForCausalLM(ModelConfig(**model_cfg)).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if bad:
+        k = bad[0]
+        raise CheckpointError(
+            f"the checkpoint in {run_dir} does not fit its own config: {k} is {got.get(k, 'missing')}, the config "
+            f"says {want.get(k, 'no such weight')}; nothing was exported"
+        )
 
 
 def _export_tokenizer(tok: Path, out_dir: Path, context: int) -> None:

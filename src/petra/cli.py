@@ -338,7 +338,7 @@ def cmd_generate(args) -> int:
     from .generate import check_sampling, generate, load
     from .train import resolve_device
 
-    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before loading
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.samples)  # before loading
     device, dtype = resolve_device(build_config(overrides={"train.device": args.device}))
     model, tok = load(args.source, device, dtype)
     prompt = tok.encode_documents([args.prompt])[0][:-1].tolist()  # without the EOS a document ends with

@@ -27,7 +27,7 @@ from .jobs import Job, reached, read_summary, run_jobs
 from .memory import SEED_FIGURES, paper_estimate_gib, shapes
 from .metrics import read_metrics
 from .parallel import main_process
-from .rundir import RunDirectory
+from .rundir import RunDirectory, compare_entry
 from .tuning import Halving, lr_grid, survivors
 from .verdict import Measure, judge
 
@@ -269,7 +269,7 @@ def compare(
     if not main_process():  # under torchrun every process trains; rank 0 alone reports
         log = lambda *a, **k: None  # noqa: E731
 
-    with RunDirectory(out, lock=main_process()):
+    with RunDirectory(out, lock=main_process(), ours=compare_entry, what="a petra compare"):
         first = {d: cfg_for(p.name, p.lr, k) for p in plans.values() if p.lr is not None for k, d in enumerate(p.dirs)}
         first.update({_lr_dir(m, lr): cfg_for(m, lr) for m, p in plans.items() if p.halving for lr in p.halving.grid})
         if main_process():

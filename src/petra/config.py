@@ -401,8 +401,18 @@ def _at_least(name: str, value: int, low: int) -> None:
 
 def validate_model(m: ModelConfig) -> None:
     _check_section("model", m)
-    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+    for k in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "intermediate_size",
+        "max_position_embeddings",
+    ):
         _at_least(f"model.{k}", getattr(m, k), 1)
+    for k in ("rms_norm_eps", "rope_theta", "init_std"):
+        if getattr(m, k) <= 0:
+            raise ConfigError(f"model.{k}={getattr(m, k)} must be positive")
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} must be divisible by model.num_attention_heads={m.num_attention_heads}"
@@ -434,8 +444,23 @@ def validate_train(t: TrainConfig) -> None:
         ("divergence_patience", 0),
         ("micro_batch_size", 0),
         ("threads", 0),
+        ("seq_len", 0),
+        ("eval_every", 1),
+        ("log_every", 1),
+        ("save_every", 0),
+        ("stop_after", 0),
+        ("warmup_steps", -1),
+        ("seed", 0),
     ):
         _at_least(f"train.{k}", getattr(t, k), low)
+    if t.seed >= 2**32:
+        raise ConfigError(f"train.seed={t.seed} must be below 2**32 (4294967296)")
+    for k in ("beta1", "beta2"):
+        if not 0 <= getattr(t, k) < 1:
+            raise ConfigError(f"train.{k}={getattr(t, k)} must be in [0, 1)")
+    for k, v in (("eps", t.eps), ("grad_clip", t.grad_clip), ("weight_decay", t.weight_decay)):
+        if v < 0 or (k == "eps" and v == 0):
+            raise ConfigError(f"train.{k}={v} must be {'positive' if k == 'eps' else 'at least 0 (0 = off)'}")
     if t.batch_size % (t.micro_batch_size or t.batch_size):
         raise ConfigError(
             f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={t.micro_batch_size}"
@@ -524,7 +549,7 @@ def config_changes(saved: dict, requested: dict) -> list[str]:
     may = {f"{s}.{k}" for s, k in RESUMABLE_CHANGES}
     old, new = _flat(saved), _flat(requested)
     out = []
-    for k in sorted(set(old) | set(new)):
+    for k in sorted(set(old) | set(new), key=lambda k: (k != "preset", k)):  # the preset first: it says most
         if k in may or old.get(k) == new.get(k):
             continue
         if k == "model.vocab_size" and (old.get(k) or 0) > (new.get(k) or 0):

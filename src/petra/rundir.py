@@ -6,6 +6,10 @@ of the same directory is refused at once with the holder's pid and start time; t
 kernel drops the lock when its process dies, however it dies, so a stale lock is taken
 over without any guessing. A directory this call created is removed again when the run
 fails before writing anything into it.
+
+Nothing of the user's is written over: a directory that already holds anything petra did
+not write there (an export, a folder with its own config.json) is refused, naming what is
+there (`ours` says which entries are petra's).
 """
 
 from __future__ import annotations
@@ -31,11 +35,75 @@ class RunDirectoryInUse(ConfigError):
     """Another live process holds the run directory."""
 
 
-def check_directory(path: Path, flag: str = "--out") -> bool:
-    """Create `path` if missing and prove it writable; returns whether it was created."""
+# what a run directory holds (trackers: TensorBoard's and wandb's folders)
+RUN_FILES = {
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "checkpoint.pt",
+    "checkpoint.pt.tmp",
+    "checkpoint-sharded",
+    "checkpoint-sharded.tmp",
+    "checkpoint-sharded.old",
+    "tensorboard",
+    "wandb",
+}
+COMPARE_FILES = {
+    "comparison.md",
+    "comparison.csv",
+    "comparison.json",
+    "report.html",
+    "val_loss.png",
+    "tune.png",
+    "memory.png",
+    "throughput.png",
+    "lr.png",
+    "tune",
+    "logs",
+}
+
+
+def _petra_config(p: Path) -> bool:
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and {"preset", "model", "data", "train", "method"} <= set(d)
+
+
+def run_entry(p: Path) -> bool:
+    """An entry of a run directory that petra writes."""
+    return p.name in RUN_FILES and (p.name != "config.json" or _petra_config(p))
+
+
+def is_run(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file() and all(run_entry(q) or q.name == LOCK for q in p.iterdir())
+
+
+def compare_entry(p: Path) -> bool:
+    """An entry of a compare's directory: its outputs, its runs (a seed's run in METHOD/seed-K,
+    a run moved aside as METHOD.old-N)."""
+    if p.name in COMPARE_FILES or ".old-" in p.name or is_run(p):
+        return True
+    return p.is_dir() and all(is_run(q) or q.name == LOCK for q in p.iterdir())
+
+
+def check_directory(path: Path, flag: str = "--out", ours=None, what: str = "") -> bool:
+    """Create `path` if missing and prove it writable; returns whether it was created. An
+    existing directory with anything `ours` does not accept is refused, untouched."""
     try:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{flag} {path} is a file, not a directory; choose a directory")
+        if ours is not None and path.is_dir():
+            foreign = sorted(p.name for p in path.iterdir() if p.name != LOCK and not ours(p))
+            if foreign:
+                more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+                raise ConfigError(
+                    f"{flag} {path} is not empty and not {what}: it holds {', '.join(foreign[:5])}{more}; "
+                    f"nothing was written there: choose a new or empty directory"
+                )
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a name too long, no permission, ...
@@ -52,13 +120,14 @@ def check_directory(path: Path, flag: str = "--out") -> bool:
 class RunDirectory:
     """Context manager: `with RunDirectory(out): ...` holds `out` for the whole run."""
 
-    def __init__(self, path: Path, flag: str = "--out", lock: bool = True):
+    def __init__(self, path: Path, flag: str = "--out", lock: bool = True, ours=None, what: str = "a petra run"):
         self.path, self.flag, self.lock = Path(path), flag, lock
+        self.ours, self.what = ours, what  # ours: which entries of an existing directory petra wrote
         self._file = None
         self._created = False
 
     def __enter__(self) -> RunDirectory:
-        self._created = check_directory(self.path, self.flag)
+        self._created = check_directory(self.path, self.flag, self.ours, self.what)
         if self.lock and fcntl is not None:
             self._acquire()
         return self

@@ -27,7 +27,7 @@ from .model import build_model, count_parameters
 from .parallel import NoParallel
 from .parallel import setup as setup_parallel
 from .prepare import file_sha256
-from .rundir import RunDirectory
+from .rundir import RunDirectory, run_entry
 from .schedule import set_lr
 from .signals import StopRequest
 from .trackers import Trackers, check_installed, open_trackers
@@ -155,7 +155,8 @@ def train(
     if not parallel.main:
         log, show_progress = (lambda *a, **k: None), False
     # rank 0 holds the directory for the whole run; the lock comes before any other work
-    with RunDirectory(out, "--resume" if resume else "--out", lock=parallel.main):
+    ours = None if resume else run_entry  # a new run never writes into a folder of the user's
+    with RunDirectory(out, "--resume" if resume else "--out", lock=parallel.main, ours=ours):
         run = setup(cfg, out, resume, explicit, parallel, log, show_progress)
         return loop(run, log, show_progress)
 

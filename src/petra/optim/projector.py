@@ -25,11 +25,17 @@ import torch
 log = logging.getLogger("petra.projector")
 
 
+def working(t: torch.Tensor) -> torch.Tensor:
+    """The precision bases are computed in: float32 at least (bf16 gradients are upcast),
+    float64 kept (a float64 model's basis carries no float32 rounding)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class Dense:
     """A gradient held whole by this process."""
 
     def __init__(self, g: torch.Tensor):
-        self.g = g.float()
+        self.g = working(g)
         self.shape = tuple(g.shape)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +104,7 @@ def randomized_basis(
     g = _as_op(g)
     m, n = g.shape
     k = min(rank + oversample, m, n)
-    omega = torch.randn(n, k, device=g.device, dtype=torch.float32, generator=generator)
+    omega = torch.randn(n, k, device=g.device, dtype=torch.float32, generator=generator).to(_dtype(g))
     q = _orth(g.mm(omega))
     for _ in range(power_iters):
         q = _orth(g.mm(g.tmm(q)))
@@ -107,9 +113,13 @@ def randomized_basis(
     return q @ ub[:, :rank]
 
 
+def _dtype(g) -> torch.dtype:
+    return g.g.dtype if isinstance(g, Dense) else torch.float32
+
+
 def subspace_basis(g, prev: torch.Tensor, iters: int = 1) -> torch.Tensor:
     g = _as_op(g)
-    q = prev.float()
+    q = working(prev).to(_dtype(g))
     for _ in range(iters):
         q = _orth(g.mm(g.tmm(q)))
     return q
