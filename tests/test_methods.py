@@ -71,7 +71,7 @@ def test_relora_step_end_results_are_typed():
         ends[step + 1] = end
     assert ends[2].params_changed and ends[2].event.startswith("warm start ended")
     assert opt is not ends[1].optimizer  # the LoRA phase has its own optimizer
-    assert ends[5].event == "merge 1" and ends[5].fields == {"pruned_fraction": 0.0}  # no moments yet
+    assert ends[5].event.startswith("ReLoRA merge 1:") and ends[5].fields == {"moments_pruned": 0.0}  # no moments yet
     assert not ends[5].params_changed
     assert [s for s, e in ends.items() if e.event] == [2, 5, 8]
 

@@ -17,6 +17,7 @@ import torch
 
 from .config import ConfigError
 from .health import TrainingError
+from .hf import TOKENIZER_FILES  # a run's own copy of its tokenizer: BPE or SentencePiece
 from .lora import merged_state_dict
 
 CKPT = "checkpoint.pt"
@@ -181,23 +182,19 @@ def plain_state_dict(payload: dict) -> dict[str, torch.Tensor]:
 
 def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
     """Plain LLaMA weights to start a run from: a petra run directory (any method; ReLoRA
-    factors merged, FSDP2 shards joined) or a directory with model.safetensors (petra export,
-    or a Hugging Face LlamaForCausalLM with the same shapes)."""
+    factors merged, FSDP2 shards joined) or a Hugging Face Llama directory (petra's export or
+    any LlamaForCausalLM: model.safetensors or sharded)."""
+    from . import hf
+
     path = Path(source).expanduser()
     if exists(path):
         return plain_state_dict(load_consolidated(path))
-    st = path / "model.safetensors"
-    if st.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(st))
+    if hf.is_hf(path) or (path / "model.safetensors").is_file():
+        return hf.weights(path)
     raise ConfigError(
         f"train.init_from={str(source)!r} is neither a petra run directory (with {CKPT}) "
-        f"nor a directory holding model.safetensors"
+        f"nor a Hugging Face Llama directory (model.safetensors, or shards and their index)"
     )
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # a run's own copy: BPE or SentencePiece
 
 
 def load_initial(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -226,9 +223,10 @@ class Checkpointer:
     or when asked. It never writes weights that are not finite (the last good checkpoint
     stays), and it knows what is on disk for the messages that tell the user."""
 
-    def __init__(self, out: Path, parallel, every: int, last_step: int, saved_step: int | None):
+    def __init__(self, out: Path, parallel, every: int, last_step: int, saved_step: int | None, keep: int = 1):
         self.out, self.parallel, self.every, self.last_step = Path(out), parallel, every, last_step
         self.saved_step = saved_step  # the step of the checkpoint on disk, None before the first
+        self.keep = keep  # checkpoints kept: checkpoint.pt and keep - 1 earlier ones
 
     def due(self, step: int) -> bool:
         return bool(self.every and step % self.every == 0) or step == self.last_step
@@ -245,11 +243,25 @@ class Checkpointer:
                 f"the weights are not finite after step {step}; nothing was saved and "
                 f"{self.on_disk()} (lower train.lr or raise train.grad_clip)"
             )
+        self._keep_previous()
         try:
             self.parallel.save(self.out, state())
         except CheckpointError as e:
             raise CheckpointError(f"{e}; {self.on_disk()}") from None
         self.saved_step = step
+
+    def _keep_previous(self) -> None:
+        """Before checkpoint.pt is replaced: a hard link to it under its step's name (no copy),
+        and the oldest kept ones beyond `keep` removed. (FSDP2's sharded checkpoints keep one.)"""
+        path = self.out / CKPT
+        if self.keep <= 1 or self.saved_step is None or not path.is_file() or not self.parallel.main:
+            return
+        old = self.out / f"checkpoint-step{self.saved_step:07d}.pt"
+        if not old.exists():
+            os.link(path, old)
+        kept = sorted(self.out.glob("checkpoint-step*.pt"))
+        for f in kept[: max(0, len(kept) - (self.keep - 1))]:
+            f.unlink()
 
 
 def keep_tokenizer(run_dir: Path, source: Path, sha256: str) -> Path:
@@ -333,11 +345,13 @@ def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32", warn=print) 
     _check_shapes(weights, payload["config"]["model"], run_dir)  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    _like_a_new_file(out_dir / "model.safetensors")
     cfg = hf_config(payload["config"]["model"], payload.get("eos_id"))
     cfg["torch_dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     eos = payload.get("eos_id")
-    gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": cfg["max_position_embeddings"]}
+    # no max_length: transformers warns on every generate(max_new_tokens=...) when one is set
+    gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
     tok = run_tokenizer(run_dir, payload)
     if tok is None:
@@ -348,6 +362,13 @@ def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32", warn=print) 
     else:
         _export_tokenizer(tok, out_dir, cfg["max_position_embeddings"])
     return out_dir
+
+
+def _like_a_new_file(path: Path) -> None:
+    """safetensors writes 0600; give the file the mode the user's umask gives the others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _check_shapes(weights: dict[str, torch.Tensor], model_cfg: dict, run_dir: Path) -> None:

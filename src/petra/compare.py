@@ -401,6 +401,40 @@ def _report(base: RunConfig, plans: dict[str, MethodPlan], out: Path, params: in
         h = plans[r["method"]].halving
         if h is not None:
             r["tuned"], r["lr_edge"] = True, h.edge
+    sweeps = {m: _sweep_record(p, out) for m, p in plans.items() if p.halving is not None}
+    return _outputs(base, rows, per_method, cfgs, out, params, seeds, sweeps, log)
+
+
+def report_runs(dirs: list[str], out: Path, log=print) -> list[dict]:
+    """compare's table, verdict and report of runs trained before (any run directories, e.g.
+    of `petra train`), nothing retrained. Each row is named by its method, or by its directory
+    where two runs share one; the verdict uses the evaluation points all runs share."""
+    paths = [Path(d).expanduser().resolve() for d in dirs]
+    if len(paths) < 1:
+        raise ConfigError("--runs names no run directory")
+    for p in paths:
+        if not (p / "summary.json").is_file() or not (p / "config.json").is_file():
+            raise ConfigError(f"--runs {p} is not a petra run that ended (no summary.json and config.json there)")
+    cfgs_of = {p: from_dict(json.loads((p / "config.json").read_text())) for p in paths}
+    names = [c.method.name for c in cfgs_of.values()]
+    per_method: dict[str, list[dict]] = {}
+    cfgs: dict[str, RunConfig] = {}
+    for p, cfg in cfgs_of.items():
+        name = cfg.method.name if names.count(cfg.method.name) == 1 else p.name
+        if name in per_method:
+            raise ConfigError(f"--runs names two runs called {name!r}; give runs in directories of other names")
+        s = read_summary(p) or {}
+        row = make_row(name, cfg, s, s.get("params") or shapes(cfg.model).total)
+        row["run_dir"] = str(p)
+        per_method[name], cfgs[name] = [row], cfg
+    first = next(iter(cfgs_of.values()))
+    params = shapes(first.model).total
+    with RunDirectory(out, lock=main_process(), ours=compare_entry, what="a petra compare"):
+        return _outputs(first, [r[0] for r in per_method.values()], per_method, cfgs, out, params, 1, {}, log)
+
+
+def _outputs(base, rows, per_method, cfgs, out: Path, params: int, seeds: int, sweeps: dict, log) -> list[dict]:
+    """Gaps to full rank, the verdict over the runs' curves, and every output file."""
     full = next((r for r in rows if r["method"] == "full" and r["status"] == "finished"), None)
     for r in rows:
         if full and r.get("val_ppl") is not None:
@@ -413,7 +447,6 @@ def _report(base: RunConfig, plans: dict[str, MethodPlan], out: Path, params: in
     ok = [r["method"] for r in rows if r["status"] == "finished"]
     curves = {m: curves_of([out / r["run_dir"] for r in per_method[m]]) for m in ok}
     verdict = judge(curves)
-    sweeps = {m: _sweep_record(p, out) for m, p in plans.items() if p.halving is not None}
     passes = max((r.get("passes") or 0 for r in rows), default=0)
     if passes > 1:
         log(
@@ -426,12 +459,12 @@ def _report(base: RunConfig, plans: dict[str, MethodPlan], out: Path, params: in
         device = _device(rows)
         if sweeps:
             (out / "tune" / "sweeps.json").write_text(json.dumps(sweeps, indent=2))
-            report.plot_sweeps(sweeps, out, out / "tune.png")
+            report.save(report.fig_sweeps(sweeps), out / "tune.png", dpi=100)
         report.write_tables(rows, out, base, device, verdict, params, sweeps, seeds, passes)
-        report.plot_val_loss(curves, verdict, params, out / "val_loss.png")
-        report.plot_lr([r for r in rows if (out / r["run_dir"]).is_dir()], out, out / "lr.png")
-        report.plot_memory(rows, cfgs, device.startswith("cuda"), out / "memory.png")
-        report.plot_throughput(rows, device.startswith("cpu"), out / "throughput.png")
+        report.save(report.fig_val_loss(curves, verdict, params), out / "val_loss.png")
+        report.save(report.fig_lr([r for r in rows if (out / r["run_dir"]).is_dir()], out), out / "lr.png")
+        report.save(report.fig_memory(rows, cfgs, device.startswith("cuda")), out / "memory.png")
+        report.save(report.fig_throughput(rows, device.startswith("cpu")), out / "throughput.png")
         report.write_report(out)
         print((out / "comparison.md").read_text())
         names = ", ".join(

@@ -179,6 +179,11 @@ class TrainConfig:
     eval_every: int = _f(50, "steps between validation evaluations")
     val_tokens: int = _f(1_000_000, "size of the validation set in tokens (the whole split if it is smaller)")
     save_every: int = _f(100, "steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = _f(
+        1, "checkpoints kept: checkpoint.pt and the previous ones as checkpoint-stepN.pt (1 = the latest only)"
+    )
+    sample_every: int = _f(0, "steps between sample generations printed and logged to metrics.jsonl (0 = off)")
+    sample_prompt: str = _f("", "the prompt of those samples ('' = the first 8 tokens of the validation text)")
     log_every: int = _f(10, "steps between metrics lines")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     threads: int = _f(
@@ -214,7 +219,7 @@ class MethodConfig:
         "low-rank targets: a regex searched in parameter names (attention and MLP matrices)",
     )
     rank: int = _f(0, "rank of GaLore projections / ReLoRA factors (0 = the preset's paper rank)")
-    update_proj_gap: int = _f(200, "GaLore: steps between projector refreshes")
+    update_proj_gap: int = _f(200, "GaLore, APOLLO, Fira: steps between projector refreshes")
     stagger_refresh: bool = _f(
         True,
         "GaLore, APOLLO, Fira: each matrix refreshes its projector at its own step of the gap "
@@ -228,7 +233,11 @@ class MethodConfig:
     # loss, 15-40x cheaper refresh (docs/projector_energy.json, docs/benchmarks.md)
     projector: str = _f("subspace", "GaLore and Fira projector refresh (random: Gaussian, as APOLLO always draws)")
     switch_state: str = _f("keep", "GaLore: what the moments do at a refresh")
-    layerwise: bool = _f(False, "update each parameter inside backward (full and galore methods)")
+    layerwise: bool = _f(
+        False,
+        "update each parameter inside backward (full rank and the GaLore, APOLLO and Fira methods; "
+        "APOLLO and Fira with --grad-clip 0)",
+    )
     lora_alpha: float = _f(32.0, "ReLoRA: LoRA scaling alpha (the update is alpha / rank x B A)")
     reset_interval: int = _f(1000, "ReLoRA: steps between merge-and-restart")
     prune: str = _f("magnitude", "ReLoRA: how the factors' moments are pruned at a restart")
@@ -451,6 +460,8 @@ def validate_train(t: TrainConfig) -> None:
         ("stop_after", 0),
         ("warmup_steps", -1),
         ("seed", 0),
+        ("keep_checkpoints", 1),
+        ("sample_every", 0),
     ):
         _at_least(f"train.{k}", getattr(t, k), low)
     if t.seed >= 2**32:
@@ -532,6 +543,9 @@ RESUMABLE_CHANGES = {
         "parallel",
         "log_to",
         "threads",
+        "keep_checkpoints",
+        "sample_every",
+        "sample_prompt",
     )
 }
 

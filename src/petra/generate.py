@@ -8,27 +8,14 @@ seeded generator (the same seed, the same text on the same device).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, hf
 from .config import ConfigError, ModelConfig, from_dict
 from .model import KVCache, LlamaForCausalLM, build_model
 from .tokenizer import Tokenizer
-
-# transformers' LlamaConfig keys -> petra's ModelConfig fields (what an export writes)
-HF_KEYS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "num_attention_heads": "num_attention_heads",
-    "num_hidden_layers": "num_hidden_layers",
-    "max_position_embeddings": "max_position_embeddings",
-    "rms_norm_eps": "rms_norm_eps",
-    "rope_theta": "rope_theta",
-}
 
 
 def load(source: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[LlamaForCausalLM, Tokenizer]:
@@ -40,17 +27,14 @@ def load(source: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[
         weights = checkpoint.plain_state_dict(payload)
         cfg = from_dict(payload["config"]).model
         tok = checkpoint.run_tokenizer(path, payload)
-    elif (path / "model.safetensors").is_file() and (path / "config.json").is_file():
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path / "model.safetensors"))
-        hf = json.loads((path / "config.json").read_text())
-        cfg = ModelConfig(**{ours: hf[k] for k, ours in HF_KEYS.items() if k in hf})
-        tok = next((path / f for f in checkpoint.TOKENIZER_FILES if (path / f).is_file()), None)
+    elif hf.is_hf(path):  # petra's export, or any Hugging Face Llama
+        weights = hf.weights(path)
+        cfg = ModelConfig(**hf.model_fields(path))
+        tok = hf.tokenizer(path)
     else:
         raise ConfigError(
-            f"{str(source)!r} is neither a petra run directory (with a checkpoint) nor an export "
-            "(model.safetensors and config.json)"
+            f"{str(source)!r} is neither a petra run directory (with a checkpoint) nor a Hugging Face Llama "
+            "directory (config.json and model.safetensors, or sharded safetensors)"
         )
     if tok is None or not Path(tok).is_file():
         raise ConfigError(f"{str(source)!r} has no tokenizer (tokenizer.json or tokenizer.model)")
@@ -130,3 +114,25 @@ def generate(
             break
         logits = model.next_logits(token[:, None], cache)
     return out
+
+
+class Sampler:
+    """Greedy samples during training, every `every` steps (and none when 0): what the model
+    says to the same prompt as it trains, printed and logged beside the losses."""
+
+    def __init__(self, every: int, prompt: str, tok: Tokenizer, val_tokens, new_tokens: int = 32):
+        self.every, self.tok, self.new_tokens = every, tok, new_tokens
+        ids = tok.encode_documents([prompt])[0][:-1].tolist() if prompt else [int(t) for t in val_tokens[:8]]
+        self.prompt = ids
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    @torch.no_grad()
+    def run(self, model: LlamaForCausalLM) -> str:
+        was = model.training
+        model.eval()
+        n = min(self.new_tokens, model.config.max_position_embeddings - len(self.prompt))
+        out = generate(model, self.prompt, max(1, n), eos_id=self.tok.eos_id)
+        model.train(was)
+        return self.tok.decode(self.prompt + out)

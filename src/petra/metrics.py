@@ -128,6 +128,7 @@ class TrainLog:
         show_progress: bool,
         log=print,
         trackers=None,
+        total_steps: int = 0,
     ):
         self.metrics = MetricsLog(path, resume_step) if write else None
         self.trackers = trackers  # TensorBoard / wandb / trackio beside metrics.jsonl
@@ -138,7 +139,10 @@ class TrainLog:
         peak = peak_flops(device)
         self.mfu_per_token_s = flops_per_token / (peak * world) if peak else None  # MFU of 1 token/s
         self.show_progress = show_progress
-        self.bar = tqdm(total=last_step, initial=step, disable=not show_progress, unit="step", dynamic_ncols=True)
+        # the bar counts the schedule's steps: a run stopped early (--stop-after) shows where it stopped
+        self.bar = tqdm(
+            total=total_steps or last_step, initial=step, disable=not show_progress, unit="step", dynamic_ncols=True
+        )
         self.windows: list[float] = []  # tokens/s of each logging window
         self._t, self._steps = time.perf_counter(), 0
 
@@ -185,7 +189,8 @@ class TrainLog:
 
     def event(self, step: int, event: str, fields: dict) -> None:
         self.write({"step": step, "tokens": step * self.tokens_per_step, "event": event, **fields})
-        self.log(f"step {step}: {event} {' '.join(str(v) for v in fields.values())}".rstrip())
+        detail = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields.items())
+        self.print(f"step {step}: {event}" + (f" ({detail})" if detail else ""))
 
     def validation(self, step: int, loss: float, se: float) -> None:
         ppl = perplexity(loss)
@@ -199,6 +204,10 @@ class TrainLog:
             }
         )
         self.print(f"step {step}: val loss {loss:.4f} ± {se:.4f}, ppl {fmt_ppl(loss)}")
+
+    def sample(self, step: int, text: str) -> None:
+        self.write({"step": step, "tokens": step * self.tokens_per_step, "sample": text})
+        self.print(f"step {step}: sample: {text!r}")
 
     @contextmanager
     def paused(self):

@@ -201,7 +201,7 @@ def probe(cfg: RunConfig, cap_gib: float | None = None, steps: int = PROBE_STEPS
     B = cfg.train.batch_size
     run = Run(
         cfg, None, one, device, dtype, None, RandomBatches(cfg.model.vocab_size, B, cfg.seq_len), [],
-        method, model, model, model, optimizer, 0, False, count_parameters(model), B, cfg.micro_batch,
+        method, model, model, model, optimizer, 0, False, count_parameters(model), "", B, cfg.micro_batch,
     )  # fmt: skip
     run.forward = _forward(run, lambda *a: None)
     times = []

@@ -36,10 +36,10 @@ COST = [
     ("method", "method"),
     ("rank", "rank"),
     ("trainable_params", "trainable params"),
-    ("optimizer_state_mib", "opt. state MiB (measured)"),
-    ("paper_estimate_gib", "memory GiB (papers' conv.)"),
+    ("optimizer_state_mib", "optimizer state MiB"),
+    ("paper_estimate_gib", "papers' memory GiB"),
     ("seed_gib", "seed article GiB"),
-    ("peak_mem_gib", "peak memory GiB (measured)"),
+    ("peak_mem_gib", "peak GiB"),
     ("tokens_per_s", "tokens/s (IQR)"),
     ("warm_start", "warm start"),
     ("optimizer", "optimizer"),
@@ -144,9 +144,10 @@ def write_tables(
         "minus the full-rank run's (the seed article quotes 0.08 for GaLore at 1B and 0.44 for ReLoRA at "
         "1.3B); with one seed, the loss difference in standard errors of both runs (within about ±2: not told "
         "apart from the validation sample's noise; seed-to-seed spread is not in it).",
-        "memory (papers' conv.): bf16 weights + optimizer states (+ GaLore projectors), as the GaLore paper's "
-        "Table 2 counts, computed; peak memory: measured (device memory on CUDA, process RSS on CPU). "
-        "tokens/s: the median of the logging windows after warm-up, with their interquartile range.",
+        "optimizer state: measured, the bytes of the optimizer's tensors. papers' memory: bf16 weights + "
+        "optimizer states (+ GaLore projectors), as the GaLore paper's Table 2 counts, computed. peak: "
+        "measured (device memory on CUDA, process RSS on CPU). tokens/s: the median of the logging windows "
+        "after warm-up, with their interquartile range (IQR).",
     ]
     if any((r.get("side_by_side") or 1) > 1 for r in rows):
         most = max(r.get("side_by_side") or 1 for r in rows)
@@ -226,7 +227,13 @@ def _pyplot():
 STYLES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
 
 
-def plot_val_loss(curves: dict[str, dict[int, object]], verdict: Verdict, params: int, path: Path) -> None:
+def save(fig, path: Path, dpi: int = 110) -> None:
+    """Write a figure as PNG, whole (nothing cut at its edges), and free it."""
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+    _pyplot().close(fig)
+
+
+def fig_val_loss(curves: dict[str, dict[int, object]], verdict: Verdict, params: int):
     """Validation loss against tokens for every method: the mean over seeds, a band of ±1 sd
     where there are several; the last crossover marked; the last half of the budget (where
     the verdict is judged) shaded."""
@@ -274,8 +281,7 @@ def plot_val_loss(curves: dict[str, dict[int, object]], verdict: Verdict, params
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _zoom_to_late(ax, series: list[list[float]]) -> None:
@@ -288,7 +294,7 @@ def _zoom_to_late(ax, series: list[list[float]]) -> None:
         ax.set_ylim(lo - pad, hi + pad)
 
 
-def plot_sweeps(sweeps: dict, out: Path, path: Path) -> None:
+def fig_sweeps(sweeps: dict):
     """One panel per tuned method: every rate's validation curve, ✗ where it was stopped, the chosen one thick."""
     plt = _pyplot()
     n = len(sweeps)
@@ -322,11 +328,10 @@ def plot_sweeps(sweeps: dict, out: Path, path: Path) -> None:
         "learning-rate search: successive halving on the full schedule (✗: stopped at the quarter)", fontsize=10
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
-def plot_lr(rows: list[dict], out: Path, path: Path) -> None:
+def fig_lr(rows: list[dict], out: Path):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     n = len(rows)
@@ -338,17 +343,17 @@ def plot_lr(rows: list[dict], out: Path, path: Path) -> None:
             linestyle=STYLES[i % len(STYLES)],
             linewidth=1.2 + 1.6 * (n - 1 - i) / max(1, n - 1),
             label=r["method"],
+            marker="o" if len(recs) < 4 else None,  # a short run logs a point or two
         )
     ax.set(xlabel="step", ylabel="learning rate")
     ax.set_title("learning-rate schedule (first seed)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_memory(rows: list[dict], cfgs: dict[str, RunConfig], cuda: bool, path: Path) -> None:
+def fig_memory(rows: list[dict], cfgs: dict[str, RunConfig], cuda: bool):
     """Stacked bars of the analytic estimate by part, the measured peak beside each as a
     black tick (on CUDA; on a CPU the process RSS is no device memory and is not drawn).
     One unit for the axis and every label: MiB below 1 GiB."""
@@ -389,11 +394,10 @@ def plot_memory(rows: list[dict], cfgs: dict[str, RunConfig], cuda: bool, path: 
     ax.legend(order, [h.get_label() for h in order], fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     ax.margins(y=0.12)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_throughput(rows: list[dict], cpu: bool, path: Path) -> None:
+def fig_throughput(rows: list[dict], cpu: bool):
     """Median tokens/s of each method with its interquartile range; hatched where the run
     shared the machine with others."""
     plt = _pyplot()
@@ -421,8 +425,7 @@ def plot_throughput(rows: list[dict], cpu: bool, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 # -- the HTML page ------------------------------------------------------------------------
@@ -466,7 +469,8 @@ def markdown_html(text: str) -> str:
 PLOTS = ("val_loss.png", "tune.png", "memory.png", "throughput.png", "lr.png")
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1280px;padding:0 1em;color:#222}
 h1{font-size:20px}h2{font-size:17px;margin-top:1.4em}table{border-collapse:collapse;font-size:13px;margin:6px 0}
-td,th{border:1px solid #ccc;padding:3px 7px;white-space:nowrap}th{background:#f3f3f3}
+td,th{border:1px solid #ccc;padding:3px 7px;white-space:nowrap}th{background:#f3f3f3;white-space:normal;
+vertical-align:bottom}
 td:first-child{font-weight:600}p{max-width:1100px;line-height:1.4}code{background:#f3f3f3;padding:0 3px}
 figure{display:inline-block;margin:8px;vertical-align:top}img{max-width:600px;width:100%}
 .wrap{overflow-x:auto}"""

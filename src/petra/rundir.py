@@ -75,7 +75,8 @@ def _petra_config(p: Path) -> bool:
 
 def run_entry(p: Path) -> bool:
     """An entry of a run directory that petra writes."""
-    return p.name in RUN_FILES and (p.name != "config.json" or _petra_config(p))
+    kept = p.name.startswith("checkpoint-step") and p.name.endswith(".pt")  # train.keep_checkpoints
+    return kept or (p.name in RUN_FILES and (p.name != "config.json" or _petra_config(p)))
 
 
 def is_run(p: Path) -> bool:
@@ -97,7 +98,8 @@ def check_directory(path: Path, flag: str = "--out", ours=None, what: str = "") 
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{flag} {path} is a file, not a directory; choose a directory")
         if ours is not None and path.is_dir():
-            foreign = sorted(p.name for p in path.iterdir() if p.name != LOCK and not ours(p))
+            # .petra-*: the lock, another process's write probe (torchrun's ranks check at once)
+            foreign = sorted(p.name for p in path.iterdir() if not p.name.startswith(".petra") and not ours(p))
             if foreign:
                 more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
                 raise ConfigError(

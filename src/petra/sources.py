@@ -260,7 +260,10 @@ def parquet_documents(path: Path, field: str, advance: Callable[[int], None] = l
         raise ConfigError(f"{path} is not a readable parquet file ({e})") from None
     names = pf.schema_arrow.names
     if field not in names:
-        raise ConfigError(f"{path} has no column {field!r} (set data.text_field); its columns are: {', '.join(names)}")
+        raise ConfigError(
+            f"{path} has no column {field!r} (set --text-field, or data.text_field); "
+            f"its columns are: {', '.join(names)}"
+        )
     columns = [field] + (["key"] if "key" in names and field != "key" else [])
     rows, size = max(1, pf.metadata.num_rows), path.stat().st_size
     row = 0

@@ -15,12 +15,14 @@ from typing import NamedTuple
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, hf
 from .checkpoint import Checkpointer
 from .compiling import compile_model
-from .config import ConfigError, RunConfig, config_changes, from_dict, merge_resume_config
+from .config import ConfigError, RunConfig, config_changes, from_dict, merge_resume_config, replace
 from .data import Batches, TokenData, prepare, val_batches
+from .generate import Sampler
 from .health import Health, TrainingError, perplexity
+from .hf import TOKENIZER_FILES
 from .methods import Method, make_method
 from .metrics import TrainLog, flops_per_token, optimizer_state_bytes, peak_memory_gib
 from .model import build_model, count_parameters
@@ -161,6 +163,35 @@ def train(
         return loop(run, log, show_progress)
 
 
+def _adopt_hf(cfg: RunConfig, log) -> RunConfig:
+    """A run started from a Hugging Face Llama (not a petra run) takes its architecture, and
+    its tokenizer unless data.tokenizer names one."""
+    path = Path(cfg.train.init_from).expanduser()
+    if checkpoint.exists(path) or not hf.is_hf(path):
+        return cfg
+    fields, tok = hf.model_fields(path), hf.tokenizer(path)
+    changes = {"model": fields}
+    if tok is not None and not cfg.data.tokenizer:
+        changes["data"] = {"tokenizer": str(tok)}
+    log(
+        f"starting from {path}: its LLaMA ({fields['num_hidden_layers']} layers of {fields['hidden_size']}, "
+        f"vocabulary {fields['vocab_size']}, context {fields['max_position_embeddings']})"
+        + (f" and its tokenizer {tok.name}" if "data" in changes else "")
+    )
+    return replace(cfg, **changes)
+
+
+def _same_tokenizer(source: Path, sha: str) -> None:
+    """Weights to start from must come with this run's tokenizer: the same size is not enough
+    (token 17 would mean another piece of text to every embedding row)."""
+    theirs = next((source / f for f in TOKENIZER_FILES if (source / f).is_file()), None)
+    if theirs is not None and file_sha256(theirs) != sha:
+        raise ConfigError(
+            f"train.init_from={str(source)!r} was trained with another tokenizer ({theirs}) than this run's; "
+            f"give its tokenizer as --tokenizer {theirs}, or start from weights made with this one"
+        )
+
+
 def _finished(out: Path, cfg: RunConfig) -> dict | None:
     """The summary of a run that already finished its schedule (a resume changes nothing)."""
     try:
@@ -188,6 +219,8 @@ def setup(
         raise ConfigError(
             f"{out} already holds a run (a checkpoint); resume it with --resume {out} or choose another --out"
         )
+    if payload is None and cfg.train.init_from:
+        cfg = _adopt_hf(cfg, log)
     method = make_method(cfg, parallel)  # the method's checks come before any work
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -221,6 +254,8 @@ def setup(
         log(f"tokenizer has {data.vocab_size} tokens: model.vocab_size {cfg.model.vocab_size} -> {data.vocab_size}")
         cfg.model.vocab_size = data.vocab_size
     tokenizer_sha = file_sha256(data.tokenizer.path)
+    if init is not None:
+        _same_tokenizer(Path(cfg.train.init_from).expanduser(), tokenizer_sha)
     if payload is not None and payload.get("data_fingerprint") != data.fingerprint:
         what = "tokenizer" if payload.get("tokenizer_sha256", tokenizer_sha) != tokenizer_sha else "corpus"
         raise ConfigError(
@@ -328,9 +363,11 @@ def train_step(run: Run, signum: int | None) -> StepResult:
     return StepResult(float(shared[0]) / parallel.world, float(grad_norm), run.optimizer.param_groups[0]["lr"], stop)
 
 
-def _components(run: Run, log, show_progress: bool) -> tuple[Checkpointer, Validator, TrainLog, Health]:
+def _components(run: Run, log, show_progress: bool) -> tuple[Checkpointer, Validator, TrainLog, Health, Sampler]:
     cfg, t = run.cfg, run.cfg.train
-    ckpt = Checkpointer(run.out, run.parallel, t.save_every, run.last_step, run.step if run.resumed else None)
+    ckpt = Checkpointer(
+        run.out, run.parallel, t.save_every, run.last_step, run.step if run.resumed else None, t.keep_checkpoints
+    )
     val = Validator(run.val_batches, run.device, run.parallel, run.micro_batch, t.eval_every, t.steps)
     tlog = TrainLog(
         run.out / "metrics.jsonl",
@@ -348,14 +385,19 @@ def _components(run: Run, log, show_progress: bool) -> tuple[Checkpointer, Valid
         trackers=Trackers(open_trackers(t.log_to, run.out, cfg.to_dict(), t.tracker_project))
         if run.parallel.main
         else None,
+        total_steps=t.steps,
     )
     health = Health(cfg.model.vocab_size, t.max_skipped_steps, t.divergence_patience, log=tlog.print)
-    return ckpt, val, tlog, health
+    every = t.sample_every if run.parallel.main and not run.parallel.sharded else 0  # sharded: no whole model
+    if t.sample_every and not every and run.parallel.main:
+        log("train.sample_every: FSDP2's parameters are shards; no samples are generated")
+    sampler = Sampler(every, t.sample_prompt, run.data.tokenizer, run.data.val)
+    return ckpt, val, tlog, health, sampler
 
 
 def loop(run: Run, log=print, show_progress: bool = True) -> dict:
     """Steps until the schedule's end (or train.stop_after, or a signal); returns the summary."""
-    ckpt, val, tlog, health = _components(run, log, show_progress)
+    ckpt, val, tlog, health, sampler = _components(run, log, show_progress)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     status, signum = "finished", None
@@ -384,6 +426,9 @@ def loop(run: Run, log=print, show_progress: bool = True) -> dict:
                     with tlog.paused():
                         vl, se = val.run(run.wrapped)
                     tlog.validation(run.step, vl, se)
+                if sampler.due(run.step):
+                    with tlog.paused():
+                        tlog.sample(run.step, sampler.run(run.model))
                 if ckpt.due(run.step) or r.stop:
                     why = health.abnormal()  # only a run in its normal range writes a checkpoint
                     if why is None:

@@ -89,7 +89,12 @@ class ReLoRA(Method):
         lora_params = [p for mod in mods for p in (mod.lora_A, mod.lora_B)]
         g = torch.Generator().manual_seed(self.cfg.train.seed * 104729 + self.merges)
         frac = prune_moments(optimizer, lora_params, m.prune, m.prune_fraction, g, joint=m.prune_mask == "joint")
-        return StepEnd(model, optimizer, event=f"merge {self.merges}", fields={"pruned_fraction": round(frac, 4)})
+        return StepEnd(
+            model,
+            optimizer,
+            event=f"ReLoRA merge {self.merges}: factors merged into the weights and restarted",
+            fields={"moments_pruned": round(frac, 4)},
+        )
 
     def describe(self):
         m = self.cfg.method

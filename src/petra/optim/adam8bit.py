@@ -3,8 +3,11 @@ OptimState8bit). torchao is imported when the first such optimizer is built."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
+import warnings
 
 import torch
 
@@ -198,10 +201,28 @@ def _compiled_update():
 _ao: dict = {}  # torchao's 8-bit quantization functions, imported with the first GaLoreAdamW8bit
 
 
+@contextlib.contextmanager
+def _quiet_import():
+    """torchao's import logs every CUDA extension its wheel cannot load for this torch (kernels
+    the 8-bit state does not use) and torch warns of an enum it registers: noise on every run."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _optim_state_8bit():
     try:
-        from torchao.optim import quant_utils
-        from torchao.optim.subclass_8bit import OptimState8bit
+        with _quiet_import():
+            from torchao.optim import quant_utils
+            from torchao.optim.subclass_8bit import OptimState8bit
     except ImportError:
         raise ImportError(
             "8-bit optimizer state needs torchao: pip install torchao "
