@@ -473,7 +473,8 @@ def parser() -> argparse.ArgumentParser:
         help="train several methods on the same data and budget; write the table",
         description="Train each method on the same data, seed and token budget, then write "
         "comparison.md/.csv/.json, plots and report.html to --out.",
-        epilog=EXIT_CODES,
+        epilog="exit codes: 0 compared (a run that failed is a row marked failed), 2 bad input, 128+N "
+        "stopped by signal N (the running runs saved; the same command resumes)",
     )
     c.add_argument(
         "--methods",

@@ -412,6 +412,8 @@ def report_runs(dirs: list[str], out: Path, log=print) -> list[dict]:
     paths = [Path(d).expanduser().resolve() for d in dirs]
     if len(paths) < 1:
         raise ConfigError("--runs names no run directory")
+    if len(set(paths)) < len(paths):
+        raise ConfigError("--runs names a run directory twice; name each run once")
     for p in paths:
         if not (p / "summary.json").is_file() or not (p / "config.json").is_file():
             raise ConfigError(f"--runs {p} is not a petra run that ended (no summary.json and config.json there)")
