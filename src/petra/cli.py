@@ -30,6 +30,7 @@ TRAIN_FLAGS: dict[str, str] = {
     "grad_clip": "train.grad_clip",
     "seed": "train.seed",
     "device": "train.device",
+    "threads": "train.threads",
     "dtype": "train.dtype",
     "compile": "train.compile",
     "eval_every": "train.eval_every",
