@@ -11,7 +11,9 @@ corpus (no download)."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -50,6 +52,24 @@ def bible_windows(seq_len: int, cache_dir: str | None = None) -> tuple[Windows, 
     return Windows(data.train[0:200_000], seq_len), data.vocab_size
 
 
+def check_optimizer(out: Path, name: str, resume: bool) -> None:
+    """Trainer restores whatever optimizer state it finds: a resume with another optimizer
+    would load one optimizer's state into another's. The name is kept beside the checkpoints."""
+    record = out / "petra-optimizer.json"
+    if resume:
+        saved = json.loads(record.read_text())["optimizer"] if record.is_file() else None
+        if saved != name:
+            raise SystemExit(
+                f"error: --resume with --optimizer {name}, but {out} was trained with {saved or 'an unknown one'}; "
+                f"resume with --optimizer {saved}"
+                if saved
+                else f"error: {out} holds no run of this example to resume"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"optimizer": name}))
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--optimizer", choices=list(OPTIMIZERS), default="apollo-mini")
@@ -59,6 +79,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache-dir", default=None, help="petra's data cache (default: ~/.cache/petra)")
     a = ap.parse_args(argv)
 
+    check_optimizer(Path(a.out), a.optimizer, a.resume)
     torch.manual_seed(0)
     train_set, vocab = bible_windows(64, a.cache_dir)
     config = LlamaConfig(

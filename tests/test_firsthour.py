@@ -207,6 +207,14 @@ def test_help_says_what_each_command_does(capsys):
     assert rows == {"apollo": "512", "apollo-mini": "1"}
 
 
+def test_commands_that_train_nothing_do_not_import_torch():
+    code = (
+        "import sys; from petra.cli import main; main(['presets']); main(['estimate']); print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "False", r.stdout[-500:] + r.stderr[-500:]
+
+
 def test_an_export_loads_without_warnings_and_with_ordinary_file_modes(run, tmp_path):
     old = os.umask(0o022)
     try:

@@ -37,6 +37,10 @@ def test_trainer_resumes_the_optimizer_state_exactly(tmp_path, cache_dir):
     resumed = ex.main([*args, "--out", str(tmp_path / "b"), "--resume"])
     after = [h["loss"] for h in resumed["log"] if "loss" in h and h["step"] > 4]
     assert after == pytest.approx(whole[4:], rel=1e-5)
+    # another optimizer would be handed this one's saved state: refused, naming the one to use
+    other = ["--optimizer", "galore", "--steps", "8", "--cache-dir", cache_dir, "--out", str(tmp_path / "b")]
+    with pytest.raises(SystemExit, match="was trained with apollo-mini; resume with --optimizer apollo-mini"):
+        ex.main([*other, "--resume"])
 
 
 def test_target_param_groups_choose_as_optim_target_modules():

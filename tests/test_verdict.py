@@ -74,5 +74,6 @@ def test_the_report_warns_of_early_training_below_one_token_per_parameter(tmp_pa
     write_tables([row], tmp_path, build_config(overrides={"preset": "tiny"}), "cpu", v, params)
     write_report(tmp_path)
     md, page = (tmp_path / "comparison.md").read_text(), (tmp_path / "report.html").read_text()
-    assert (f"{per_param:.3g} tokens per parameter" in md) and ("early training" in md) == warned
-    assert ("early training" in page) == warned and "<h2>Verdict</h2>" in page
+    assert (f"{per_param:.3g} tokens per parameter" in md) and ("Warning, early training" in md) == warned
+    assert ("Warning, early training" in page) == warned and "<h2>Verdict</h2>" in page
+    assert ("Past early training" in md) != warned

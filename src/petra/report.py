@@ -238,7 +238,7 @@ def fig_val_loss(curves: dict[str, dict[int, object]], verdict: Verdict, params:
     where there are several; the last crossover marked; the last half of the budget (where
     the verdict is judged) shaded."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.6))
+    fig, ax = plt.subplots(figsize=(7, 4.4))
     n = len(curves)
     for i, (m, points) in enumerate(curves.items()):
         ts = sorted(points)
@@ -368,7 +368,7 @@ def fig_memory(rows: list[dict], cfgs: dict[str, RunConfig], cuda: bool):
     def fmt(v: float) -> str:
         return f"{v * k:.3g} {unit}" if v else f"0 {unit}"
 
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))  # about the width the page shows it at: no scaling down
     bottom = [0.0] * len(names)
     handles = []
     for part in parts:
@@ -391,7 +391,7 @@ def fig_memory(rows: list[dict], cfgs: dict[str, RunConfig], cuda: bool):
     ax.tick_params(axis="x", labelsize=8)
     # the legend in the order the parts are stacked, top first, below the axes where it has room
     order = handles[: len(parts)][::-1] + handles[len(parts) :]
-    ax.legend(order, [h.get_label() for h in order], fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    ax.legend(order, [h.get_label() for h in order], fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     ax.margins(y=0.12)
     fig.tight_layout()
     return fig
@@ -472,7 +472,7 @@ h1{font-size:20px}h2{font-size:17px;margin-top:1.4em}table{border-collapse:colla
 td,th{border:1px solid #ccc;padding:3px 7px;white-space:nowrap}th{background:#f3f3f3;white-space:normal;
 vertical-align:bottom}
 td:first-child{font-weight:600}p{max-width:1100px;line-height:1.4}code{background:#f3f3f3;padding:0 3px}
-figure{display:inline-block;margin:8px;vertical-align:top}img{max-width:600px;width:100%}
+figure{display:inline-block;margin:8px;vertical-align:top}img{max-width:640px;width:100%}
 .wrap{overflow-x:auto}"""
 
 
