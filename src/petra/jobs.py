@@ -199,6 +199,20 @@ def _side_by_side(queue, on_done, out: Path, jobs: int, log, progress, stop: Sto
             forwarded = stop.signum
         while queue and len(running) < jobs and not stop.requested:
             job = queue.pop(0)
+            done = reached(out / job.key, job.to_step)
+            if done is not None:  # nothing to train: no process to start
+                log(f"{job.label}: {out / job.key} reached step {job.to_step} earlier, not rerun")
+                queue += on_done(
+                    job,
+                    _finish(
+                        job,
+                        out,
+                        {**done, "loss_at": val_loss_at(out / job.key, job.to_step)},
+                        time.perf_counter(),
+                        lambda *a: None,
+                    ),
+                )
+                continue
             slot = min(set(range(jobs)) - {v[3] for v in running.values()})
             log_path = logs / (job.key.replace("/", "_") + ".log")
             p = ctx.Process(

@@ -379,15 +379,20 @@ def fig_memory(rows: list[dict], cfgs: dict[str, RunConfig], cuda: bool):
         )
         handles.append(bar)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    for i, total in enumerate(bottom):
-        ax.annotate(f"{fmt(total / k)} estimated", (i, total), ha="center", va="bottom", fontsize=8)
+    for i, total in enumerate(bottom):  # above the bar and above the measured tick, whichever is higher
+        top = max(total, (measured[i] or 0) * k if i < len(measured) else 0)
+        ax.annotate(f"{total:.3g}", (i, top), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
     if any(x is not None for x in measured):
         ys = [x * k if x is not None else float("nan") for x in measured]
         handles.append(
             ax.scatter(names, ys, color="black", marker="_", s=500, zorder=3, label="measured peak (torch allocator)")
         )
     ax.set_ylabel(unit)
-    ax.set_title("memory: the analytic estimate by part" + ("" if cuda else " (fp32 weights on CPU)"), fontsize=10)
+    ax.set_title(
+        f"memory: the analytic estimate by part, its total above each bar ({unit})"
+        + ("" if cuda else "; fp32 weights on CPU"),
+        fontsize=10,
+    )
     ax.tick_params(axis="x", labelsize=8)
     # the legend in the order the parts are stacked, top first, below the axes where it has room
     order = handles[: len(parts)][::-1] + handles[len(parts) :]
@@ -456,16 +461,19 @@ def markdown_html(text: str) -> str:
 
             def row(tag: str, cells: list[str]) -> str:
                 return "".join(
-                    f'<{tag} style="text-align:{a}">{_inline(c.strip())}</{tag}>' for c, a in zip(cells, aligns)
+                    f'<{tag} style="text-align:{a}{WRAP if len(c) > 60 else ""}">{_inline(c.strip())}</{tag}>'
+                    for c, a in zip(cells, aligns)
                 )
 
             body = "".join(f"<tr>{row('td', r)}</tr>" for r in rows[1:])
             parts.append(f"<table><tr>{row('th', rows[0])}</tr>{body}</table>")
+            # a long cell (the losses of every method at a point) wraps rather than widen the page
         else:
             parts.append("<p>" + "<br>".join(_inline(line) for line in block.splitlines()) + "</p>")
     return "".join(parts)
 
 
+WRAP = ";white-space:normal;min-width:24em"  # a cell of over 60 characters
 PLOTS = ("val_loss.png", "tune.png", "memory.png", "throughput.png", "lr.png")
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1280px;padding:0 1em;color:#222}
 h1{font-size:20px}h2{font-size:17px;margin-top:1.4em}table{border-collapse:collapse;font-size:13px;margin:6px 0}

@@ -87,7 +87,8 @@ def _rel(groups: list[list[str]], a: str, b: str) -> int:
 
 @dataclass
 class Crossover:
-    """Methods a and b changed order between two evaluation points; `leader` leads after."""
+    """Methods a and b changed order between two evaluation points, the new order beyond
+    their spread; `leader` leads after."""
 
     a: str
     b: str
@@ -122,17 +123,16 @@ def judge(curves: dict[str, dict[int, Measure]]) -> Verdict:
     methods = list(curves)
     common = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
     rankings = [tiers({m: curves[m][t] for m in methods}) for t in common]
-    crossovers = []
+    crossovers = []  # a pair's strict order (beyond the spread) reversed; ties are passed over
     for i, a in enumerate(methods):
         for b in methods[i + 1 :]:
             sign, at = 0, None
             for t in common:
-                d = curves[a][t].mean - curves[b][t].mean
-                s = (d > 0) - (d < 0)
-                if s and sign and s != sign:
-                    crossovers.append(Crossover(a, b, at, t, a if s < 0 else b))
-                if s:
-                    sign, at = s, t
+                r = relation(curves[a][t], curves[b][t])
+                if r and sign and r != sign:
+                    crossovers.append(Crossover(a, b, at, t, a if r < 0 else b))
+                if r:
+                    sign, at = r, t
     unsettled = []
     if common:
         end = common[-1]
