@@ -38,13 +38,13 @@ METHODS = {
         "method.restart_warmup_steps": 2,
         "method.prune": "random",
     },
+    "muon": {"method.name": "muon"},  # under FSDP2 each matrix is orthogonalized on its owner rank
 }
-RESUMED = ("galore", "relora")
+RESUMED = ("galore", "relora", "muon")
 # methods that need whole parameters: DDP only (FSDP2 is refused before any work)
 DDP_ONLY = {
     "apollo-mini": {"method.name": "apollo-mini", "method.update_proj_gap": 5},
     "fira": {"method.name": "fira", "method.rank": 8, "method.update_proj_gap": 5},
-    "muon": {"method.name": "muon"},
 }
 
 
@@ -196,3 +196,33 @@ def test_a_signal_to_one_rank_stops_every_rank_with_its_code(tmp_path, cache_dir
     assert summary["status"] == "interrupted" and summary["signal"] == signal.SIGTERM, out[-3000:]
     # torchrun reports the ranks ended by the signal (in a traceback of its own); no rank crashed
     assert "exitcode  : 143" in out and "TypeError" not in out and checkpoint.exists(run)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_sharded_muon_is_one_process_muon(tmp_path, nproc):
+    """Matrices of several shapes (tall, wide, rows fewer than processes), 6 steps: the
+    owner-rank Newton-Schulz gives torch.optim.Muon's update exactly, and each process
+    keeps only its rows of the momentum."""
+    out = tmp_path / "muon.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    r = subprocess.run(
+        [*cmd, str(Path(__file__).with_name("muon_worker.py")), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(out, weights_only=False)
+    shapes = [(64, 176), (176, 64), (64, 64), (48, 30), (30, 48), (7, 9), (3, 16)]  # muon_worker.SHAPES
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    grads = [[torch.randn(*s) for s in shapes] for _ in range(6)]
+    opt = torch.optim.Muon(ref, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for step in grads:
+        for p, g in zip(ref, step):
+            p.grad = g
+        opt.step()
+    for a, b in zip(got["params"], ref):
+        assert torch.equal(a, b.detach())
+    assert got["state_numel"] <= got["whole_numel"] / nproc + 64 * nproc  # its rows of each momentum

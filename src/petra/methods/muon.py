@@ -1,28 +1,28 @@
-"""Muon (torch.optim.Muon) on the hidden matrices, AdamW on embeddings, head and norms."""
+"""Muon on the hidden matrices (petra's, torch.optim.Muon's update, also under FSDP2), AdamW
+on embeddings, head and norms."""
 
 from __future__ import annotations
-
-import torch
 
 from ..config import ConfigError
 from ..optim import split_params
 from ..optim.chain import OptimizerChain
+from ..optim.muon import Muon as MuonOptimizer
 from .base import Method
 
 
 class Muon(Method):
     """Muon orthogonalizes each hidden matrix's momentum (Newton-Schulz, 5 steps) and is
     run with `adjust_lr_fn="match_rms_adamw"` (the update RMS of AdamW, as Moonlight does),
-    so that one peak learning rate serves both optimizers."""
+    so that one peak learning rate serves both optimizers. Under FSDP2 each matrix is
+    orthogonalized whole on one owner rank (optim/muon.py)."""
 
     name, optimizer_name = "muon", "Muon + AdamW"
     supports_layerwise = False
-    unsharded_because = "Newton-Schulz needs whole matrices"
 
     def optimizer(self, model):
         t = self.cfg.train
         hidden, other = split_params(model, self.cfg.method.targets)
-        muon = torch.optim.Muon(
+        muon = MuonOptimizer(
             [p for _, p in hidden], lr=t.lr, weight_decay=t.weight_decay, adjust_lr_fn="match_rms_adamw"
         )
         return OptimizerChain(muon, self.adamw([p for _, p in other]))

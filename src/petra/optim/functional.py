@@ -152,3 +152,35 @@ def limit_norm_growth(
         return update, norm
     factor = (norm / (gamma * previous).clamp(min=1e-30)).clamp(min=1.0)
     return update / factor, norm / factor
+
+
+# Muon's quintic Newton-Schulz iteration (Jordan et al. 2024): coefficients chosen for the
+# steepest slope at zero; 5 steps give U S' V^T with S' near 1, not exactly the polar factor
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(u: torch.Tensor, steps: int = 5, eps: float = 1e-7, coefficients=NS_COEFFICIENTS) -> torch.Tensor:
+    """The approximate orthogonalization of a matrix in bf16: X <- a X + (b A + c A^2) X with
+    A = X X^T, on the wide orientation (a tall matrix is transposed and back), from X / ||X||."""
+    a, b, c = coefficients
+    x = u.bfloat16()
+    tall = u.size(0) > u.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def muon_lr(lr: float, adjust: str | None, shape) -> float:
+    """The learning rate Muon applies to an (m, n) matrix: `original` scales by
+    sqrt(max(1, m / n)) (Jordan), `match_rms_adamw` by 0.2 sqrt(max(m, n)) (Moonlight: AdamW's
+    update RMS, so AdamW's learning rate serves); None as original."""
+    m, n = shape[0], shape[1]
+    if adjust in (None, "original"):
+        return lr * math.sqrt(max(1.0, m / n))
+    if adjust == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(m, n))
+    raise ValueError(f"adjust_lr_fn={adjust!r}: choose original or match_rms_adamw")

@@ -91,3 +91,53 @@ class RowSharded:
 
     def t(self):
         return Transposed(self)
+
+
+def owners(shapes: list[tuple[int, int]], world: int) -> list[int]:
+    """The rank that orthogonalizes each matrix: the largest first, each to the rank with the
+    least Newton-Schulz work so far (m n min(m, n) a step). The same on every rank."""
+    load = [0] * world
+    out = [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-shapes[i][0] * shapes[i][1], i)):
+        m, n = shapes[i]
+        r = min(range(world), key=lambda k: (load[k], k))
+        out[i] = r
+        load[r] += m * n * min(m, n)
+    return out
+
+
+def orthogonalize_by_owner(items: list[tuple[DTensor, torch.Tensor]], ortho) -> list[torch.Tensor]:
+    """Muon under FSDP2: each row-sharded matrix (its parameter and this rank's rows of the
+    update) is gathered on its owner rank, orthogonalized there by `ortho` and its rows sent
+    back; the gathers, then every owner's own matrices, then the scatters run at once, so the
+    ranks' Newton-Schulz work overlaps. Returns this rank's rows of each result."""
+    shards = [RowShards(p) for p, _ in items]
+    s0 = shards[0]
+    who = owners([tuple(p.shape) for p, _ in items], s0.world)
+    glob = [dist.get_global_rank(s0.group, r) for r in range(s0.world)]
+    works, bufs = [], []
+    for (p, u), s, o in zip(items, shards, who):
+        padded = u.new_zeros((s.chunk, u.shape[1]))
+        padded[: u.shape[0]] = u
+        into = [torch.empty_like(padded) for _ in range(s.world)] if s.rank == o else None
+        works.append(dist.gather(padded, into, dst=glob[o], group=s.group, async_op=True))
+        bufs.append(into)
+    for w in works:
+        w.wait()
+    sends = []
+    for (p, u), s, o, into in zip(items, shards, who, bufs):
+        if s.rank == o:
+            full = ortho(torch.cat(into)[: s.m])
+            padded = full.new_zeros((s.chunk * s.world, full.shape[1]))
+            padded[: s.m] = full
+            sends.append(list(padded.split(s.chunk)))
+        else:
+            sends.append(None)
+    works, outs = [], []
+    for (p, u), s, o, send in zip(items, shards, who, sends):
+        out = torch.empty((s.chunk, u.shape[1]), dtype=torch.bfloat16, device=u.device)
+        works.append(dist.scatter(out, send, src=glob[o], group=s.group, async_op=True))
+        outs.append(out)
+    for w in works:
+        w.wait()
+    return [out[: s.stop - s.start] for out, s in zip(outs, shards)]
