@@ -39,13 +39,15 @@ METHODS = {
         "method.prune": "random",
     },
     "muon": {"method.name": "muon"},  # under FSDP2 each matrix is orthogonalized on its owner rank
-}
-RESUMED = ("galore", "relora", "muon")
-# methods that need whole parameters: DDP only (FSDP2 is refused before any work)
-DDP_ONLY = {
-    "apollo-mini": {"method.name": "apollo-mini", "method.update_proj_gap": 5},
+    # channel scales of row shards: left projections (64 x 176) gather column scales, right ones are local
+    "apollo": {"method.name": "apollo", "method.rank": 8, "method.update_proj_gap": 5},
+    "apollo-mini": {"method.name": "apollo-mini", "method.update_proj_gap": 5},  # one scale: summed norms
     "fira": {"method.name": "fira", "method.rank": 8, "method.update_proj_gap": 5},
+    "fira8bit": {"method.name": "fira8bit", "method.rank": 8, "method.update_proj_gap": 5},
 }
+RESUMED = ("galore", "relora", "muon", "fira")
+# methods that need whole parameters: DDP only (FSDP2 is refused before any work)
+DDP_ONLY = {"galore-adafactor": {"method.name": "galore-adafactor", "method.rank": 8, "method.update_proj_gap": 5}}
 
 
 def _losses(run):
@@ -199,14 +201,19 @@ def test_a_signal_to_one_rank_stops_every_rank_with_its_code(tmp_path, cache_dir
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_sharded_muon_is_one_process_muon(tmp_path, nproc):
-    """Matrices of several shapes (tall, wide, rows fewer than processes), 6 steps: the
-    owner-rank Newton-Schulz gives torch.optim.Muon's update exactly, and each process
-    keeps only its rows of the momentum."""
-    out = tmp_path / "muon.pt"
+@pytest.mark.parametrize("name", ["muon", "apollo", "apollo-mini", "fira", "galore8bit"])
+def test_sharded_optimizers_equal_one_process(tmp_path, nproc, name):
+    """Matrices of 7 shapes (tall, wide, square, fewer rows than processes: both projection
+    sides), 6 steps with a refresh and a step the norm-growth limiter holds back, on row
+    shards at 2 and 4 processes: the parameters of one process, and each process holds a
+    share of the state. Muon (owner-rank Newton-Schulz) equals torch.optim.Muon exactly."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import sharded_worker as w
+
+    out = tmp_path / "out.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     r = subprocess.run(
-        [*cmd, str(Path(__file__).with_name("muon_worker.py")), str(out)],
+        [*cmd, str(Path(w.__file__)), name, str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -214,15 +221,25 @@ def test_sharded_muon_is_one_process_muon(tmp_path, nproc):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     got = torch.load(out, weights_only=False)
-    shapes = [(64, 176), (176, 64), (64, 64), (48, 30), (30, 48), (7, 9), (3, 16)]  # muon_worker.SHAPES
-    torch.manual_seed(0)
-    ref = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
-    grads = [[torch.randn(*s) for s in shapes] for _ in range(6)]
-    opt = torch.optim.Muon(ref, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    whole, grads = w.data()
+    ref = [torch.nn.Parameter(x) for x in whole]
+    opt = (
+        torch.optim.Muon(ref, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        if name == "muon"
+        else w.make(name, ref)
+    )
     for step in grads:
         for p, g in zip(ref, step):
             p.grad = g
         opt.step()
-    for a, b in zip(got["params"], ref):
-        assert torch.equal(a, b.detach())
-    assert got["state_numel"] <= got["whole_numel"] / nproc + 64 * nproc  # its rows of each momentum
+    start, _ = w.data()
+    for a, b, w0 in zip(got["params"], ref, start):
+        if name == "muon":
+            assert torch.equal(a, b.detach())
+        else:  # sums over the ranks in another order: float32 rounding of the bases, which Adam's
+            # normalization amplifies on small coordinates; bounded against what the steps moved
+            moved = (b.detach() - w0).abs().max()
+            assert (a - b.detach()).abs().max() <= 1e-3 * moved, (name, (a - b.detach()).abs().max(), moved)
+    from petra.metrics import optimizer_state_bytes
+
+    assert got["state_bytes"] < 0.75 * optimizer_state_bytes(opt)  # the most any one process held

@@ -18,8 +18,6 @@ class Apollo(GaLore):
         "fira8bit": (FiraAdamW8bit, "Fira (AdamW 8-bit)"),
     }
 
-    unsharded_because = "its channel scales span the shards"
-
     def check(self):
         super().check()
         if self.cfg.method.layerwise and self.cfg.train.grad_clip > 0:

@@ -139,15 +139,19 @@ def channel_scales(direction: torch.Tensor, r: torch.Tensor, dim: int, tensor_wi
 
 
 def limit_norm_growth(
-    update: torch.Tensor, previous: torch.Tensor | None, gamma: float, unit: float = 1.0
+    update: torch.Tensor, previous: torch.Tensor | None, gamma: float, unit: float = 1.0, shards=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fira's norm-growth limiter: an update whose norm exceeds gamma x the previous
     update's is scaled down to exactly that; returns (update, its norm / unit). Norms are
     compared in units of `unit`, Adam's bias correction sqrt(1 - b2^t) / (1 - b1^t), as the
     reference packages do: its own step-to-step growth (about 1% a step in the first
     thousands of steps) would otherwise hold every early update at the limit. A gradient-norm
-    clip that adapts to the run instead of a fixed threshold; gamma <= 0 turns it off."""
-    norm = torch.linalg.vector_norm(update) / unit
+    clip that adapts to the run instead of a fixed threshold; gamma <= 0 turns it off. With
+    `shards` (rowsharded.RowShards) `update` is this rank's rows and the norm is the whole one."""
+    norm = torch.linalg.vector_norm(update)
+    if shards is not None:
+        norm = shards.sum(norm.square()).sqrt()
+    norm = norm / unit
     if previous is None or gamma <= 0:
         return update, norm
     factor = (norm / (gamma * previous).clamp(min=1e-30)).clamp(min=1.0)

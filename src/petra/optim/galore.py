@@ -51,7 +51,7 @@ from .functional import (
     sides,
 )
 from .projector import Dense, compute_basis, gaussian_basis
-from .rowsharded import RowSharded, row_shards
+from .rowsharded import RowSharded, row_shards, sharded_channel_scales
 
 PROJ_TYPES = ("std", "left", "right", "full")
 PROJECTORS = ("svd", "randomized", "subspace", "random")
@@ -135,11 +135,6 @@ class GaLoreOptimizer(Optimizer):
         if param_group.get("rank") is not None:
             for k, v in self.lowrank_defaults.items():
                 param_group.setdefault(k, v)
-            if param_group["update"] != "galore" and any(is_sharded(p) for p in param_group["params"]):
-                raise NotImplementedError(
-                    f"update={param_group['update']!r} does not run on FSDP2-sharded parameters yet "
-                    "(its channel scales span the shards); use DDP"
-                )
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -536,7 +531,15 @@ class GaLoreOptimizer(Optimizer):
         if ok is not None:
             g = torch.where(ok, g, 0.0)
         P, Q = state.get("P"), state.get("Q")
-        s = channel_scales(d, r, 0 if P is not None else 1, group["scale_type"] == "tensor")
+        shards = row_shards(owner)  # under FSDP2: g is this rank's rows; r and d its columns (left) or rows
+        tensor_wise = group["scale_type"] == "tensor"
+        if shards is None:
+            s = channel_scales(d, r, 0 if P is not None else 1, tensor_wise)
+        else:
+            s = sharded_channel_scales(d, r, P is not None, tensor_wise, shards, owner.shape[1])
+        if P is not None and shards is not None:  # the residual and back-projection need every column
+            n = Q.shape[1] if Q is not None else owner.shape[1]
+            r, d, P = shards.gather_columns(r, n), shards.gather_columns(d, n), shards.rows(P)
         if group["update"] == "fira":
             add_back_(g, r * -a, P, Q)  # the part of G outside the subspace
         else:
@@ -545,13 +548,13 @@ class GaLoreOptimizer(Optimizer):
         b1, b2 = group.get("betas", (0.0, 0.0))
         unit = math.sqrt(1 - b2**t) / (1 - b1**t)  # Adam's bias correction (1 without betas)
         previous = state.get("update_norm")
-        u, norm = limit_norm_growth(g.mul_(s), previous, group["norm_growth_limit"], unit)
+        u, norm = limit_norm_growth(g.mul_(s), previous, group["norm_growth_limit"], unit, shards)
         if ok is not None:  # a previous norm of infinity limits nothing, as none does
             norm = torch.where(ok, norm, previous if previous is not None else torch.full_like(norm, math.inf))
         state["update_norm"] = norm
         if group["update"] == "fira":
             add_back_(u, d * a, P, Q)
-        p.add_(u.to(p.dtype), alpha=-group["lr"])
+        local(p).add_(u.to(p.dtype), alpha=-group["lr"])
 
     def _add_back(self, p: torch.Tensor, d: torch.Tensor, state: dict, shards=None) -> None:
         """p += back-projection of the low-rank update d (one fused addmm where possible)."""

@@ -93,6 +93,23 @@ class RowSharded:
         return Transposed(self)
 
 
+def sharded_channel_scales(
+    d: torch.Tensor, r: torch.Tensor, left: bool, tensor_wise: bool, shards: RowShards, n: int
+) -> torch.Tensor:
+    """APOLLO's and Fira's channel scales (functional.channel_scales) of a row-sharded matrix:
+    with a left projection this rank holds some columns of r and d, and each column's scale
+    is gathered (n values); with a right one it holds its rows' r and d and their scales are
+    its own. One scale per tensor sums the two squared norms over the ranks."""
+    from .functional import channel_scales
+
+    if tensor_wise:
+        sq = shards.sum(torch.stack([d.float().square().sum(), r.float().square().sum()]))
+        return sq[0].sqrt() / (sq[1].sqrt() + 1e-8)
+    if left:
+        return shards.gather_columns(channel_scales(d, r, 0, False), n)
+    return channel_scales(d, r, 1, False)
+
+
 def owners(shapes: list[tuple[int, int]], world: int) -> list[int]:
     """The rank that orthogonalizes each matrix: the largest first, each to the rank with the
     least Newton-Schulz work so far (m n min(m, n) a step). The same on every rank."""

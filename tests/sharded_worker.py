@@ -1,0 +1,61 @@
+"""Run under torchrun by test_distributed.py: one of petra's optimizers on row-sharded
+matrices (FSDP2's layout: torch.chunk of the rows over the ranks) for 6 steps with a
+refresh; rank 0 saves the whole matrices and the optimizer state each rank held."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+SHAPES = [(64, 176), (176, 64), (64, 64), (48, 30), (30, 48), (7, 9), (3, 16)]
+
+
+def make(name: str, params: list) -> torch.optim.Optimizer:
+    """The optimizer under test, the same on one process and on several."""
+    from petra.optim import APOLLO_MINI_GROUP, ApolloAdamW, FiraAdamW, GaLoreAdamW8bit
+    from petra.optim.muon import Muon
+
+    if name == "muon":
+        return Muon(params, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    low = {"params": params, "rank": 2, "update_proj_gap": 3}
+    if name == "apollo":
+        return ApolloAdamW([low], lr=1e-2, weight_decay=0.1)
+    if name == "apollo-mini":
+        return ApolloAdamW([{**low, **APOLLO_MINI_GROUP}], lr=1e-2)
+    if name == "fira":
+        return FiraAdamW([low], lr=1e-2)
+    if name == "galore8bit":
+        return GaLoreAdamW8bit([{**low, "projector": "randomized"}], lr=1e-2)
+    raise ValueError(name)
+
+
+def data():
+    torch.manual_seed(0)
+    whole = [torch.randn(*s) for s in SHAPES]
+    grads = [[torch.randn(*s) for s in SHAPES] for _ in range(6)]
+    grads[3] = [4 * g for g in grads[3]]  # a step whose update the norm-growth limiter holds back
+    return whole, grads
+
+
+if __name__ == "__main__":
+    name, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    whole, grads = data()
+    params = [torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])) for w in whole]
+    opt = make(name, params)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+        opt.step()
+    full = [p.full_tensor() for p in params]
+    from petra.metrics import optimizer_state_bytes
+
+    held = torch.tensor([float(optimizer_state_bytes(opt))])
+    dist.all_reduce(held, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0:
+        torch.save({"params": full, "state_bytes": float(held)}, out)
+    dist.barrier()  # every rank done with gloo before any tears it down (a race there aborts a rank)
+    dist.destroy_process_group()
