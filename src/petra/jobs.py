@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -237,8 +237,11 @@ def _side_by_side(queue, on_done, out: Path, jobs: int, log, progress, stop: Sto
         for sentinel in multiprocessing.connection.wait(list(running), timeout=1.0):
             p, job, t0, _ = running.pop(sentinel)
             p.join()
-            if p.exitcode == 2:
+            if p.exitcode == 2:  # bad input is the user's to fix: the other runs save and stop first
                 last = [ln for ln in (logs / (job.key.replace("/", "_") + ".log")).read_text().splitlines() if ln]
+                for q, *_ in running.values():
+                    os.kill(q.pid, signal.SIGTERM)
+                    q.join()
                 raise ConfigError(f"{job.label}: {last[-1] if last else 'bad input'}")
             r = read_summary(out / job.key) or {"status": "failed", "reason": f"exit code {p.exitcode}"}
             if p.exitcode not in (0, None) and r.get("status") not in ("failed", "interrupted"):
@@ -252,8 +255,3 @@ def _side_by_side(queue, on_done, out: Path, jobs: int, log, progress, stop: Sto
                 stop.signum = r.get("signal") or 15  # a child was signalled alone: stop them all
     if stop.requested:
         raise CompareStopped(stop.signum)
-
-
-def loss_or_inf(result: dict) -> float:
-    v = result.get("loss_at")
-    return v if v is not None and math.isfinite(v) else math.inf
