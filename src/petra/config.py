@@ -198,7 +198,8 @@ class TrainConfig:
     fsdp_unit_layers: int = _f(1, "FSDP2: decoder layers sharded and gathered as one unit")
     init_from: str = _f(
         "",
-        "start from the weights of a run directory or a model.safetensors export (e.g. ReLoRA after a full-rank run)",
+        "start from the weights of a run directory (e.g. ReLoRA after a full-rank run), a petra export or any "
+        "Hugging Face Llama directory (its architecture and tokenizer too)",
     )
     # the last good checkpoint stays as it was
     max_skipped_steps: int = _f(
@@ -218,7 +219,7 @@ class MethodConfig:
         r"(self_attn|mlp)\.\w+_proj",
         "low-rank targets: a regex searched in parameter names (attention and MLP matrices)",
     )
-    rank: int = _f(0, "rank of GaLore projections / ReLoRA factors (0 = the preset's paper rank)")
+    rank: int = _f(0, "rank of the GaLore, APOLLO and Fira projections and ReLoRA's factors (0 = the paper's)")
     update_proj_gap: int = _f(200, "GaLore, APOLLO, Fira: steps between projector refreshes")
     stagger_refresh: bool = _f(
         True,
