@@ -243,3 +243,17 @@ def test_sharded_optimizers_equal_one_process(tmp_path, nproc, name):
     from petra.metrics import optimizer_state_bytes
 
     assert got["state_bytes"] < 0.75 * optimizer_state_bytes(opt)  # the most any one process held
+
+
+@pytest.mark.parametrize("name", ["full", "galore", "apollo", "apollo-mini", "fira", "muon", "relora"])
+def test_the_per_process_state_estimate_matches_what_each_process_held(runs, name):
+    """petra estimate --gpus and plan --gpus: the optimizer state (with projectors) one FSDP2
+    process holds, from the memory model, against what the 2-process CPU runs measured."""
+    from petra.config import from_dict
+    from petra.memory import GIB, breakdown_gib
+
+    run = runs / "fsdp" / name
+    cfg = from_dict(json.loads((run / "config.json").read_text()))
+    est = breakdown_gib(cfg, weight_bytes=4, gpus=2, mode="fsdp")  # fp32 on a CPU
+    measured = json.loads((run / "summary.json").read_text())["optimizer_state_bytes"]
+    assert measured == pytest.approx((est["optimizer_state"] + est["projectors"]) * GIB, rel=0.01)

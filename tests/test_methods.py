@@ -99,3 +99,21 @@ def test_a_new_method_plugs_in_without_the_loop_knowing_it(tmp_path, tiny_cfg, m
     assert HalfLR.seen == list(range(6))
     assert {r["lr"] for r in rows if "lr" in r} == {0.5 * 1e-3}
     assert [r for r in rows if "event" in r] == [{"step": 4, "tokens": 4 * 4 * 64, "event": "tick", "k": 1}]
+
+
+def test_the_torch_free_list_of_unsharded_methods_is_the_methods_own():
+    """estimate and plan read config.UNSHARDED_METHODS without importing the methods; each
+    method's check is what refuses FSDP2."""
+    from petra.config import METHODS, UNSHARDED_METHODS, build_config
+    from petra.parallel import strategy
+
+    refused = []
+    for name in METHODS:
+        if name == "adam-mini":
+            pytest.importorskip("adam_mini")
+        try:
+            make_method(build_config(overrides={"preset": "tiny", "method.name": name}), strategy("fsdp", 0, 2)).check()
+        except ConfigError as e:
+            assert "does not run under FSDP2" in str(e)
+            refused.append(name)
+    assert tuple(refused) == UNSHARDED_METHODS

@@ -139,3 +139,31 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_plan_on_several_gpus_weighs_ddp_against_fsdp2_per_gpu(capsys):
+    from petra.cli import main
+
+    argv = ["plan", "--preset", "7b", "--gpu-mem", "24GiB", "--batch-size", "16", "--gpus", "8", "--no-probe"]
+    assert main([*argv, "--methods", "galore,adam-mini"]) == 0
+    out = capsys.readouterr().out
+    galore = next(line for line in out.splitlines() if line.startswith("| galore"))
+    # a replica of 7b's weights, gradients and GaLore state does not fit 24 GiB; an eighth of them does
+    assert "FSDP2 on 8 GPUs" in galore and "torchrun --nproc_per_node 8" in galore and "train.parallel=fsdp" in galore
+    assert "does not fit: adam-mini" in out and "DDP on 8 GPUs" in out  # adam-mini refuses FSDP2
+    assert main([*argv[:-1], "--gpus", "3"]) == 2
+    assert "--gpus 3 must be at least 1 and divide --batch-size 16" in capsys.readouterr().err
+
+
+def test_the_per_gpu_estimate_divides_what_fsdp2_shards_and_keeps_what_it_does_not():
+    from petra.config import build_config
+    from petra.memory import breakdown_gib
+
+    cfg = build_config(overrides={"preset": "1b", "method.name": "galore", "train.batch_size": 8})
+    one, ddp, fsdp = breakdown_gib(cfg), breakdown_gib(cfg, gpus=8), breakdown_gib(cfg, gpus=8, mode="fsdp")
+    assert ddp["weights"] == one["weights"] and ddp["optimizer_state"] == one["optimizer_state"]
+    row = build_config(overrides={"preset": "1b", "method.name": "galore", "train.batch_size": 1})
+    assert ddp["activations"] == breakdown_gib(row)["activations"]  # each process: its one row of the 8
+    assert fsdp["optimizer_state"] == pytest.approx(one["optimizer_state"] / 8)
+    assert fsdp["projectors"] == one["projectors"]  # every process holds them whole
+    assert one["weights"] / 8 < fsdp["weights"] < one["weights"] / 2  # a share, plus one layer and the root gathered

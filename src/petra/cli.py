@@ -194,33 +194,40 @@ def cmd_config(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from .memory import SEED_FIGURES, breakdown_gib, paper_estimate_gib
+    from .memory import SEED_FIGURES, breakdown_gib, can_shard, paper_estimate_gib
 
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus {args.gpus} must be at least 1")
     methods = [m.strip() for m in args.method.split(",")] if args.method else list(METHODS)
     rows = []
     for m in methods:
-        ov = {"method.name": m, "preset": args.preset, "train.batch_size": args.batch_size}
+        ov = {"method.name": m, "preset": args.preset, "train.batch_size": args.batch_size * args.gpus}
+        ov["train.micro_batch_size"] = args.batch_size
         if args.rank and m in RANKED_METHODS and not m.startswith("apollo-mini"):  # Mini is rank 1 by definition
             ov["method.rank"] = args.rank
         if args.layerwise:
             ov["method.layerwise"] = True
         cfg = build_config(overrides=ov)
-        b = breakdown_gib(cfg)
         seed = SEED_FIGURES.get((args.preset, m))
-        rows.append(
-            [
-                m,
-                cfg.method.rank if m in RANKED_METHODS else "-",
-                f"{paper_estimate_gib(cfg):.2f}",
-                f"{seed:.2f}" if seed else "",
-                *(
-                    f"{b[k]:.2f}"
-                    for k in ("weights", "gradients", "optimizer_state", "projectors", "activations", "total")
-                ),
-            ]
-        )
+        modes = ["ddp", "fsdp"] if args.gpus > 1 and can_shard(cfg) else ["ddp"]
+        for mode in modes:
+            b = breakdown_gib(cfg, gpus=args.gpus, mode=mode)
+            rows.append(
+                [
+                    m,
+                    *([{"ddp": "DDP", "fsdp": "FSDP2"}[mode]] if args.gpus > 1 else []),
+                    cfg.method.rank if m in RANKED_METHODS else "-",
+                    f"{paper_estimate_gib(cfg):.2f}",
+                    f"{seed:.2f}" if seed else "",
+                    *(
+                        f"{b[k]:.2f}"
+                        for k in ("weights", "gradients", "optimizer_state", "projectors", "activations", "total")
+                    ),
+                ]
+            )
     head = [
         "method",
+        *(["parallel"] if args.gpus > 1 else []),
         "rank",
         "paper conv. GiB",
         "seed GiB",
@@ -232,8 +239,10 @@ def cmd_estimate(args) -> int:
         "peak",
     ]
     print(
-        f"memory estimate for preset {args.preset} (bf16 weights; 'paper conv.' = weights + optimizer "
-        f"states + projectors in bf16, as in the GaLore paper's Table 2)"
+        f"memory estimate for preset {args.preset}"
+        + (f", per GPU of {args.gpus} (each a micro-batch of {args.batch_size})" if args.gpus > 1 else "")
+        + " (bf16 weights; 'paper conv.' = weights + optimizer states + projectors in bf16, as in the GaLore "
+        "paper's Table 2, for the whole model)"
     )
     print(_table(head, rows))
     print(
@@ -262,16 +271,17 @@ def cmd_plan(args) -> int:
         budget = total
     else:
         raise ConfigError("--gpu-mem is needed without a CUDA device (the memory of the GPU to plan for, e.g. 24GiB)")
-    probe_on = cuda and not args.no_probe
+    probe_on = cuda and not args.no_probe and args.gpus == 1  # one GPU cannot stand in for several
     if probe_on and budget > total + 1e-6:
         raise ConfigError(f"--gpu-mem {args.gpu_mem} is more than this GPU's {total:.1f} GiB (or use --no-probe)")
     cfg = build_config(overrides=ov, file=args.config)
     print(
         f"plan: preset {cfg.preset}, batch {cfg.train.batch_size} x {cfg.seq_len} tokens, {budget:.1f} GiB "
-        f"(of which {CONTEXT_GIB} GiB CUDA context); "
+        + (f"per GPU on {args.gpus} GPUs (DDP and FSDP2) " if args.gpus > 1 else "")
+        + f"(of which {CONTEXT_GIB} GiB CUDA context); "
         + ("probing each method on this GPU" if probe_on else f"estimates include a {ESTIMATE_MARGIN:.0%} margin")
     )
-    chosen, missing = make_plan(ov, methods, budget, ov.get("train.micro_batch_size"), probe_on)
+    chosen, missing = make_plan(ov, methods, budget, ov.get("train.micro_batch_size"), probe_on, gpus=args.gpus)
     rows = []
     for c in chosen:
         est = c.needs_gib(0.0 if probe_on else ESTIMATE_MARGIN)
@@ -567,6 +577,12 @@ def parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--batch-size", type=int, default=1, help="micro-batch for the activation estimate (default: 1)")
     e.add_argument("--layerwise", action="store_true", help="layer-wise updates (one gradient at a time)")
+    e.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="processes (torchrun): the figures per GPU under DDP and, where the method allows, FSDP2 (default: 1)",
+    )
     e.set_defaults(func=cmd_estimate)
 
     pl = sub.add_parser(
@@ -579,6 +595,13 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu-mem", default=None, help="memory of the GPU to plan for, e.g. 24GiB (default: this GPU's)")
     pl.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     pl.add_argument("--no-probe", action="store_true", help="estimate only, even on a CUDA machine")
+    pl.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="GPUs of --gpu-mem each, one process each under torchrun: every method under DDP and, where it "
+        "can, FSDP2, estimated per GPU (not probed: one GPU cannot stand in for several) (default: 1)",
+    )
     _add_run_flags(pl, skip=("stop_after", "init_from", "log_to", "eval_every", "save_every", "log_every"))
     pl.set_defaults(func=cmd_plan)
 

@@ -102,6 +102,8 @@ METHODS = (
 # methods with a low-rank subspace of the hidden matrices (method.rank, method.scale apply)
 LOWRANK_METHODS = tuple(m for m in METHODS if m.startswith(("galore", "apollo", "fira")))
 RANKED_METHODS = (*LOWRANK_METHODS, "relora")  # methods for which method.rank means something
+# methods that refuse FSDP2 (methods/ says why; tests/test_methods.py keeps the two equal)
+UNSHARDED_METHODS = ("galore-adafactor", "adam-mini")
 
 
 def method_defaults(name: str, preset: str) -> dict[str, Any]:

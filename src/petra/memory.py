@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import LOWRANK_METHODS, ModelConfig, RunConfig
+from .config import LOWRANK_METHODS, UNSHARDED_METHODS, ModelConfig, RunConfig, replace
 
 GIB = 2**30
 
@@ -126,7 +126,12 @@ def paper_estimate_gib(cfg: RunConfig) -> float:
     return (b["weights"] + b["optimizer_state"] + b["projectors"]) / GIB
 
 
-def breakdown_gib(cfg: RunConfig, weight_bytes: int = 2) -> dict[str, float]:
+def can_shard(cfg: RunConfig) -> bool:
+    """Whether the method runs under FSDP2 (the methods' checks, without importing them)."""
+    return cfg.method.name not in UNSHARDED_METHODS and cfg.method.quantize == "none"
+
+
+def breakdown_gib(cfg: RunConfig, weight_bytes: int = 2, gpus: int = 1, mode: str = "ddp") -> dict[str, float]:
     """Each part of training memory in GiB and `total`, the estimated peak.
 
     Gradients appear in backward as the activations are freed, so without gradient
@@ -136,11 +141,32 @@ def breakdown_gib(cfg: RunConfig, weight_bytes: int = 2) -> dict[str, float]:
     the gradients and the larger of the activations and a second set of gradients. Layer-wise
     updates keep only what memory.method_bytes counts, beside the activations.
     `gradients` here is the part held at the peak beyond the activations, so the parts add
-    up to `total`; `gradients_all` is their full size."""
+    up to `total`; `gradients_all` is their full size.
+
+    With `gpus` processes, the figures are one process's: its rows of every global batch
+    (micro-batches of train.micro_batch_size, or all its rows); under DDP (`mode`) whole
+    replicas of everything else; under FSDP2 ("fsdp") a 1/gpus share of the weights,
+    gradients and optimizer state, plus one decoder-layer unit's and the root's (embeddings,
+    head) whole weights and gradients while gathered, and the projectors, which every process
+    holds whole. (Computed, not yet checked against GPU peaks: docs/distributed.md.)"""
+    if gpus > 1:  # each process takes its rows of every global batch
+        rows = cfg.train.batch_size // gpus
+        cfg = replace(
+            cfg, train={"batch_size": rows, "micro_batch_size": min(cfg.train.micro_batch_size or rows, rows)}
+        )
     # petra keeps low-rank moments in fp32 (state_bytes 4) and torch AdamW keeps them in the
     # parameter dtype; 8-bit is 8-bit either way
     state_bytes = 4 if cfg.method.name in LOWRANK_METHODS or cfg.method.layerwise else weight_bytes
     b = method_bytes(cfg, weight_bytes=weight_bytes, state_bytes=state_bytes)
+    if gpus > 1 and mode == "fsdp":
+        m = cfg.model
+        gathered = weight_bytes * (
+            (4 * m.hidden_size**2 + 3 * m.hidden_size * m.mlp_width + 2 * m.hidden_size) * cfg.train.fsdp_unit_layers
+            + 2 * m.vocab_size * m.hidden_size
+        )
+        for part in ("weights", "gradients"):
+            b[part] = b[part] / gpus + gathered
+        b["optimizer_state"] /= gpus  # the projectors stay whole on every process
     b["activations"] = activation_bytes(cfg, act_bytes=weight_bytes) + loss_bytes(cfg, act_bytes=weight_bytes)
     b["gradients_all"] = grads = b["gradients"]
     acts, accumulating = b["activations"], cfg.micro_batch < cfg.train.batch_size

@@ -51,8 +51,9 @@ def parse_gib(text: str) -> float:
 @dataclass
 class Candidate:
     cfg: RunConfig
-    estimate: dict  # memory.breakdown_gib
+    estimate: dict  # memory.breakdown_gib, per GPU
     probe: dict = field(default_factory=dict)  # peak_gib, reserved_gib, step_ms, tokens_per_s or error
+    gpus: int = 1  # processes under torchrun (the cfg's train.parallel says how)
 
     @property
     def method(self) -> str:
@@ -70,7 +71,8 @@ class Candidate:
     @property
     def settings(self) -> str:
         c = self.cfg
-        parts = [f"micro-batch {c.micro_batch}"]
+        parts = [f"{'FSDP2' if c.train.parallel == 'fsdp' else 'DDP'} on {self.gpus} GPUs"] if self.gpus > 1 else []
+        parts.append(f"micro-batch {c.micro_batch}")
         if c.method.layerwise:
             parts.append("layer-wise")
         if c.model.activation_checkpointing:
@@ -92,10 +94,10 @@ class Candidate:
 
     def command(self) -> str:
         c = self.cfg
-        args = [
-            f"petra train --preset {c.preset} --method {c.method.name}",
-            f"--batch-size {c.train.batch_size}",
-        ]
+        launch = f"torchrun --nproc_per_node {self.gpus} -m petra train" if self.gpus > 1 else "petra train"
+        args = [f"{launch} --preset {c.preset} --method {c.method.name}", f"--batch-size {c.train.batch_size}"]
+        if c.train.parallel == "fsdp":
+            args.append("--set train.parallel=fsdp")
         if c.micro_batch != c.train.batch_size:
             args.append(f"--micro-batch-size {c.micro_batch}")
         if c.train.seq_len:
@@ -109,10 +111,14 @@ class Candidate:
         return " ".join(args + ["--data DATA --out RUN_DIR"])
 
 
-def _configs(base: dict, method: str, micro: int, layerwise: bool, ckpt: bool) -> list[RunConfig]:
-    """The candidate's configs that the method accepts. Layer-wise updates also come without
-    clipping, which keeps no gradient until backward ends (APOLLO and Fira only so)."""
+def _configs(
+    base: dict, method: str, micro: int, layerwise: bool, ckpt: bool, gpus: int = 1, mode: str = "none"
+) -> list[RunConfig]:
+    """The candidate's configs that the method accepts (under `mode` on `gpus` processes).
+    Layer-wise updates also come without clipping, which keeps no gradient until backward
+    ends (APOLLO and Fira only so)."""
     from .methods import make_method
+    from .parallel import strategy
 
     ov = {
         **base,
@@ -120,12 +126,13 @@ def _configs(base: dict, method: str, micro: int, layerwise: bool, ckpt: bool) -
         "train.micro_batch_size": micro,
         "method.layerwise": layerwise,
         "model.activation_checkpointing": ckpt,
+        **({"train.parallel": mode} if gpus > 1 else {}),
     }
     out = []
     for extra in ({}, {"train.grad_clip": 0.0}) if layerwise else ({},):
         try:
             cfg = build_config(overrides={**ov, **extra})
-            make_method(cfg).check()
+            make_method(cfg, strategy(mode, 0, gpus) if gpus > 1 else None).check()
         except ConfigError:
             continue
         if cfg not in out:  # the user's clip may be 0 already
@@ -133,13 +140,18 @@ def _configs(base: dict, method: str, micro: int, layerwise: bool, ckpt: bool) -
     return out
 
 
-def candidates(base: dict, methods: list[str], micro_batches: list[int]) -> list[Candidate]:
+def candidates(base: dict, methods: list[str], micro_batches: list[int], gpus: int = 1) -> list[Candidate]:
+    """Every setting of every method (on several GPUs: under DDP and FSDP2), estimated per GPU."""
     out = []
     for method in methods:
-        for ckpt in (False, True):
-            for layerwise in (False, True):
-                for micro in micro_batches:
-                    out += [Candidate(c, breakdown_gib(c)) for c in _configs(base, method, micro, layerwise, ckpt)]
+        for mode in ("ddp", "fsdp") if gpus > 1 else ("none",):
+            for ckpt in (False, True):
+                for layerwise in (False, True):
+                    for micro in micro_batches:
+                        out += [
+                            Candidate(c, breakdown_gib(c, gpus=gpus, mode=mode), gpus=gpus)
+                            for c in _configs(base, method, micro, layerwise, ckpt, gpus, mode)
+                        ]
     return out
 
 
@@ -269,10 +281,14 @@ def make_plan(
     probe_on: bool = False,
     tries: int = 3,
     log=print,
+    gpus: int = 1,
 ) -> tuple[list[Candidate], list[tuple[str, str]]]:
-    """The best setting per method, fastest first, and (method, why) for those that do not fit."""
+    """The best setting per method, fastest first, and (method, why) for those that do not fit.
+    On `gpus` GPUs, each process takes batch / gpus rows, and budget_gib is one GPU's."""
     batch = build_config(overrides=base).train.batch_size
-    cands = candidates(base, methods, micro_batches(batch, micro))
+    if gpus < 1 or batch % gpus:
+        raise ConfigError(f"--gpus {gpus} must be at least 1 and divide --batch-size {batch}")
+    cands = candidates(base, methods, micro_batches(batch // gpus, micro), gpus)
     margin = 0.0 if probe_on else ESTIMATE_MARGIN  # a probe confirms or refutes each estimate
     fits = fitting(cands, budget_gib, margin)
     missing = []
