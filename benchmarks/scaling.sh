@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Tokens/s per GPU and peak memory per GPU of every method that runs sharded, at 1, 2, 4 and 8
+# GPUs (as many as the machine has), under FSDP2 and DDP, compiled, the same total batch:
+#   PRESET=1b BATCH=64 bash benchmarks/scaling.sh          # a machine of several GPUs
+# Rows go to $OUT/scaling-N.json as they finish; the table and ratios over all of them:
+#   python benchmarks/bench.py --merge $OUT/scaling-*.json
+# (Written for issue 33; not yet run: no machine of several GPUs was lent.)
+set -u
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-runs/scaling}; PRESET=${PRESET:-1b}; BATCH=${BATCH:-64}
+mkdir -p "$OUT"
+GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
+METHODS=${METHODS:-full galore galore8bit apollo apollo-mini fira relora muon}
+impls=""
+for m in $METHODS; do
+  for mode in fsdp ddp; do impls="$impls,petra-$m:compile@$mode"; done
+done
+impls=${impls#,}
+for n in 1 2 4 8; do
+  [ "$n" -le "$GPUS" ] || break
+  python3 -m torch.distributed.run --standalone --nproc_per_node "$n" benchmarks/bench.py --presets "$PRESET" \
+    --batch "$BATCH" --steps 8 --warmup 2 --impls "$impls" --out "$OUT/scaling-$n.json" > "$OUT/scaling-$n.log" 2>&1
+  echo "$n GPU(s): exit $?"
+done
+python3 benchmarks/bench.py --merge "$OUT"/scaling-*.json
