@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RANKED_METHODS, ConfigError, RunConfig, config_changes, from_dict, method_defaults, replace
-from .jobs import Job, reached, read_summary, run_jobs
+from .jobs import Job, read_summary, run_jobs
 from .memory import SEED_FIGURES, paper_estimate_gib, shapes
 from .metrics import read_metrics
 from .parallel import main_process
@@ -195,8 +196,6 @@ class Progress:
     """Overall progress in steps (of one size for every run), and the time left at the pace so far."""
 
     def __init__(self, tokens_per_step: int):
-        import time
-
         self.clock = time.perf_counter
         self.planned = self.trained = 0
         self.tokens_per_step, self.t0 = tokens_per_step, self.clock()
@@ -284,7 +283,7 @@ def compare(
         progress = Progress(per_step)
 
         def job(m: str, key: str, cfg: RunConfig, to: int, label: str, **tags) -> Job:
-            start = to if reached(out / key, to) is not None else min(to, _start_step(out / key))
+            start = min(to, _start_step(out / key))
             progress.planned += to - start
             return Job(key, cfg, to, label, tags={"method": m, "from": start, **tags})
 
@@ -343,7 +342,7 @@ def compare(
         queue = [j for p in plans.values() if p.halving for j in tune_jobs(p)]
         queue += [j for p in plans.values() if p.lr is not None for j in seed_jobs(p, range(seeds))]
         run_jobs(queue, on_done, out, jobs, show_progress, log, progress.line)
-        return _report(base, plans, out, params, seeds, log)
+        return _report(base, plans, out, params, seeds, steps, log)
 
 
 def rung_for(cfg: RunConfig, every: int) -> int:
@@ -380,7 +379,9 @@ def curves_of(runs: list[Path]) -> dict[int, Measure]:
     return {t: Measure([c[t][0] for c in each], [c[t][1] for c in each]) for t in sorted(common)}
 
 
-def _report(base: RunConfig, plans: dict[str, MethodPlan], out: Path, params: int, seeds: int, log) -> list[dict]:
+def _report(
+    base: RunConfig, plans: dict[str, MethodPlan], out: Path, params: int, seeds: int, steps: int, log
+) -> list[dict]:
     """Rows from the runs' own files, the verdict over their curves, and every output."""
     per_method: dict[str, list[dict]] = {}
     cfgs: dict[str, RunConfig] = {}
@@ -391,7 +392,7 @@ def _report(base: RunConfig, plans: dict[str, MethodPlan], out: Path, params: in
             if p.halving is not None and p.halving.chosen is None:
                 s = {"status": "failed", "reason": "every learning rate of the search failed"}
             saved = saved_config(out / d)
-            cfg = from_dict(saved) if saved else method_config(base, m, base.train.steps, p.lr)
+            cfg = from_dict(saved) if saved else method_config(base, m, steps, p.lr)
             row = make_row(m, cfg, s, params)
             row["run_dir"] = d
             per_method[m].append(row)
