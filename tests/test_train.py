@@ -32,6 +32,9 @@ def _losses(run):
         ("apollo-mini", {"method.update_proj_gap": 5}),  # the random projection redrawn after the stop
         ("fira", {"method.rank": 8, "method.update_proj_gap": 5}),
         ("muon", {}),  # two optimizers in one state dict
+        # layer-wise updates read the learning rate from the groups a resume loads
+        ("galore", {"method.rank": 8, "method.update_proj_gap": 5, "method.layerwise": True}),
+        ("apollo", {"method.layerwise": True, "train.grad_clip": 0.0}),
         ("adam-mini", {}),
     ],
 )

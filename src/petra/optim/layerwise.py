@@ -41,14 +41,16 @@ class LayerwiseStepper:
         self._norms: list[torch.Tensor] = []
         self._pending: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
         self._handles = []
-        for group in optimizer.param_groups:
+        for i, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(group)))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(i)))
 
-    def _hook(self, group: dict):
+    def _hook(self, index: int):
+        # the group is looked up when the hook fires: optimizer.load_state_dict (a resume)
+        # replaces the group dicts, and the schedule sets the learning rate in the new ones
         def hook(p: torch.Tensor) -> None:
             if self.armed and not self.after_backward:
-                self._take(p, group)
+                self._take(p, self.optimizer.param_groups[index])
 
         return hook
 
