@@ -44,14 +44,22 @@ def test_candidates_are_what_each_method_accepts():
     assert all(c.estimate["total"] > 0 for c in cands)
 
 
-def test_plan_for_7b_on_16_gib_is_apollo_mini_8bit_layer_wise():
+def test_plan_for_7b_on_16_gib_is_apollo_mini_8bit_layer_wise_with_bf16_weights():
     chosen, missing = make_plan({"preset": "7b", "train.batch_size": 1}, ["full", "galore8bit", "apollo-mini8bit"], 16)
-    assert [c.method for c in chosen] == ["apollo-mini8bit"]
-    c = chosen[0]
+    by = {c.method: c for c in chosen}
+    c = by["apollo-mini8bit"]
     assert c.cfg.method.layerwise and c.cfg.model.activation_checkpointing and c.cfg.train.grad_clip == 0
+    assert c.cfg.method.int8_weights == "off"  # int8 weights only where nothing else fits
     assert c.needs_gib() <= 16 and c.needs_gib() > c.estimate["total"] + CONTEXT_GIB
-    assert {m for m, _ in missing} == {"full", "galore8bit"}
-    assert all("needs about" in why for _, why in missing)
+    assert by["galore8bit"].cfg.method.int8_weights == "stochastic"  # fits only so
+    assert "int8 weights" in by["galore8bit"].settings and "int8_weights=stochastic" in by["galore8bit"].command()
+    assert [m for m, _ in missing] == ["full"] and "needs about" in missing[0][1]
+
+
+def test_plan_for_7b_on_a_12_gib_gpu_holds_the_weights_in_int8():
+    chosen, missing = make_plan({"preset": "7b", "train.batch_size": 1}, ["apollo-mini8bit", "apollo-mini"], 12)
+    assert {c.method for c in chosen} == {"apollo-mini8bit", "apollo-mini"}
+    assert all(c.cfg.method.int8_weights == "stochastic" and c.needs_gib() <= 12 for c in chosen)
 
 
 def test_more_memory_fits_more_methods_and_cheaper_settings():

@@ -18,6 +18,7 @@ import torch
 from .config import ConfigError
 from .health import TrainingError
 from .hf import TOKENIZER_FILES  # a run's own copy of its tokenizer: BPE or SentencePiece
+from .int8weights import Int8Weight
 from .lora import merged_state_dict
 
 CKPT = "checkpoint.pt"
@@ -175,9 +176,11 @@ def _read(path: Path, map_location) -> dict:
 
 
 def plain_state_dict(payload: dict) -> dict[str, torch.Tensor]:
-    """The model's weights as a plain LLaMA state dict (ReLoRA factors merged)."""
+    """The model's weights as a plain LLaMA state dict (ReLoRA factors merged, int8 weights
+    dequantized)."""
     m = payload["config"]["method"]
-    return merged_state_dict(payload["model"], m["lora_alpha"] / m["rank"], m.get("quantize", "none"))
+    state = {k: v.dequantize() if isinstance(v, Int8Weight) else v for k, v in payload["model"].items()}
+    return merged_state_dict(state, m["lora_alpha"] / m["rank"], m.get("quantize", "none"))
 
 
 def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:

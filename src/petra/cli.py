@@ -101,7 +101,14 @@ def overrides_from(args: argparse.Namespace) -> dict:
             out[dotted] = v
     if getattr(args, "layerwise", None):
         out["method.layerwise"] = True
-    for item in args.set:
+    out.update(set_items(args.set))
+    return out
+
+
+def set_items(items: list[str]) -> dict:
+    """--set section.key=value flags as overrides."""
+    out = {}
+    for item in items:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"--set {item!r} must look like section.key=value")
@@ -207,7 +214,7 @@ def cmd_estimate(args) -> int:
             ov["method.rank"] = args.rank
         if args.layerwise:
             ov["method.layerwise"] = True
-        cfg = build_config(overrides=ov)
+        cfg = build_config(overrides={**ov, **set_items(args.set)})
         seed = SEED_FIGURES.get((args.preset, m))
         modes = ["ddp", "fsdp"] if args.gpus > 1 and can_shard(cfg) else ["ddp"]
         for mode in modes:
@@ -241,8 +248,8 @@ def cmd_estimate(args) -> int:
     print(
         f"memory estimate for preset {args.preset}"
         + (f", per GPU of {args.gpus} (each a micro-batch of {args.batch_size})" if args.gpus > 1 else "")
-        + " (bf16 weights; 'paper conv.' = weights + optimizer states + projectors in bf16, as in the GaLore "
-        "paper's Table 2, for the whole model)"
+        + " (bf16 weights unless method.int8_weights is set; 'paper conv.' = weights + optimizer states + "
+        "projectors in bf16, as in the GaLore paper's Table 2, for the whole model)"
     )
     print(_table(head, rows))
     print(
@@ -577,6 +584,13 @@ def parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--batch-size", type=int, default=1, help="micro-batch for the activation estimate (default: 1)")
     e.add_argument("--layerwise", action="store_true", help="layer-wise updates (one gradient at a time)")
+    e.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any config field, e.g. --set method.int8_weights=stochastic --set model.activation_checkpointing=true",
+    )
     e.add_argument(
         "--gpus",
         type=int,

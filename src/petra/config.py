@@ -137,6 +137,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.prune": ("magnitude", "random", "reset"),
     "method.prune_mask": ("joint", "independent"),
     "method.quantize": ("none", "int8", "nf4"),
+    "method.int8_weights": ("off", "stochastic", "nearest"),
+    "method.moments": ("auto", "fp32", "bf16"),
 }
 
 
@@ -249,6 +251,16 @@ class MethodConfig:
     restart_warmup_steps: int = _f(50, "ReLoRA: learning-rate re-warm-up after each restart")
     warm_start_steps: int = _f(0, "ReLoRA: full-rank steps before LoRA")
     quantize: str = _f("none", "ReLoRA: frozen weights held in int8 or nf4 (bitsandbytes)")
+    int8_weights: str = _f(
+        "off",
+        "GaLore, APOLLO, Fira: hold the hidden matrices in int8 (an absmax per 256 values), their updates "
+        "rounded stochastically (unbiased) or to nearest; embeddings, head and norms stay in train.dtype",
+    )
+    moments: str = _f(
+        "auto",
+        "dtype of the optimizer's moments (auto: fp32 in petra's optimizers, the weights' dtype in torch's "
+        "AdamW and Muon; the 8-bit methods keep 8-bit moments)",
+    )
 
 
 @dataclass
@@ -518,6 +530,14 @@ def validate_method(me: MethodConfig, m: ModelConfig, preset: str) -> None:
             f"method.quantize={me.quantize} holds ReLoRA's frozen weights quantized; "
             f"it needs method.name=relora (got {me.name})"
         )
+    if me.int8_weights != "off" and me.name not in LOWRANK_METHODS:
+        raise ConfigError(
+            f"method.int8_weights={me.int8_weights} is for the low-rank methods ({', '.join(LOWRANK_METHODS)}), "
+            f"whose updates petra's own optimizers write; not {me.name}"
+        )
+    if me.moments != "auto" and (me.name.endswith("8bit") or me.name in ("galore-adafactor", "adam-mini")):
+        why = "keeps 8-bit moments" if me.name.endswith("8bit") else "keeps its own (factored or per-block) state"
+        raise ConfigError(f"method.moments={me.moments} does not apply to {me.name}, which {why}; leave it at auto")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -526,6 +546,11 @@ def validate(cfg: RunConfig) -> None:
     validate_data(cfg.data)
     validate_train(cfg.train)
     validate_method(cfg.method, cfg.model, cfg.preset)
+    if cfg.method.int8_weights != "off" and cfg.train.compile == "on":
+        raise ConfigError(
+            "method.int8_weights runs eagerly (its weights are a tensor subclass torch.compile does not take); "
+            "use train.compile=auto or off"
+        )
     if cfg.seq_len > cfg.model.max_position_embeddings:
         raise ConfigError(
             f"train.seq_len={cfg.seq_len} is longer than the model allows "

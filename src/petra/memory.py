@@ -17,6 +17,8 @@ GIB = 2**30
 
 # figures the seed article quotes (1B scale), for side-by-side printing
 SEED_FIGURES = {("1b", "galore"): 4.38, ("1b", "relora"): 6.17}
+INT8_BYTES = 1 + 4 / 256  # an int8 weight: its code and its share of its block's fp32 absmax
+INT8_CHUNK = 2 * 4 * 2**24  # quantizing: fp32 values and random numbers of one chunk of blocks
 
 
 @dataclass
@@ -42,6 +44,9 @@ def method_bytes(cfg: RunConfig, weight_bytes: int = 2, state_bytes: float = 2) 
     eight_bit = name.endswith("8bit")
     sb = 1 + 4 / 256 if eight_bit else state_bytes  # blockwise 8-bit: codes + an fp32 scale per 256
     weights = weight_bytes * s.total
+    if me.int8_weights != "off":  # codes + absmax; an update's fp32 copy and new codes of one matrix
+        hidden = s.total - s.dense
+        weights = weight_bytes * s.dense + INT8_BYTES * hidden + 5 * max(m * n for m, n in s.targets) + INT8_CHUNK
     projectors = 0.0
     kept = weight_bytes * s.total  # what a layer-wise step with clipping holds until backward ends
     if name in ("full", "full8bit"):
@@ -157,6 +162,7 @@ def breakdown_gib(cfg: RunConfig, weight_bytes: int = 2, gpus: int = 1, mode: st
     # petra keeps low-rank moments in fp32 (state_bytes 4) and torch AdamW keeps them in the
     # parameter dtype; 8-bit is 8-bit either way
     state_bytes = 4 if cfg.method.name in LOWRANK_METHODS or cfg.method.layerwise else weight_bytes
+    state_bytes = {"auto": state_bytes, "fp32": 4, "bf16": 2}[cfg.method.moments]
     b = method_bytes(cfg, weight_bytes=weight_bytes, state_bytes=state_bytes)
     if gpus > 1 and mode == "fsdp":
         m = cfg.model

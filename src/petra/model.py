@@ -7,6 +7,8 @@ The loss is a fused linear + cross-entropy that never holds fp32 logits for the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -247,12 +249,8 @@ class LlamaForCausalLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.config.init_std
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+            init_module(m, self.config.init_std)
 
     def compile_parts(self, on: bool = True) -> None:
         """torch.compile each decoder layer and the loss on their own (on=False undoes it).
@@ -312,13 +310,48 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> LlamaForCausalLM:
-    """The model created in `dtype` on `device` directly: a 7b never exists in fp32 (27 GB)."""
+def init_module(m: nn.Module, std: float) -> None:
+    """The initial weights of one module (its own, not its children's)."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, mean=0.0, std=std)
+    elif isinstance(m, RMSNorm):
+        nn.init.ones_(m.weight)
+
+
+def build_model(
+    cfg: ModelConfig,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    transform: Callable[[str, nn.Module], nn.Module] | None = None,
+) -> LlamaForCausalLM:
+    """The model created in `dtype` on `device` directly: a 7b never exists in fp32 (27 GB).
+
+    With `transform`, the model is laid out without memory first and each module is then
+    created, initialized and handed to transform(name, module), which may return a
+    replacement (int8weights.quantizer): the whole model never exists in `dtype` at once.
+    The modules are initialized in reset_parameters' order, so the weights are the same."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device if transform is None else "meta"):
             model = LlamaForCausalLM(cfg)
+        if transform is not None:
+            with torch.device(device):
+                cos, sin = rope_cache(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta)
+            model.rope_cos, model.rope_sin = cos, sin
+            for m in model.modules():  # the draws of the constructors' own initialization
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    scratch = torch.empty(m.weight.shape, device=device)
+                    scratch.uniform_() if isinstance(m, nn.Linear) else scratch.normal_()
+            for name, m in list(model.named_modules()):
+                if next(m.parameters(recurse=False), None) is None:
+                    continue
+                m.to_empty(device=device, recurse=False)
+                init_module(m, cfg.init_std)
+                new = transform(name, m)
+                if new is not m:
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent), child, new)
     finally:
         torch.set_default_dtype(old)
     return model.to(dtype)  # RoPE tables are computed in fp32, then stored like the weights

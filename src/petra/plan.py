@@ -79,18 +79,25 @@ class Candidate:
             parts.append("checkpointing")
         if self.no_clip:
             parts.append("no clipping")
+        if self.int8:
+            parts.append("int8 weights")
         return ", ".join(parts)
+
+    @property
+    def int8(self) -> bool:
+        return self.cfg.method.int8_weights != "off"
 
     def cost(self) -> tuple:
         """Expected relative step time without a GPU to measure (a rough model; the probe
         measures): checkpointing recomputes the forward (+1/3), layer-wise updates run
         parameter by parameter (+10%), and a micro-batch of few tokens leaves the GPU idle
         (half speed at TOKENS_HALF_SPEED tokens per forward). Dropping clipping costs nothing
-        in speed but changes the training, so it only breaks ties, last."""
+        in speed but changes the training, so it only breaks ties. int8 weights come last of
+        all: they round every update (and run eagerly), so they are for what fits no other way."""
         c = self.cfg
         t = (4 / 3 if c.model.activation_checkpointing else 1.0) * (1.1 if c.method.layerwise else 1.0)
         t *= 1 + TOKENS_HALF_SPEED / (c.micro_batch * c.seq_len)
-        return (round(t, 6), self.no_clip)
+        return (self.int8, round(t, 6), self.no_clip)
 
     def command(self) -> str:
         c = self.cfg
@@ -108,6 +115,8 @@ class Candidate:
             args.append("--grad-clip 0")
         if c.model.activation_checkpointing:
             args.append("--set model.activation_checkpointing=true")
+        if self.int8:
+            args.append(f"--set method.int8_weights={c.method.int8_weights}")
         return " ".join(args + ["--data DATA --out RUN_DIR"])
 
 
@@ -116,7 +125,7 @@ def _configs(
 ) -> list[RunConfig]:
     """The candidate's configs that the method accepts (under `mode` on `gpus` processes).
     Layer-wise updates also come without clipping, which keeps no gradient until backward
-    ends (APOLLO and Fira only so)."""
+    ends (APOLLO and Fira only so); the low-rank methods on one GPU also with int8 weights."""
     from .methods import make_method
     from .parallel import strategy
 
@@ -129,7 +138,8 @@ def _configs(
         **({"train.parallel": mode} if gpus > 1 else {}),
     }
     out = []
-    for extra in ({}, {"train.grad_clip": 0.0}) if layerwise else ({},):
+    clips = ({}, {"train.grad_clip": 0.0}) if layerwise else ({},)
+    for extra in [{**c, **w} for w in ({}, {"method.int8_weights": "stochastic"}) for c in clips]:
         try:
             cfg = build_config(overrides={**ov, **extra})
             make_method(cfg, strategy(mode, 0, gpus) if gpus > 1 else None).check()
@@ -191,6 +201,7 @@ def probe(cfg: RunConfig, cap_gib: float | None = None, steps: int = PROBE_STEPS
     """A few training steps of `cfg` on random tokens, on its device (on CUDA with the
     allocator capped at `cap_gib`): the peak memory (allocated and reserved; on a CPU the
     process's RSS), the median step time after the first, tokens/s."""
+    from .int8weights import quantizer
     from .methods import make_method
     from .metrics import peak_memory_gib
     from .model import build_model, count_parameters
@@ -208,7 +219,7 @@ def probe(cfg: RunConfig, cap_gib: float | None = None, steps: int = PROBE_STEPS
     torch.manual_seed(cfg.train.seed)
     one = NoParallel()
     method = make_method(cfg, one)
-    model = method.prepare(build_model(cfg.model, device, dtype))
+    model = method.prepare(build_model(cfg.model, device, dtype, quantizer(cfg.method.int8_weights)))
     optimizer = method.optimizer(model)
     B = cfg.train.batch_size
     run = Run(

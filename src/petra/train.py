@@ -23,6 +23,7 @@ from .data import Batches, TokenData, prepare, val_batches
 from .generate import Sampler
 from .health import Health, TrainingError, perplexity
 from .hf import TOKENIZER_FILES
+from .int8weights import quantized_parameters, quantizer
 from .methods import Method, make_method
 from .metrics import TrainLog, flops_per_token, optimizer_state_bytes, peak_memory_gib
 from .model import build_model, count_parameters
@@ -116,6 +117,9 @@ class Run:
 def _forward(run: Run, log):
     t = run.cfg.train
     if not (t.compile == "on" or (t.compile == "auto" and run.device.type == "cuda")):
+        return run.wrapped
+    if run.cfg.method.int8_weights != "off":  # (compile=on is refused by the config)
+        log("int8 weights: the model runs eagerly")
         return run.wrapped
     by_layer = run.parallel.compile_by_layer or run.method.layerwise is not None
     return compile_model(run.wrapped, log, parts_of=run.model if by_layer else None)
@@ -265,7 +269,7 @@ def setup(
         )
 
     torch.manual_seed(cfg.train.seed)  # the same initial model on every process
-    model = build_model(cfg.model, device, dtype)
+    model = build_model(cfg.model, device, dtype, quantizer(cfg.method.int8_weights))
     n_params = count_parameters(model)  # the LLaMA's own, before LoRA factors or quantization
     if init is not None:  # e.g. ReLoRA's full-rank warm start taken from an earlier run
         checkpoint.load_initial(model, init, cfg.train.init_from)
@@ -325,6 +329,7 @@ def _banner(run: Run, log) -> None:
         f"{cfg.train.steps} steps of {cfg.train.batch_size}x{cfg.seq_len} tokens "
         f"({cfg.train.steps * run.tokens_per_step / run.n_params:.3g} per parameter), {passes:.2f} passes over "
         f"{len(run.data.train) / 1e6:.2f}M training tokens, {run.device} {str(run.dtype).replace('torch.', '')}"
+        + (f" ({quantized_parameters(run.model) / 1e6:.2f}M in int8)" if cfg.method.int8_weights != "off" else "")
         + run.parallel.describe()
     )
     if passes > 1:

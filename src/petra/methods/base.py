@@ -43,6 +43,11 @@ class Method:
         """Refuse what this method cannot do under its parallel strategy, before any work."""
         if self.cfg.method.layerwise and not self.supports_layerwise:
             raise ConfigError(f"method.layerwise is for the full and low-rank methods, not {self.name}")
+        if self.cfg.method.int8_weights != "off" and self.parallel.active:
+            raise ConfigError(
+                "method.int8_weights runs in one process (its codes are neither replicated by DDP nor sharded "
+                "by FSDP2); leave train.parallel at none, or use bf16 weights on several GPUs"
+            )
         if self.parallel.sharded and self.unsharded_because:
             raise ConfigError(
                 f"{self.name} does not run under FSDP2 ({self.unsharded_because}); use train.parallel=ddp"
@@ -50,6 +55,11 @@ class Method:
 
     supports_layerwise = True
     unsharded_because = ""  # why the method needs whole parameters, if it does
+
+    @property
+    def moment_dtype(self) -> torch.dtype | None:
+        """method.moments as a dtype; None for auto (each optimizer's own)."""
+        return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[self.cfg.method.moments]
 
     def _layerwise(self, opt) -> LayerwiseStepper:
         # where a hook sees the gradient before its all-reduce (DDP), update after backward
@@ -66,14 +76,28 @@ class Method:
         t = self.cfg.train
         params = [p for p in model.parameters() if p.requires_grad]
         if self.cfg.method.layerwise:  # petra's AdamW matches torch's and can step in backward
-            opt = AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+            opt = AdamW(
+                params,
+                lr=t.lr,
+                betas=(t.beta1, t.beta2),
+                eps=t.eps,
+                weight_decay=t.weight_decay,
+                moment_dtype=self.moment_dtype or torch.float32,
+            )
             self._layerwise(opt)
             return opt
         return self.adamw(params)
 
-    def adamw(self, params: list[torch.Tensor]) -> LocalAdamW:
-        """torch's AdamW with the run's settings (fused on CUDA), on local shards under FSDP2."""
+    def adamw(self, params: list[torch.Tensor]) -> LocalAdamW | AdamW:
+        """torch's AdamW with the run's settings (fused on CUDA), on local shards under FSDP2;
+        petra's where method.moments asks for another dtype than the weights' (torch's kernels
+        keep the moments in the weights' dtype)."""
         t = self.cfg.train
+        want = self.moment_dtype
+        if want is not None and any(p.dtype != want for p in params):
+            return AdamW(
+                params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay, moment_dtype=want
+            )
         fused = all(p.is_cuda for p in params)
         return LocalAdamW(
             params,

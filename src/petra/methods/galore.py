@@ -42,6 +42,8 @@ class GaLore(Method):
             opt = GaLoreAdafactor(groups, lr=t.lr, weight_decay=t.weight_decay)
         else:
             opt = self.cls(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+            if self.moment_dtype is not None:  # (config refuses it for the 8-bit forms)
+                opt.moment_dtype = self.moment_dtype
         if m.layerwise:
             self._layerwise(opt)
         return opt
@@ -51,5 +53,8 @@ class GaLore(Method):
         return {
             "rank": m.rank,
             "warm_start": "no",
-            "optimizer": self.optimizer_name + (" layer-wise" if m.layerwise else ""),
+            "optimizer": self.optimizer_name
+            + (" layer-wise" if m.layerwise else "")
+            + (f", {m.moments} moments" if m.moments != "auto" else "")
+            + (f", int8 weights ({m.int8_weights} rounding)" if m.int8_weights != "off" else ""),
         }

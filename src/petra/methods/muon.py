@@ -23,7 +23,11 @@ class Muon(Method):
         t = self.cfg.train
         hidden, other = split_params(model, self.cfg.method.targets)
         muon = MuonOptimizer(
-            [p for _, p in hidden], lr=t.lr, weight_decay=t.weight_decay, adjust_lr_fn="match_rms_adamw"
+            [p for _, p in hidden],
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            adjust_lr_fn="match_rms_adamw",
+            moment_dtype=self.moment_dtype,
         )
         return OptimizerChain(muon, self.adamw([p for _, p in other]))
 

@@ -27,8 +27,16 @@ from .galore import GaLoreAdamW
 class AdamW(GaLoreAdamW):
     """torch.optim.AdamW's math and defaults; no low-rank param groups."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        moment_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moment_dtype=moment_dtype)
 
     def add_param_group(self, param_group: dict) -> None:
         if param_group.get("rank") is not None:

@@ -40,6 +40,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..dtensor import is_sharded, local
+from ..int8weights import Int8Weight
 from .functional import (
     adafactor_direction,
     adam_denominators,
@@ -376,6 +377,7 @@ class GaLoreOptimizer(Optimizer):
                 and self._stackable(st)
                 and self._lowrank(p, group)
                 and not is_sharded(p)
+                and not isinstance(p, Int8Weight)  # its writes round: one per matrix, from fp32
                 and g is not None
                 and not g.is_sparse
                 and not (rs is None and self._decides_on_host(p, group))  # a refresh that resets moments
@@ -435,7 +437,12 @@ class GaLoreOptimizer(Optimizer):
         piece: tuple[list, list, list] = ([], [], [])
         size = 0
         for p, r, st in zip(params, rs, states):
-            if r.numel() > self.chunk_elements and self.row_split and not self._lowrank(p, group):
+            if (
+                r.numel() > self.chunk_elements
+                and self.row_split
+                and not self._lowrank(p, group)
+                and not isinstance(p, Int8Weight)  # a row block of it would be a copy
+            ):
                 if piece[0]:
                     yield piece
                     piece, size = ([], [], []), 0
@@ -590,16 +597,20 @@ class GaLoreOptimizer(Optimizer):
             self.apply_updates(rest, [self.project_grad(p, group, ok) for p in rest], group, ok=ok)
         return loss
 
-    # -- state storage (fp32 here; 8-bit in adam8bit.py) -------------------------------------
+    # -- state storage (moment_dtype here; 8-bit in adam8bit.py) ------------------------------
+    # Moments in bf16 are computed in fp32 and rounded once per update (the packages that keep
+    # bf16 state compute in bf16).
+    moment_dtype = torch.float32
+
     def _store(self, state: dict, key: str, value: torch.Tensor) -> None:
-        state[key] = value
+        state[key] = value.to(self.moment_dtype)
 
     def _dequant(self, state: dict, key: str) -> torch.Tensor:
-        return state[key]
+        return state[key].float()
 
     def _zeros(self, state: dict, key: str, like: torch.Tensor) -> None:
         """A new all-zero moment shaped like `like`."""
-        state[key] = torch.zeros_like(like, dtype=torch.float32)
+        state[key] = torch.zeros_like(like, dtype=self.moment_dtype)
 
     def _init_moments(self, rs: list[torch.Tensor], states: list[dict]) -> None:
         """Creates missing moments before an update (Adafactor creates its own in `_inner`)."""
@@ -647,7 +658,9 @@ class GaLoreAdamW(GaLoreOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         convention: str = "torch",
+        moment_dtype: torch.dtype = torch.float32,
     ):
+        self.moment_dtype = moment_dtype
         if lr is None or lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(
                 f"invalid AdamW hyperparameters lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}"

@@ -29,6 +29,7 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         eps: float = 1e-7,
         adjust_lr_fn: str | None = None,
+        moment_dtype: torch.dtype | None = None,
     ):
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
             raise ValueError(f"Muon: lr {lr} and weight_decay {weight_decay} >= 0, momentum {momentum} in [0, 1)")
@@ -43,6 +44,7 @@ class Muon(torch.optim.Optimizer):
             adjust_lr_fn=adjust_lr_fn,
         )
         super().__init__(params, defaults)
+        self.moment_dtype = moment_dtype  # of the momentum buffers (None: the gradients')
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -61,9 +63,14 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 g = local(p.grad)
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
-                buf.lerp_(g, 1 - mu)
-                u = g.lerp(buf, mu) if group["nesterov"] else buf
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g, dtype=self.moment_dtype))
+                if buf.dtype == g.dtype:
+                    buf.lerp_(g, 1 - mu)
+                    m = buf
+                else:  # computed in fp32, stored rounded once
+                    g, m = g.float(), buf.float().lerp_(g.float(), 1 - mu)
+                    buf.copy_(m)
+                u = g.lerp(m, mu) if group["nesterov"] else m
                 (rows if is_sharded(p) else whole).append((p, u))
 
             def ortho(u, group=group):

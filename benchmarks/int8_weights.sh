@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# docs/int8_weights.md: LLaMA-7B with int8 weights (stochastic rounding), and what int8 weights
+# and bf16 moments cost in quality at 60m. On one H200, in device calls of under 10 minutes:
+#   bash benchmarks/int8_weights.sh 7b        # 7b peaks through the CLI, then `petra plan --gpu-mem 12GiB`
+#   bash benchmarks/int8_weights.sh quality-a # 60m APOLLO-Mini, 2400 x 64 x 256: bf16 weights / int8 stochastic, 2 seeds
+#   bash benchmarks/int8_weights.sh quality-b # the same: int8 round-to-nearest / bf16 moments, 2 seeds
+# .carry/prep: the prepared 60m corpus of docs/verdict.md (20.0M training tokens, 32000-token BPE).
+# Every run of a part trains side by side with the others (one process each); runs in bf16
+# weights are compiled, int8 ones run eagerly (the same numbers, slower).
+set -uo pipefail
+part=${1:?part: 7b, quality-a or quality-b}
+OUT=${OUT:-/tmp/int8-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+tag=$$
+common=(--data "${DATA:-.carry/prep}" --no-progress --set train.threads=2)
+case $part in
+  7b)
+    seven=(--preset 7b --layerwise --grad-clip 0 --batch-size 1 --steps 6 --log-every 1
+           --set model.activation_checkpointing=true --set train.eval_every=1000 --set train.val_tokens=2048
+           --set train.save_every=0)
+    for spec in "apollo-mini8bit stochastic auto" "apollo-mini stochastic auto" "apollo-mini stochastic bf16" \
+                "apollo-mini8bit nearest auto"; do
+      read -r m w mo <<< "$spec"
+      name=7b-$m-$w-$mo
+      timeout 200 python3 -m petra train "${seven[@]}" "${common[@]}" --method "$m" \
+        --set method.int8_weights="$w" --set method.moments="$mo" --out "/tmp/$name-$tag" > "$OUT/$name.log" 2>&1
+      echo "$name: exit $?; $(grep -E 'peak' "$OUT/$name.log" | tail -1)"
+      cp "/tmp/$name-$tag/summary.json" "$OUT/$name.summary.json" 2>/dev/null
+      cp "/tmp/$name-$tag/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
+      rm -rf "/tmp/$name-$tag"
+    done
+    python3 -m petra estimate --preset 7b --method apollo-mini8bit,apollo-mini --layerwise --set train.grad_clip=0 \
+      --set model.activation_checkpointing=true --set method.int8_weights=stochastic > "$OUT/7b-estimate.txt"
+    timeout 300 python3 -m petra plan --preset 7b --batch-size 1 --gpu-mem 12GiB \
+      --methods apollo-mini8bit,apollo-mini,galore8bit > "$OUT/7b-plan-12GiB.txt" 2>&1
+    echo "plan: exit $?"; cat "$OUT/7b-plan-12GiB.txt" | tail -15
+    ;;
+  quality-a | quality-b)
+    if [ "$part" = quality-a ]; then
+      specs=("bf16 off auto on" "int8sr stochastic auto off")
+    else
+      specs=("int8rtn nearest auto off" "bf16moments off bf16 on")
+    fi
+    pids=()
+    for spec in "${specs[@]}"; do
+      read -r name w mo c <<< "$spec"
+      for seed in 0 1; do
+        python3 -m petra train --preset "${PRESET:-60m}" --method apollo-mini --lr 5e-3 --steps "${STEPS:-2400}" --batch-size 64 \
+          --seed $seed --compile $c --set method.int8_weights=$w --set method.moments=$mo \
+          --set train.save_every=0 --set train.eval_every=300 "${common[@]}" \
+          --out "/tmp/q-$name-$seed-$tag" > "$OUT/60m-$name-$seed.log" 2>&1 &
+        pids+=($!)
+      done
+    done
+    start=$(date +%s)
+    for p in "${pids[@]}"; do wait "$p"; echo "run $p exit $?"; done
+    echo "wall $(( $(date +%s) - start )) s"
+    for spec in "${specs[@]}"; do
+      read -r name _ <<< "$spec"
+      for seed in 0 1; do
+        d=/tmp/q-$name-$seed-$tag
+        cp "$d/summary.json" "$OUT/60m-$name-$seed.summary.json" 2>/dev/null
+        cp "$d/metrics.jsonl" "$OUT/60m-$name-$seed.metrics.jsonl" 2>/dev/null
+        echo "$name seed $seed: $(tail -1 "$OUT/60m-$name-$seed.log")"
+        rm -rf "$d"
+      done
+    done
+    ;;
+  *) echo "part must be 7b, quality-a or quality-b"; exit 2 ;;
+esac
