@@ -163,19 +163,34 @@ def limit_norm_growth(
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(u: torch.Tensor, steps: int = 5, eps: float = 1e-7, coefficients=NS_COEFFICIENTS) -> torch.Tensor:
-    """The approximate orthogonalization of a matrix in bf16: X <- a X + (b A + c A^2) X with
-    A = X X^T, on the wide orientation (a tall matrix is transposed and back), from X / ||X||."""
+def newton_schulz(
+    u: torch.Tensor, steps: int = 5, eps: float = 1e-7, coefficients=NS_COEFFICIENTS, align: int | None = None
+) -> torch.Tensor:
+    """The approximate orthogonalization of a matrix, or of a stack of matrices (..., m, n),
+    in bf16: X <- a X + (b A + c A^2) X with A = X X^T, on the wide orientation (a tall matrix
+    is transposed and back), from X / ||X|| (each matrix's own norm), the scalars folded into
+    the products (addmm / baddbmm beta and alpha).
+
+    On CUDA the long side is padded with zero columns to a multiple of `align` (64 there),
+    which tensor cores need to run at full speed: exact, since zero columns leave X X^T as it
+    is and stay zero through every iteration; they are cut off at the end."""
     a, b, c = coefficients
     x = u.bfloat16()
-    tall = u.size(0) > u.size(1)
+    tall = u.size(-2) > u.size(-1)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
+        x = x.mT
+    n = x.size(-1)
+    pad = -n % (align if align is not None else 64 if x.is_cuda else 1)
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    mm = torch.baddbmm if x.dim() == 3 else torch.addmm
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if pad:
+        x = x[..., :n]
+    return x.mT if tall else x
 
 
 def muon_lr(lr: float, adjust: str | None, shape) -> float:

@@ -50,6 +50,8 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon updates 2-D matrices; a parameter of shape {tuple(p.shape)} is not one")
 
+    stack_elements = 1 << 28  # matrices of one shape orthogonalized as one stack of at most this many elements
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -57,32 +59,65 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            mu = group["momentum"]
-            whole, rows = [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = local(p.grad)
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g, dtype=self.moment_dtype))
-                if buf.dtype == g.dtype:
-                    buf.lerp_(g, 1 - mu)
-                    m = buf
-                else:  # computed in fp32, stored rounded once
-                    g, m = g.float(), buf.float().lerp_(g.float(), 1 - mu)
-                    buf.copy_(m)
-                u = g.lerp(m, mu) if group["nesterov"] else m
-                (rows if is_sharded(p) else whole).append((p, u))
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            us = self._momentum(params, group)
+            whole = [(p, u) for p, u in zip(params, us) if not is_sharded(p)]
+            rows = [(p, u) for p, u in zip(params, us) if is_sharded(p)]
 
             def ortho(u, group=group):
                 return newton_schulz(u, group["ns_steps"], group["eps"])
 
-            done = [(p, ortho(u)) for p, u in whole]
+            done = []
+            for batch in self._stacks(whole):  # one batched iteration for all matrices of a shape
+                os_ = ortho(torch.stack([u for _, u in batch])).unbind(0) if len(batch) > 1 else [ortho(batch[0][1])]
+                done += [(p, o) for (p, _), o in zip(batch, os_)]
             if rows:
                 from .rowsharded import orthogonalize_by_owner
 
                 done += list(zip((p for p, _ in rows), orthogonalize_by_owner(rows, ortho)))
-            for p, o in done:
-                w = local(p)
-                w.mul_(1 - group["lr"] * group["weight_decay"])
-                w.add_(o, alpha=-muon_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+            self._apply(done, group)
         return loss
+
+    def _momentum(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """B = mu B + (1 - mu) G and the matrices to orthogonalize (G + mu (B - G) with
+        Nesterov, else B), as multi-tensor kernels; in fp32 where the buffers' dtype is not
+        the gradients' (computed there, stored rounded once)."""
+        mu = group["momentum"]
+        gs = [local(p.grad) for p in params]
+        bufs = [
+            self.state[p].setdefault("momentum_buffer", torch.zeros_like(g, dtype=self.moment_dtype))
+            for p, g in zip(params, gs)
+        ]
+        if all(b.dtype == g.dtype for b, g in zip(bufs, gs)):
+            torch._foreach_lerp_(bufs, gs, 1 - mu)
+            ms = bufs
+        else:
+            gs, ms = [g.float() for g in gs], [b.float() for b in bufs]
+            torch._foreach_lerp_(ms, gs, 1 - mu)
+            torch._foreach_copy_(bufs, ms)
+        return torch._foreach_lerp(gs, ms, mu) if group["nesterov"] else ms
+
+    def _stacks(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        by_shape: dict[tuple, list] = {}
+        for p, u in pairs:
+            by_shape.setdefault((tuple(u.shape), u.dtype, u.device), []).append((p, u))
+        out = []
+        for items in by_shape.values():
+            per = max(1, self.stack_elements // items[0][1].numel())
+            out += [items[i : i + per] for i in range(0, len(items), per)]
+        return out
+
+    def _apply(self, done: list[tuple[torch.Tensor, torch.Tensor]], group: dict) -> None:
+        """W <- W (1 - lr wd) - lr' O, one multi-tensor kernel per shape (lr' depends on it)."""
+        by_shape: dict[tuple, tuple[list, list]] = {}
+        for p, o in done:
+            w = local(p)
+            entry = by_shape.setdefault(tuple(p.shape), ([], []))
+            entry[0].append(w)
+            entry[1].append(o.to(w.dtype))
+        for shape, (ws, os_) in by_shape.items():
+            if group["weight_decay"]:
+                torch._foreach_mul_(ws, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(ws, os_, alpha=-muon_lr(group["lr"], group["adjust_lr_fn"], shape))
