@@ -17,10 +17,10 @@ tag=$$
 common=(--data "${DATA:-.carry/prep}" --no-progress --set train.threads=2)
 case $part in
   7b)
-    seven=(--preset 7b --layerwise --grad-clip 0 --batch-size 1 --steps 6 --log-every 1
+    seven=(--preset 7b --layerwise --grad-clip 0 --batch-size 1 --steps 6 --lr 1e-4 --log-every 1
            --set model.activation_checkpointing=true --set train.eval_every=1000 --set train.val_tokens=2048
            --set train.save_every=0)
-    for spec in "apollo-mini8bit stochastic auto" "apollo-mini stochastic auto" "apollo-mini stochastic bf16"; do
+    for spec in "apollo-mini8bit stochastic auto" "apollo-mini stochastic bf16"; do
       read -r m w mo <<< "$spec"
       name=7b-$m-$w-$mo
       timeout 200 python3 -m petra train "${seven[@]}" "${common[@]}" --method "$m" \
