@@ -36,6 +36,26 @@ case $part in
       > "$OUT/7b-plan-12GiB.txt" 2>&1
     echo "plan: exit $?"; cat "$OUT/7b-plan-12GiB.txt" | tail -15
     ;;
+  probe)  # petra plan's probe of the 7b setting, uncapped and under the 12 GiB plan's cap
+    for cap in none 11.5; do
+      timeout 150 python3 - "$cap" > "$OUT/7b-probe-$cap.txt" 2>&1 <<'PY'
+import json, sys, traceback
+import torch
+from petra.config import build_config
+from petra.plan import probe
+cfg = build_config(overrides={"preset": "7b", "method.name": "apollo-mini8bit", "train.batch_size": 1,
+    "method.layerwise": True, "train.grad_clip": 0.0, "model.activation_checkpointing": True,
+    "method.int8_weights": "stochastic"})
+cap = None if sys.argv[1] == "none" else float(sys.argv[1])
+try:
+    print(json.dumps(probe(cfg, cap)))
+except torch.OutOfMemoryError:
+    traceback.print_exc()
+print(torch.cuda.memory_summary(abbreviated=True))
+PY
+      echo "probe cap $cap: $(grep -E '^\{|OutOfMemory' "$OUT/7b-probe-$cap.txt" | head -2 | cut -c1-300)"
+    done
+    ;;
   quality-a | quality-b)
     if [ "$part" = quality-a ]; then
       specs=("bf16 off auto on" "int8sr stochastic auto off")
