@@ -38,7 +38,7 @@ case $part in
     ;;
   probe)  # petra plan's probe of the 7b setting, uncapped and under the 12 GiB plan's cap
     for cap in none 11.5; do
-      timeout 150 python3 - "$cap" > "$OUT/7b-probe-$cap.txt" 2>&1 <<'PY'
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 150 python3 - "$cap" > "$OUT/7b-probe-$cap.txt" 2>&1 <<'PY'
 import json, sys, traceback
 import torch
 from petra.config import build_config
