@@ -200,3 +200,20 @@ def test_method_moments_reach_every_optimizer(tiny_cfg):
         states = [s for o in inner for s in o.state.values()]
         moments = [v for s in states for k, v in s.items() if k in ("exp_avg", "exp_avg_sq", "momentum_buffer")]
         assert moments and all(m.dtype == torch.bfloat16 for m in moments), name
+
+
+def test_the_build_frees_each_replaced_linear_before_creating_the_next():
+    """So that the model never exists in its full-precision dtype at once (a 7b build under 12 GiB)."""
+    import weakref
+
+    hook, replaced, alive = quantizer("stochastic"), [], []
+
+    def transform(name, m):
+        alive.append(sum(r() is not None for r in replaced))
+        new = hook(name, m)
+        if new is not m:
+            replaced.append(weakref.ref(m))
+        return new
+
+    build_model(ModelConfig(**PRESETS["tiny"]), "cpu", torch.float32, transform)
+    assert len(replaced) == 14 and max(alive) == 0

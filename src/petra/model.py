@@ -343,7 +343,10 @@ def build_model(
                 if isinstance(m, (nn.Linear, nn.Embedding)):
                     scratch = torch.empty(m.weight.shape, device=device)
                     scratch.uniform_() if isinstance(m, nn.Linear) else scratch.normal_()
-            for name, m in list(model.named_modules()):
+            # by name: a list of the modules themselves would keep every replaced one (and its
+            # weights in `dtype`) alive until the end
+            for name in [n for n, _ in model.named_modules()]:
+                m = model.get_submodule(name)
                 if next(m.parameters(recurse=False), None) is None:
                     continue
                 m.to_empty(device=device, recurse=False)
@@ -352,6 +355,7 @@ def build_model(
                 if new is not m:
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, new)
+                del m, new
     finally:
         torch.set_default_dtype(old)
     return model.to(dtype)  # RoPE tables are computed in fp32, then stored like the weights
