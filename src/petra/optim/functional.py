@@ -171,16 +171,19 @@ def newton_schulz(
     is transposed and back), from X / ||X|| (each matrix's own norm), the scalars folded into
     the products (addmm / baddbmm beta and alpha).
 
-    On CUDA the long side is padded with zero columns to a multiple of `align` (64 there),
-    which tensor cores need to run at full speed: exact, since zero columns leave X X^T as it
-    is and stay zero through every iteration; they are cut off at the end."""
+    On CUDA a long side that is not a multiple of 8 (1b's 5461) is padded with zero columns to
+    a multiple of `align` (64), which tensor cores need to run at full speed: exact, since zero
+    columns leave X X^T as it is and stay zero through every iteration; they are cut off at
+    the end."""
     a, b, c = coefficients
     x = u.bfloat16()
     tall = u.size(-2) > u.size(-1)
     if tall:
         x = x.mT
     n = x.size(-1)
-    pad = -n % (align if align is not None else 64 if x.is_cuda else 1)
+    if align is None:  # widths tensor cores take as they are (a multiple of 8) are left alone
+        align = 64 if x.is_cuda and n % 8 else 1
+    pad = -n % align
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
     x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
