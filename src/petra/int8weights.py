@@ -19,6 +19,8 @@ resumed run draws the same ones.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,10 +33,7 @@ aten = torch.ops.aten
 
 
 def block_size(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return BLOCK if n % BLOCK == 0 else shape[-1]
+    return BLOCK if math.prod(shape) % BLOCK == 0 else shape[-1]
 
 
 @torch.no_grad()
@@ -146,7 +145,7 @@ def _foreach_inplace(func, args, kwargs):
     targets = args[0]
     n = len(targets)
     ours = [i for i, t in enumerate(targets) if isinstance(t, Int8Weight)]
-    rest = [i for i in range(n) if i not in set(ours)]
+    rest = [i for i, t in enumerate(targets) if not isinstance(t, Int8Weight)]
 
     def pick(a, idx, conv):
         if isinstance(a, (list, tuple)) and len(a) == n:

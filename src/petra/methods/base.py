@@ -73,20 +73,18 @@ class Method:
         return model
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        t = self.cfg.train
         params = [p for p in model.parameters() if p.requires_grad]
         if self.cfg.method.layerwise:  # petra's AdamW matches torch's and can step in backward
-            opt = AdamW(
-                params,
-                lr=t.lr,
-                betas=(t.beta1, t.beta2),
-                eps=t.eps,
-                weight_decay=t.weight_decay,
-                moment_dtype=self.moment_dtype or torch.float32,
-            )
+            opt = self._petra_adamw(params, self.moment_dtype or torch.float32)
             self._layerwise(opt)
             return opt
         return self.adamw(params)
+
+    def _petra_adamw(self, params: list[torch.Tensor], moment_dtype: torch.dtype) -> AdamW:
+        t = self.cfg.train
+        return AdamW(
+            params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay, moment_dtype=moment_dtype
+        )
 
     def adamw(self, params: list[torch.Tensor]) -> LocalAdamW | AdamW:
         """torch's AdamW with the run's settings (fused on CUDA), on local shards under FSDP2;
@@ -95,9 +93,7 @@ class Method:
         t = self.cfg.train
         want = self.moment_dtype
         if want is not None and any(p.dtype != want for p in params):
-            return AdamW(
-                params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay, moment_dtype=want
-            )
+            return self._petra_adamw(params, want)
         fused = all(p.is_cuda for p in params)
         return LocalAdamW(
             params,
