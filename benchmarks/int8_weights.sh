@@ -2,13 +2,17 @@
 # docs/int8_weights.md: LLaMA-7B with int8 weights (stochastic rounding), and what int8 weights
 # and bf16 moments cost in quality at 60m. On one H200, in device calls of under 10 minutes:
 #   bash benchmarks/int8_weights.sh 7b        # 7b peaks through the CLI, then `petra plan --gpu-mem 12GiB`
-#   bash benchmarks/int8_weights.sh quality-a # 60m APOLLO-Mini, 2400 x 64 x 256: bf16 weights / int8 stochastic, 2 seeds
-#   bash benchmarks/int8_weights.sh quality-b # the same: int8 round-to-nearest / bf16 moments, 2 seeds
+#   BLOCK=256 bash benchmarks/int8_weights.sh quality-a # 60m APOLLO-Mini, 2400 x 64 x 256: bf16 weights / int8
+#                                                       # stochastic, 2 seeds (the first table: blocks of 256)
+#   BLOCK=256 bash benchmarks/int8_weights.sh quality-b # the same: int8 round-to-nearest / bf16 moments, 2 seeds
+#   TAG=x LIMIT=540 bash benchmarks/int8_weights.sh quality  # bf16 / int8 stochastic / int8 nearest (blocks
+#                                                       # of 64), 2 seeds, 6 runs; again with the same TAG resumes
+#   bash benchmarks/int8_weights.sh rounding-cpu       # CPU: stochastic vs nearest at a rate where updates are small
 # .carry/prep: the prepared 60m corpus of docs/verdict.md (20.0M training tokens, 32000-token BPE).
 # Every run of a part trains side by side with the others (one process each); runs in bf16
 # weights are compiled, int8 ones run eagerly (the same numbers, slower).
 set -uo pipefail
-part=${1:?part: 7b, quality-a or quality-b}
+part=${1:?part: 7b, probe, quality-a, quality-b, quality or rounding-cpu}
 OUT=${OUT:-/tmp/int8-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -56,20 +60,30 @@ PY
       echo "probe cap $cap: $(grep -E '^\{|OutOfMemory' "$OUT/7b-probe-$cap.txt" | head -2 | cut -c1-300)"
     done
     ;;
-  quality-a | quality-b)
-    if [ "$part" = quality-a ]; then
-      specs=("bf16 off auto on" "int8sr stochastic auto off")
-    else
-      specs=("int8rtn nearest auto off" "bf16moments off bf16 on")
-    fi
+  quality-a | quality-b | quality)
+    # int8 runs at the block of $BLOCK (default 64; the first table's runs: BLOCK=256). Runs live in
+    # /tmp/q-NAME-SEED-$TAG and save every 300 steps: past $LIMIT seconds they are stopped (SIGTERM:
+    # they save), and the same command with the same TAG on a warm machine resumes them.
+    case $part in
+      quality-a) specs=("bf16 off auto on" "int8sr stochastic auto off") ;;
+      quality-b) specs=("int8rtn nearest auto off" "bf16moments off bf16 on") ;;
+      quality) specs=("bf16 off auto on" "int8sr stochastic auto off" "int8rtn nearest auto off") ;;
+    esac
+    tag=${TAG:-$tag}
     pids=()
     for spec in "${specs[@]}"; do
       read -r name w mo c <<< "$spec"
       for seed in 0 1; do
-        python3 -m petra train --preset "${PRESET:-60m}" --method apollo-mini --lr 5e-3 --steps "${STEPS:-2400}" --batch-size 64 \
-          --seed $seed --compile $c --set method.int8_weights=$w --set method.moments=$mo \
-          --set train.save_every=0 --set train.eval_every=300 "${common[@]}" \
-          --out "/tmp/q-$name-$seed-$tag" > "$OUT/60m-$name-$seed.log" 2>&1 &
+        d=/tmp/q-$name-$seed-$tag
+        if [ -f "$d/checkpoint.pt" ]; then
+          where=(--resume "$d")
+        else
+          where=(--out "$d" --preset "${PRESET:-60m}" --method apollo-mini --lr 5e-3 --steps "${STEPS:-2400}"
+                 --batch-size 64 --seed $seed --compile $c --set method.int8_weights=$w
+                 --set method.int8_block="${BLOCK:-64}" --set method.moments=$mo --set train.save_every=300
+                 --set train.eval_every=300 "${common[@]}")
+        fi
+        timeout -s TERM "${LIMIT:-100000}" python3 -m petra train "${where[@]}" >> "$OUT/60m-$name-$seed.log" 2>&1 &
         pids+=($!)
       done
     done
@@ -83,9 +97,20 @@ PY
         cp "$d/summary.json" "$OUT/60m-$name-$seed.summary.json" 2>/dev/null
         cp "$d/metrics.jsonl" "$OUT/60m-$name-$seed.metrics.jsonl" 2>/dev/null
         echo "$name seed $seed: $(tail -1 "$OUT/60m-$name-$seed.log")"
-        rm -rf "$d"
       done
     done
     ;;
-  *) echo "part must be 7b, quality-a or quality-b"; exit 2 ;;
+  rounding-cpu)  # CPU: the tiny preset, APOLLO-Mini, 300 x 16 x 128, at lr 1e-3 and 1e-4: fp32 weights,
+    # int8 stochastic, int8 nearest (blocks of 64); at the low rate most updates are below half a step
+    for lr in 1e-3 1e-4; do
+      for w in off stochastic nearest; do
+        python3 -m petra train --preset tiny --method apollo-mini --lr $lr --steps 300 --batch-size 16 --threads 1 \
+          --no-progress --set method.int8_weights=$w --set train.save_every=0 --out "/tmp/r-$lr-$w-$tag" \
+          > "$OUT/tiny-$lr-$w.log" 2>&1
+        echo "lr $lr, int8_weights $w: $(tail -1 "$OUT/tiny-$lr-$w.log" | cut -d';' -f1)"
+        rm -rf "/tmp/r-$lr-$w-$tag"
+      done
+    done
+    ;;
+  *) echo "part must be 7b, probe, quality-a, quality-b, quality or rounding-cpu"; exit 2 ;;
 esac

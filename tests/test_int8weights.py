@@ -43,7 +43,7 @@ def test_round_trip_error_is_bounded_per_block():
         assert (err <= bound * absmax / 127 * (1 + 1e-5)).all()
 
 
-def test_a_matrix_that_does_not_split_into_blocks_of_256_gets_one_absmax_per_row():
+def test_a_matrix_that_does_not_split_into_blocks_gets_one_absmax_per_row():
     w = Int8Weight.from_float(torch.randn(3, 100))
     assert w.absmax.shape == (3,)
     assert torch.allclose(w.dequantize(), dequantize(*quantize(w.dequantize(), 100, False), torch.float32))
@@ -109,7 +109,7 @@ def test_the_int8_model_is_the_quantized_plain_model_and_its_gradients_are_the_d
     [
         ("apollo-mini", {"method.layerwise": True, "train.grad_clip": 0.0, "method.moments": "bf16"}),
         ("galore", {"method.rank": 8, "method.update_proj_gap": 5, "method.layerwise": True}),  # clipped
-        ("fira", {"method.rank": 8, "method.update_proj_gap": 5}),
+        ("fira", {"method.rank": 8, "method.update_proj_gap": 5, "method.int8_block": 256}),
     ],
 )
 def test_resume_with_int8_weights_is_exact(tmp_path, tiny_cfg, method, extra):
@@ -121,6 +121,7 @@ def test_resume_with_int8_weights_is_exact(tmp_path, tiny_cfg, method, extra):
     a, b = checkpoint.load(tmp_path / "a")["model"], checkpoint.load(tmp_path / "b")["model"]
     k = "model.layers.0.mlp.up_proj.weight"
     assert isinstance(a[k], Int8Weight) and torch.equal(a[k].codes, b[k].codes)
+    assert a[k].absmax.numel() == a[k].numel() // extra.get("method.int8_block", BLOCK)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
@@ -147,6 +148,7 @@ def test_export_of_an_int8_run_loads_in_transformers_with_the_dequantized_logits
         ({"method.name": "galore8bit", "method.moments": "bf16"}, "keeps 8-bit moments"),
         ({"method.name": "adam-mini", "method.moments": "fp32"}, "does not apply to adam-mini"),
         ({"method.name": "galore", "method.moments": "fp16"}, "method.moments"),
+        ({"method.name": "galore", "method.int8_block": 100}, "method.int8_block must be a power of two"),
     ],
 )
 def test_bad_weight_and_moment_settings_are_named(tiny_overrides, ov, needle):

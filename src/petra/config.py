@@ -253,8 +253,14 @@ class MethodConfig:
     quantize: str = _f("none", "ReLoRA: frozen weights held in int8 or nf4 (bitsandbytes)")
     int8_weights: str = _f(
         "off",
-        "GaLore, APOLLO, Fira: hold the hidden matrices in int8 (an absmax per 256 values), their updates "
-        "rounded stochastically (unbiased) or to nearest; embeddings, head and norms stay in train.dtype",
+        "GaLore, APOLLO, Fira: hold the hidden matrices in int8 (an absmax per method.int8_block values), "
+        "their updates rounded stochastically (unbiased) or to nearest; embeddings, head and norms stay in "
+        "train.dtype",
+    )
+    int8_block: int = _f(
+        64,
+        "int8 weights: values per fp32 absmax (a power of two, 16 to 4096; smaller blocks round more finely "
+        "for 4/int8_block bytes a value)",
     )
     moments: str = _f(
         "auto",
@@ -535,6 +541,8 @@ def validate_method(me: MethodConfig, m: ModelConfig, preset: str) -> None:
             f"method.int8_weights={me.int8_weights} is for the low-rank methods ({', '.join(LOWRANK_METHODS)}), "
             f"whose updates petra's own optimizers write; not {me.name}"
         )
+    if not (16 <= me.int8_block <= 4096 and me.int8_block & (me.int8_block - 1) == 0):
+        raise ConfigError(f"method.int8_block must be a power of two from 16 to 4096 (got {me.int8_block})")
     if me.moments != "auto" and (me.name.endswith("8bit") or me.name in ("galore-adafactor", "adam-mini")):
         why = "keeps 8-bit moments" if me.name.endswith("8bit") else "keeps its own (factored or per-block) state"
         raise ConfigError(f"method.moments={me.moments} does not apply to {me.name}, which {why}; leave it at auto")

@@ -1,5 +1,5 @@
-"""Hidden matrices held in 8 bits: int8 codes with one absmax per block of 256 values
-(per row where a matrix does not split into such blocks), dequantized for each linear's
+"""Hidden matrices held in 8 bits: int8 codes with one absmax per block of 64 values (the
+block is `method.int8_block`; per row where a matrix does not split into such blocks), dequantized for each linear's
 forward and backward, and updated with stochastic rounding.
 
 Why stochastic rounding: a quantization step is absmax/127 of its block, and an update
@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-BLOCK = 256
+BLOCK = 64  # the default block: see docs/int8_weights.md for what smaller blocks buy
 ROUNDINGS = ("stochastic", "nearest")
-_CHUNK_BLOCKS = 1 << 16  # blocks quantized at a time: bounds the fp32 temporaries (64 MiB)
+_CHUNK_VALUES = 1 << 24  # values quantized at a time: bounds the fp32 temporaries (64 MiB)
 aten = torch.ops.aten
 
 
-def block_size(shape) -> int:
-    return BLOCK if math.prod(shape) % BLOCK == 0 else shape[-1]
+def block_size(shape, block: int = BLOCK) -> int:
+    return block if math.prod(shape) % block == 0 else shape[-1]
 
 
 @torch.no_grad()
@@ -42,16 +42,17 @@ def quantize(w: torch.Tensor, block: int, stochastic: bool) -> tuple[torch.Tenso
     x = w.detach().reshape(-1, block)
     codes = torch.empty(x.shape, dtype=torch.int8, device=w.device)
     absmax = torch.empty(x.shape[0], dtype=torch.float32, device=w.device)
-    for i in range(0, x.shape[0], _CHUNK_BLOCKS):
-        part = x[i : i + _CHUNK_BLOCKS].to(torch.float32, copy=True)
+    chunk = max(1, _CHUNK_VALUES // block)
+    for i in range(0, x.shape[0], chunk):
+        part = x[i : i + chunk].to(torch.float32, copy=True)
         top = part.abs().amax(1)
         scaled = part.mul_((127 / top.clamp(min=1e-30))[:, None])
         if stochastic:  # floor(x + u), u uniform in [0, 1): up with probability frac(x)
             scaled = scaled.add_(torch.rand_like(scaled)).floor_()
         else:
             scaled = scaled.round_()
-        codes[i : i + _CHUNK_BLOCKS] = scaled.clamp_(-127, 127)
-        absmax[i : i + _CHUNK_BLOCKS] = top
+        codes[i : i + chunk] = scaled.clamp_(-127, 127)
+        absmax[i : i + chunk] = top
     return codes.reshape(w.shape), absmax
 
 
@@ -81,9 +82,9 @@ class Int8Weight(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, stochastic: bool = True) -> Int8Weight:
+    def from_float(cls, w: torch.Tensor, stochastic: bool = True, block: int = BLOCK) -> Int8Weight:
         """w quantized (to nearest); later in-place updates round stochastically if `stochastic`."""
-        codes, absmax = quantize(w, block_size(w.shape), stochastic=False)
+        codes, absmax = quantize(w, block_size(w.shape, block), stochastic=False)
         return cls(codes, absmax, w.dtype, stochastic)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -194,7 +195,7 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantizer(rounding: str):
+def quantizer(rounding: str, block: int = BLOCK):
     """A build_model hook (None for "off"): each decoder layer's linear, once initialized,
     becomes a QuantizedLinear (the embeddings, the head and the norms stay in the model's dtype)."""
     if rounding == "off":
@@ -206,7 +207,7 @@ def quantizer(rounding: str):
         if isinstance(module, nn.Linear) and name.startswith("model.layers."):
             if module.bias is not None:
                 raise ValueError(f"{name}: int8 weights are for bias-free linears")
-            return QuantizedLinear(Int8Weight.from_float(module.weight.detach(), rounding == "stochastic"))
+            return QuantizedLinear(Int8Weight.from_float(module.weight.detach(), rounding == "stochastic", block))
         return module
 
     return hook

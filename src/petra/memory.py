@@ -17,7 +17,6 @@ GIB = 2**30
 
 # figures the seed article quotes (1B scale), for side-by-side printing
 SEED_FIGURES = {("1b", "galore"): 4.38, ("1b", "relora"): 6.17}
-INT8_BYTES = 1 + 4 / 256  # an int8 weight: its code and its share of its block's fp32 absmax
 INT8_CHUNK = 2 * 4 * 2**24  # quantizing: fp32 values and random numbers of one chunk of blocks
 
 
@@ -46,7 +45,8 @@ def method_bytes(cfg: RunConfig, weight_bytes: int = 2, state_bytes: float = 2) 
     weights = weight_bytes * s.total
     if me.int8_weights != "off":  # codes + absmax; an update's fp32 copy and new codes of one matrix
         hidden = s.total - s.dense
-        weights = weight_bytes * s.dense + INT8_BYTES * hidden + 5 * max(m * n for m, n in s.targets) + INT8_CHUNK
+        int8_bytes = 1 + 4 / me.int8_block  # a code and its share of its block's fp32 absmax
+        weights = weight_bytes * s.dense + int8_bytes * hidden + 5 * max(m * n for m, n in s.targets) + INT8_CHUNK
     projectors = 0.0
     kept = weight_bytes * s.total  # what a layer-wise step with clipping holds until backward ends
     if name in ("full", "full8bit"):

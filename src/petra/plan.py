@@ -219,7 +219,8 @@ def probe(cfg: RunConfig, cap_gib: float | None = None, steps: int = PROBE_STEPS
     torch.manual_seed(cfg.train.seed)
     one = NoParallel()
     method = make_method(cfg, one)
-    model = method.prepare(build_model(cfg.model, device, dtype, quantizer(cfg.method.int8_weights)))
+    int8 = quantizer(cfg.method.int8_weights, cfg.method.int8_block)
+    model = method.prepare(build_model(cfg.model, device, dtype, int8))
     optimizer = method.optimizer(model)
     B = cfg.train.batch_size
     run = Run(

@@ -269,7 +269,7 @@ def setup(
         )
 
     torch.manual_seed(cfg.train.seed)  # the same initial model on every process
-    model = build_model(cfg.model, device, dtype, quantizer(cfg.method.int8_weights))
+    model = build_model(cfg.model, device, dtype, quantizer(cfg.method.int8_weights, cfg.method.int8_block))
     n_params = count_parameters(model)  # the LLaMA's own, before LoRA factors or quantization
     if init is not None:  # e.g. ReLoRA's full-rank warm start taken from an earlier run
         checkpoint.load_initial(model, init, cfg.train.init_from)
