@@ -3,6 +3,8 @@
 # minutes each on one lease: `bash benchmarks/speed_table.sh a`, then `b`, then `c`. Rows are
 # written as they finish ($OUT/*.json); the table and ratios over all calls:
 #   python benchmarks/bench.py --merge docs/bench/session8/*.json
+# Parts d and e are the tenth session's (docs/bench/session10): Muon's whole step at 350m and 1b,
+# and APOLLO / Fira updating in stacks at 350m.
 # Call a also runs the CUDA tests of the optimizers and times layer-wise 8-bit before the
 # stacked layer-wise update, from `.before/`:
 #   rm -rf .before && mkdir .before && git archive 94dd883 src benchmarks | tar -x -C .before
@@ -40,6 +42,15 @@ c)  # galore-torch and fira at 1b (an exact SVD refresh of about 40 s, three a r
   run c-1b 500 --presets 1b --impls petra-full:compile,petra-galore:compile,petra-galore8bit:compile,\
 petra-galore8bit-lw:compile,hf-full:compile,petra-relora:compile,petra-apollo:compile,petra-apollo-mini:compile,\
 petra-muon:compile,petra-adam-mini:compile,petra-fira:compile,hf-adamw8bit:compile,apollo-mini:compile,hf-lora:compile
+  ;;
+d)  # the tenth session (issue 35): Muon's whole step after the stacked Newton-Schulz, beside full rank
+    # and the low-rank methods at 350m (profiled) and 1b
+  L=petra-full:compile,petra-muon:compile,petra-galore:compile,petra-apollo-mini:compile,petra-fira:compile
+  run d-350m 200 --presets 350m --impls $L,petra-relora:compile --profile 2
+  run d-1b 330 --presets 1b --impls $L,petra-relora:compile
+  ;;
+e)  # APOLLO, APOLLO-Mini and Fira updating in stacks of one shape, beside full rank, at 350m
+  run e-350m 170 --presets 350m --impls petra-full:compile,petra-apollo-mini:compile,petra-apollo:compile,petra-fira:compile
   ;;
 esac
 python3 benchmarks/bench.py --merge "$OUT"/*.json 2>&1 | grep -v ' x |' | tail -30

@@ -595,6 +595,47 @@ def test_matrices_of_one_shape_update_as_one_stack_with_the_numbers_of_one_at_a_
             torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+@pytest.mark.parametrize(
+    "update,scale_type,proj_type",
+    [
+        ("apollo", "channel", "std"),
+        ("apollo", "tensor", "left"),
+        ("fira", "channel", "std"),
+        ("fira", "channel", "left"),
+    ],
+)
+def test_apollo_and_fira_update_in_stacks_with_the_numbers_of_one_at_a_time(
+    cls, update, scale_type, proj_type, monkeypatch
+):
+    """APOLLO's channel (or tensor) scales and Fira's residual and norm-growth limiter, computed
+    for a stack at once (each matrix's own scales and norms), give the bits of one at a time."""
+    stacked_pieces = []
+    real = cls._update_piece
+    monkeypatch.setattr(
+        cls,
+        "_update_piece",
+        lambda self, ps, *a, **kw: (stacked_pieces.append(kw.get("stacked")), real(self, ps, *a, **kw)),
+    )
+
+    def run(stacks):
+        ps, opt = _stack_optimizer(
+            cls, stacks, "cpu", proj_type=proj_type, update=update, scale_type=scale_type, norm_growth_limit=1.01
+        )
+        for step in range(7):
+            g = torch.Generator().manual_seed(step)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g) * (1 + step % 3)  # norms that grow: the limiter acts
+            opt.step(found_inf=torch.tensor(float(step == 4)))
+        return ps, _flat_state(opt)
+
+    (one, s1), (stacked, s2) = run(False), run(True)
+    assert any(stacked_pieces)
+    assert all(torch.equal(a, b) for a, b in zip(one, stacked))
+    assert s1.keys() == s2.keys() and any(k[1] == "update_norm" for k in s1)
+    assert all(torch.equal(s1[k], s2[k]) if torch.is_tensor(s1[k]) else s1[k] == s2[k] for k in s1)
+
+
 @pytest.mark.parametrize("switch_state", ["reset", "reproject"])
 def test_refreshes_that_rewrite_moments_keep_stacks_exact(switch_state):
     """A refresh that resets (or rotates) a matrix's moments changes its moment step (or its
@@ -607,7 +648,10 @@ def test_refreshes_that_rewrite_moments_keep_stacks_exact(switch_state):
     assert all(torch.equal(s1[k], s2[k]) if torch.is_tensor(s1[k]) else s1[k] == s2[k] for k in s1)
 
 
-def test_host_work_of_a_stacked_step_does_not_grow_with_the_matrices(monkeypatch):
+@pytest.mark.parametrize(
+    "extra", [{}, {"update": "apollo", "scale_type": "tensor"}, {"update": "fira"}], ids=["galore", "apollo", "fira"]
+)
+def test_host_work_of_a_stacked_step_does_not_grow_with_the_matrices(monkeypatch, extra):
     """The point of stacking: the operations dispatched per step (each a kernel launch on a
     GPU) are per shape, not per matrix. Views and reads of CPU step counts launch nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -622,7 +666,7 @@ def test_host_work_of_a_stacked_step_does_not_grow_with_the_matrices(monkeypatch
 
     def ops(k):
         ps = [torch.nn.Parameter(torch.randn(32, 64)) for _ in range(k)]
-        opt = GaLoreAdamW([{"params": ps, "rank": 8, "update_proj_gap": 100}], lr=1e-2)
+        opt = GaLoreAdamW([{"params": ps, "rank": 8, "update_proj_gap": 100, **extra}], lr=1e-2)
         for step in range(3):
             for p in ps:
                 p.grad = torch.randn(32, 64)

@@ -131,9 +131,13 @@ def channel_scales(direction: torch.Tensor, r: torch.Tensor, dim: int, tensor_wi
     ||direction[channel]|| / ||r[channel]||, the norms taken over the projected (rank)
     dimension `dim`, so one factor per row or column of the full gradient (APOLLO's
     channel-wise scaling, Fira's residual scaling); or one factor for the whole tensor
-    (APOLLO-Mini). The result broadcasts against the full gradient."""
+    (APOLLO-Mini). The result broadcasts against the full gradient. A stack of matrices
+    (k, m, n) gets each matrix's own factors."""
     if tensor_wise:
-        return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(r) + 1e-8)
+        whole = (-2, -1) if direction.dim() == 3 else None
+        return torch.linalg.vector_norm(direction, dim=whole, keepdim=True) / (
+            torch.linalg.vector_norm(r, dim=whole, keepdim=True) + 1e-8
+        )
     num = torch.linalg.vector_norm(direction, dim=dim, keepdim=True)
     return num / (torch.linalg.vector_norm(r, dim=dim, keepdim=True) + 1e-8)
 
@@ -147,15 +151,17 @@ def limit_norm_growth(
     reference packages do: its own step-to-step growth (about 1% a step in the first
     thousands of steps) would otherwise hold every early update at the limit. A gradient-norm
     clip that adapts to the run instead of a fixed threshold; gamma <= 0 turns it off. With
-    `shards` (rowsharded.RowShards) `update` is this rank's rows and the norm is the whole one."""
-    norm = torch.linalg.vector_norm(update)
+    `shards` (rowsharded.RowShards) `update` is this rank's rows and the norm is the whole one.
+    A stack of updates (k, m, n) is limited matrix by matrix (k norms)."""
+    stacked = update.dim() == 3
+    norm = torch.linalg.vector_norm(update, dim=(-2, -1) if stacked else None)
     if shards is not None:
         norm = shards.sum(norm.square()).sqrt()
     norm = norm / unit
     if previous is None or gamma <= 0:
         return update, norm
     factor = (norm / (gamma * previous).clamp(min=1e-30)).clamp(min=1.0)
-    return update / factor, norm / factor
+    return update / (factor[:, None, None] if stacked else factor), norm / factor
 
 
 # Muon's quintic Newton-Schulz iteration (Jordan et al. 2024): coefficients chosen for the

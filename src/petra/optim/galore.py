@@ -365,8 +365,9 @@ class GaLoreOptimizer(Optimizer):
         seventh session). Without `rs` (the projected gradients, which layer-wise updates
         bring) due refreshes happen here, one matrix at a time. The first update (which
         creates the state), other update rules and FSDP2 shards go one at a time."""
-        if not (self.stacks and group.get("rank") is not None and group["update"] == "galore"):
+        if not (self.stacks and group.get("rank") is not None):
             return [], list(range(len(params)))
+        scaled = group["update"] != "galore"  # APOLLO and Fira also read the full gradient
         by_key: dict[tuple, list[int]] = {}
         rest = []
         for i, p in enumerate(params):
@@ -380,13 +381,14 @@ class GaLoreOptimizer(Optimizer):
                 and not isinstance(p, Int8Weight)  # its writes round: one per matrix, from fp32
                 and g is not None
                 and not g.is_sparse
+                and not (scaled and p.grad is None)  # (the error is one matrix's, below)
                 and not (rs is None and self._decides_on_host(p, group))  # a refresh that resets moments
             ):
                 rest.append(i)
                 continue
             # what a due refresh (switch_state keep, done below) leaves as it is
             bases = tuple((k, st[k].shape, st[k].dtype) for k in ("P", "Q") if k in st)
-            key = (p.shape, p.dtype, g.shape, g.dtype, bases, float(st["moment_step"]))
+            key = (p.shape, p.dtype, g.shape, g.dtype, bases, float(st["moment_step"]), "update_norm" in st)
             by_key.setdefault(key, []).append(i)
         batches = []
         for idx in by_key.values():
@@ -411,12 +413,18 @@ class GaLoreOptimizer(Optimizer):
         stack = {k: torch.stack([st[k] for st in states]) for k in ("P", "Q") if k in states[0]}
         stack.update({k: self._stack_moments([st[k] for st in states]) for k in self.moment_keys})
         stack["moment_step"] = states[0]["moment_step"]
+        if "update_norm" in states[0]:  # APOLLO's and Fira's limiter: one norm per matrix
+            stack["update_norm"] = torch.stack([st["update_norm"] for st in states])
         w = torch.stack(params)  # (step() runs without autograd)
-        r = self.project(torch.stack([p.grad for p in params]), stack) if rs is None else torch.stack(rs)
-        self._update_piece([w], [r], [stack], group, coef, ok, stacked=True)
+        g = torch.stack([p.grad for p in params]) if rs is None or group["update"] != "galore" else None
+        r = self.project(g, stack) if rs is None else torch.stack(rs)
+        self._update_piece([w], [r], [stack], group, coef, ok, stacked=True, grads=[g])
         torch._foreach_copy_(params, list(w.unbind(0)))
         for k in self.moment_keys:
             self._unstack_moments(stack[k], [st[k] for st in states])
+        if "update_norm" in stack:
+            for st, norm in zip(states, stack["update_norm"].unbind(0)):
+                st["update_norm"] = norm
 
     def _stackable(self, state: dict) -> bool:
         """Whether a low-rank matrix with this state can update in a stack: it has moments."""
@@ -464,7 +472,7 @@ class GaLoreOptimizer(Optimizer):
         if piece[0]:
             yield piece
 
-    def _update_piece(self, params, rs, states, group, coef, ok, stacked: bool = False) -> None:
+    def _update_piece(self, params, rs, states, group, coef, ok, stacked: bool = False, grads=None) -> None:
         rs = [r.float() for r in rs]
         if torch.is_tensor(coef) or coef != 1.0:
             torch._foreach_mul_(rs, coef)
@@ -508,11 +516,12 @@ class GaLoreOptimizer(Optimizer):
             if ok is not None:
                 torch._foreach_mul_(dirs, okf)
             for d, i in zip(dirs, low):
-                self._apply_lowrank(params[i], owners[i], d, rs[i], states[i], group, coef, ok)
+                g = grads[i] if grads is not None else None
+                self._apply_lowrank(params[i], owners[i], d, rs[i], states[i], group, coef, ok, g)
         if group["weight_decay"] and decay_after:
             torch._foreach_mul_(params, decay)
 
-    def _apply_lowrank(self, p, owner, d, r, state: dict, group: dict, coef, ok) -> None:
+    def _apply_lowrank(self, p, owner, d, r, state: dict, group: dict, coef, ok, g=None) -> None:
         """p's update from its low-rank direction d (the inner optimizer's output for the
         projected gradient r), in the way the group's `update` says:
 
@@ -522,17 +531,20 @@ class GaLoreOptimizer(Optimizer):
 
         with a the group's scale. Fira subtracts a * P r, not P r, as the fira package does
         (its published runs use a = 0.25); with a = 1 the residual is the paper's G - P P^T G.
-        The packages' APOLLO `scale` is a^2 (APOLLO-Mini's 128 is a = sqrt(128))."""
+        The packages' APOLLO `scale` is a^2 (APOLLO-Mini's 128 is a = sqrt(128)).
+
+        For a stack (`_update_stack`) p, d, r, P and Q are 3-D, g is the stacked gradient and
+        the limiter's norms are one per matrix."""
         a = group["scale"]
         if group["update"] == "galore":
             self._add_back(p, d.mul_(-group["lr"] * a), state, row_shards(owner))
             return
-        if owner.grad is None:
+        if g is None and owner.grad is None:
             raise RuntimeError(
                 f"update={group['update']!r} scales the full gradient, which is gone: layer-wise "
                 "updates with clipping keep only the projected gradient; use grad_clip=0 with layer-wise"
             )
-        g = local(owner.grad).float()
+        g = (local(owner.grad) if g is None else g).float()
         if torch.is_tensor(coef) or coef != 1.0:
             g = g * coef
         if ok is not None:
@@ -541,7 +553,7 @@ class GaLoreOptimizer(Optimizer):
         shards = row_shards(owner)  # under FSDP2: g is this rank's rows; r and d its columns (left) or rows
         tensor_wise = group["scale_type"] == "tensor"
         if shards is None:
-            s = channel_scales(d, r, 0 if P is not None else 1, tensor_wise)
+            s = channel_scales(d, r, -2 if P is not None else -1, tensor_wise)
         else:
             s = sharded_channel_scales(d, r, P is not None, tensor_wise, shards, owner.shape[1])
         if P is not None and shards is not None:  # the residual and back-projection need every column
