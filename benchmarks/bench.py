@@ -447,7 +447,7 @@ PEERS = {
     "petra-apollo-mini": ("apollo-mini", "petra-full"),
     "petra-fira": ("fira", "petra-full"),
     "petra-muon": ("petra-full",),  # petra's Muon is torch.optim.Muon's: no other peer
-    "petra-adam-mini": ("petra-full",),  # the adam-mini package itself, on petra's model
+    "petra-adam-mini": ("petra-full",),  # petra's Adam-mini (the package's update, bit for bit)
     "petra-relora": ("hf-lora",),
     "petra-relora-int8": ("hf-lora",),
     "petra-relora-nf4": ("hf-lora",),

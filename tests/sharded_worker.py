@@ -11,6 +11,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 SHAPES = [(64, 176), (176, 64), (64, 64), (48, 30), (30, 48), (7, 9), (3, 16)]
+ADAM_MINI_NAMES = ["mlp.up_proj", "mlp.down_proj", "o_proj", "k_proj", "q_proj", "x.bias", "norm"]
 
 
 def make(name: str, params: list) -> torch.optim.Optimizer:
@@ -20,6 +21,10 @@ def make(name: str, params: list) -> torch.optim.Optimizer:
 
     if name == "muon":
         return Muon(params, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    if name == "adam-mini":  # every block kind; heads of 6 rows straddle the ranks' rows of q_proj
+        from petra.optim.adam_mini import AdamMini
+
+        return AdamMini(zip(ADAM_MINI_NAMES, params), lr=1e-2, weight_decay=0.1, head_dim=6)
     low = {"params": params, "rank": 2, "update_proj_gap": 3}
     if name == "apollo":
         return ApolloAdamW([low], lr=1e-2, weight_decay=0.1)

@@ -168,7 +168,6 @@ def test_each_method_takes_its_paper_rank_and_scale_unless_told():
     [
         ({"method.name": "galore-adafactor"}, FSDP, "galore-adafactor does not run under FSDP2"),
         ({"method.name": "fira", "method.layerwise": True}, DDP, "needs train.grad_clip=0"),
-        ({"method.name": "adam-mini"}, FSDP, "adam-mini does not run under FSDP2"),
         ({"method.name": "muon", "method.layerwise": True}, DDP, "layerwise is for the full and low-rank"),
     ],
 )

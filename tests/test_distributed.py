@@ -44,6 +44,7 @@ METHODS = {
     "apollo-mini": {"method.name": "apollo-mini", "method.update_proj_gap": 5},  # one scale: summed norms
     "fira": {"method.name": "fira", "method.rank": 8, "method.update_proj_gap": 5},
     "fira8bit": {"method.name": "fira8bit", "method.rank": 8, "method.update_proj_gap": 5},
+    "adam-mini": {"method.name": "adam-mini"},  # a head's and a norm's squares summed over the ranks
 }
 RESUMED = ("galore", "relora", "muon", "fira")
 # methods that need whole parameters: DDP only (FSDP2 is refused before any work)
@@ -201,7 +202,7 @@ def test_a_signal_to_one_rank_stops_every_rank_with_its_code(tmp_path, cache_dir
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
-@pytest.mark.parametrize("name", ["muon", "apollo", "apollo-mini", "fira", "galore8bit"])
+@pytest.mark.parametrize("name", ["muon", "apollo", "apollo-mini", "fira", "galore8bit", "adam-mini"])
 def test_sharded_optimizers_equal_one_process(tmp_path, nproc, name):
     """Matrices of 7 shapes (tall, wide, square, fewer rows than processes: both projection
     sides), 6 steps with a refresh and a step the norm-growth limiter holds back, on row
@@ -245,7 +246,7 @@ def test_sharded_optimizers_equal_one_process(tmp_path, nproc, name):
     assert got["state_bytes"] < 0.75 * optimizer_state_bytes(opt)  # the most any one process held
 
 
-@pytest.mark.parametrize("name", ["full", "galore", "apollo", "apollo-mini", "fira", "muon", "relora"])
+@pytest.mark.parametrize("name", ["full", "galore", "apollo", "apollo-mini", "fira", "muon", "relora", "adam-mini"])
 def test_the_per_process_state_estimate_matches_what_each_process_held(runs, name):
     """petra estimate --gpus and plan --gpus: the optimizer state (with projectors) one FSDP2
     process holds, from the memory model, against what the 2-process CPU runs measured."""

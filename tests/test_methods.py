@@ -109,8 +109,6 @@ def test_the_torch_free_list_of_unsharded_methods_is_the_methods_own():
 
     refused = []
     for name in METHODS:
-        if name == "adam-mini":
-            pytest.importorskip("adam_mini")
         try:
             make_method(build_config(overrides={"preset": "tiny", "method.name": name}), strategy("fsdp", 0, 2)).check()
         except ConfigError as e:

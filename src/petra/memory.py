@@ -70,8 +70,11 @@ def method_bytes(cfg: RunConfig, weight_bytes: int = 2, state_bytes: float = 2) 
         hidden = s.total - s.dense
         state = state_bytes * hidden + 2 * state_bytes * s.dense
         grads = weight_bytes * s.total
-    elif name == "adam-mini":  # full first moment; second moments per block, per element for embeddings/head
-        state = state_bytes * s.total + state_bytes * s.dense
+    elif name == "adam-mini":  # a first moment per weight; a second per row, head or norm (optim/adam_mini.py)
+        mc = cfg.model
+        d, f, heads = mc.hidden_size, mc.mlp_width, mc.num_attention_heads
+        blocks = 2 * mc.vocab_size + mc.num_hidden_layers * (2 * heads + 3 * d + 2 * f + 2) + 1
+        state = state_bytes * (s.total + blocks)
         grads = weight_bytes * s.total
     elif name == "relora":
         lora = sum(r * (m + n) for m, n in s.targets)

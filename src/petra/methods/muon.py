@@ -1,10 +1,10 @@
 """Muon on the hidden matrices (petra's, torch.optim.Muon's update, also under FSDP2), AdamW
-on embeddings, head and norms."""
+on embeddings, head and norms; and Adam-mini (petra's, also under FSDP2)."""
 
 from __future__ import annotations
 
-from ..config import ConfigError
 from ..optim import split_params
+from ..optim.adam_mini import AdamMini as AdamMiniOptimizer
 from ..optim.chain import OptimizerChain
 from ..optim.muon import Muon as MuonOptimizer
 from .base import Method
@@ -33,34 +33,20 @@ class Muon(Method):
 
 
 class AdamMini(Method):
-    """Adam-mini (Zhang et al. 2024, the adam-mini package): one second-moment value per
-    block (attention head, output neuron) instead of per weight; embeddings and head keep
-    AdamW's."""
+    """Adam-mini (Zhang et al. 2024): one second-moment value per block (attention head, output
+    neuron) instead of per weight; embeddings and head one per row. petra's own update
+    (optim/adam_mini.py), the adam-mini package's partition, also under FSDP2."""
 
     name, optimizer_name = "adam-mini", "Adam-mini"
     supports_layerwise = False
-    unsharded_because = "its block norms span the shards"
-
-    def check(self):
-        super().check()
-        try:
-            import adam_mini  # noqa: F401
-        except ImportError:
-            raise ConfigError("method.name=adam-mini needs the adam-mini package: pip install 'petra[adam-mini]'")
 
     def optimizer(self, model):
-        from adam_mini import Adam_mini
-
         t, m = self.cfg.train, self.cfg.model
-        return Adam_mini(
+        return AdamMiniOptimizer(
             [(n, p) for n, p in model.named_parameters() if p.requires_grad],
             lr=t.lr,
             betas=(t.beta1, t.beta2),
             eps=t.eps,
             weight_decay=t.weight_decay,
-            model_sharding=False,  # DDP replicates: no sum of block norms over processes
-            dim=m.hidden_size,
-            n_heads=m.num_attention_heads,
-            n_kv_heads=m.num_attention_heads,
-            verbose=False,
+            head_dim=m.hidden_size // m.num_attention_heads,
         )

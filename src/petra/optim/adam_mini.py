@@ -1,0 +1,130 @@
+"""Adam-mini (Zhang et al. 2024, arXiv 2406.16793): Adam with one second-moment value per block
+of weights instead of one per weight, with the partition of the adam-mini package (v1.1.1), its
+reference in tests:
+
+- query and key projections: one value per attention head (head_dim rows of the matrix);
+- embeddings, head, value and output projections, MLP matrices: one per row (output neuron,
+  or token);
+- biases: one per weight (plain Adam);
+- anything else (the norms): one for the whole tensor.
+
+Norms and biases take no weight decay. The moments are kept in the parameter's dtype, as the
+package keeps them.
+
+Under FSDP2 (Shard(0): each rank holds some rows of every parameter) a row's block is its
+rank's own; a head whose rows two ranks share, and a norm's one block, sum their squares over
+the ranks (one all-reduce of n_heads values, or of one value, per parameter and step). The
+package's per-head view of a local shard assumes that heads do not straddle ranks; here they
+may.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim import Optimizer
+
+from ..dtensor import local
+from .rowsharded import row_shards
+
+HEAD_NAMES = ("k_proj", "q_proj", "wq", "wk", "query", "key")
+ROW_NAMES = ("embed", "embd", "wte", "lm_head", "output", "final_layer", "v_proj", "wv", "value")
+ROW_NAMES += ("o_proj", "wo", "attn.proj", "feed_forward", "linear", "mlp")
+
+
+def block_kind(name: str) -> str:
+    """adam (per weight), head, row or tensor: the package's partition by parameter name."""
+    n = name.lower()
+    if "bias" in n:
+        return "adam"
+    if any(k in n for k in HEAD_NAMES):
+        return "head"
+    if any(k in n for k in ROW_NAMES):
+        return "row"
+    return "tensor"
+
+
+class AdamMini(Optimizer):
+    """Adam-mini over named parameters; `head_dim` is the rows of one attention head."""
+
+    def __init__(self, named_params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, head_dim: int):
+        groups = []
+        for name, p in named_params:
+            if not p.requires_grad:
+                continue
+            n = name.lower()
+            decay = 0.0 if "norm" in n or "ln" in n or "bias" in n else weight_decay
+            groups.append({"params": [p], "name": name, "kind": block_kind(name), "weight_decay": decay})
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, head_dim=head_dim))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            p = group["params"][0]
+            if p.grad is not None:
+                self._update(p, group)
+        return loss
+
+    def _mean_square(self, p: torch.Tensor, g: torch.Tensor, kind: str, head_dim: int) -> torch.Tensor:
+        """This step's mean of g^2 over each block of p (g: this rank's rows of p's gradient)."""
+        shards = row_shards(p)
+        if kind == "row":
+            return torch.mean(g * g, dim=1, keepdim=True)
+        heads = p.shape[0] // head_dim
+        if shards is None:
+            if kind == "tensor":
+                return torch.sum(g * g) / p.numel()
+            return torch.mean((g * g).view(heads, -1), dim=1, keepdim=True)
+        # sums over the ranks, in fp32
+        if kind == "tensor":
+            return (shards.sum(torch.sum(g.float() * g.float())) / p.numel()).to(g.dtype)
+        rows = torch.arange(shards.start, shards.stop, device=g.device) // head_dim
+        sums = torch.zeros(heads, 1, dtype=torch.float32, device=g.device)
+        sums.index_add_(0, rows, (g.float() * g.float()).sum(1, keepdim=True))
+        return (shards.sum(sums) / (head_dim * p.shape[1])).to(g.dtype)
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        kind, lr, eps = group["kind"], group["lr"], group["eps"]
+        beta1, beta2 = group["betas"]
+        w, g = local(p), local(p.grad)
+        state = self.state[p]
+        mean_square = None if kind == "adam" else self._mean_square(p, g, kind, group["head_dim"])
+        if state and state["m"].shape != g.shape:  # a checkpoint of the package's (heads, numel) view
+            state["m"] = state["m"].reshape(g.shape)
+        if not state:
+            state["step"] = 0
+            state["m"] = torch.zeros_like(g)
+            state["v" if kind == "adam" else "vmean"] = torch.zeros_like(g if kind == "adam" else mean_square)
+        if kind == "adam":
+            state["v"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        else:
+            state["vmean"].mul_(beta2).add_(mean_square, alpha=1 - beta2)
+        state["step"] += 1
+        if group["weight_decay"] > 0.0:
+            w.mul_(1 - lr * group["weight_decay"])
+        state["m"].lerp_(g, 1 - beta1)
+        bias_correction_1 = 1 - beta1 ** state["step"]
+        bias_correction_2_sqrt = math.sqrt(1 - beta2 ** state["step"])
+        if kind == "adam":
+            h = (state["v"].sqrt() / bias_correction_2_sqrt).add_(eps)
+            w.addcdiv_(state["m"], h, value=-lr / bias_correction_1)
+            return
+        h = (state["vmean"].sqrt() / bias_correction_2_sqrt).add_(eps)
+        stepsize = (1 / bias_correction_1) / h
+        m = state["m"]
+        if kind == "head":  # each row takes its head's step size
+            shards = row_shards(p)
+            if shards is None:
+                update = (m.view(stepsize.shape[0], -1) * stepsize).view(m.shape)
+            else:
+                rows = torch.arange(shards.start, shards.stop, device=m.device) // group["head_dim"]
+                update = m * stepsize[rows]
+        else:
+            update = m * stepsize
+        update.mul_(lr)
+        w.add_(-update)

@@ -1,0 +1,59 @@
+"""petra's Adam-mini against the adam-mini package (v1.1.1), its reference, on CPU; its
+FSDP2 form is in test_distributed.py (test_sharded_optimizers_equal_one_process)."""
+
+import copy
+
+import pytest
+import torch
+
+from petra.config import PRESETS, ModelConfig
+from petra.model import build_model
+from petra.optim.adam_mini import AdamMini, block_kind
+
+
+def test_the_partition_is_the_packages_by_name():
+    kinds = {
+        "model.embed_tokens.weight": "row",
+        "lm_head.weight": "row",
+        "model.layers.0.self_attn.q_proj.weight": "head",
+        "model.layers.0.self_attn.k_proj.weight": "head",
+        "model.layers.0.self_attn.v_proj.weight": "row",
+        "model.layers.0.self_attn.o_proj.weight": "row",
+        "model.layers.0.mlp.down_proj.weight": "row",
+        "model.layers.0.input_layernorm.weight": "tensor",
+        "model.norm.weight": "tensor",
+        "encoder.proj.bias": "adam",
+    }
+    assert {n: block_kind(n) for n in kinds} == kinds
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adam_mini_follows_the_package_bit_for_bit(wd):
+    adam_mini = pytest.importorskip("adam_mini")
+    cfg = ModelConfig(**PRESETS["tiny"])
+    torch.manual_seed(0)
+    ours = build_model(cfg, "cpu", torch.float32)
+    ref = copy.deepcopy(ours)
+    a = AdamMini(ours.named_parameters(), lr=1e-2, weight_decay=wd, head_dim=cfg.hidden_size // cfg.num_attention_heads)
+    b = adam_mini.Adam_mini(
+        ref.named_parameters(),
+        lr=1e-2,
+        weight_decay=wd,
+        dim=cfg.hidden_size,
+        n_heads=cfg.num_attention_heads,
+        n_kv_heads=cfg.num_attention_heads,
+        verbose=False,
+    )
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+        for model, opt in ((ours, a), (ref, b)):
+            opt.zero_grad()
+            model(x, x).backward()
+            opt.step()
+    for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+    # one second-moment value per head, row or tensor: the state is a little over half Adam's
+    moments = sum(t.numel() for st in a.state.values() for k, t in st.items() if k in ("m", "v", "vmean"))
+    n = sum(p.numel() for p in ours.parameters())
+    assert n < moments < 1.1 * n
