@@ -32,6 +32,10 @@ def make(name: str, params: list) -> torch.optim.Optimizer:
         return ApolloAdamW([{**low, **APOLLO_MINI_GROUP}], lr=1e-2)
     if name == "fira":
         return FiraAdamW([low], lr=1e-2)
+    if name == "galore-adafactor":  # factored second moments: row and column means over the ranks
+        from petra.optim import GaLoreAdafactor
+
+        return GaLoreAdafactor([low], lr=1e-2, beta1=0.9, weight_decay=0.1)
     if name == "galore8bit":
         return GaLoreAdamW8bit([{**low, "projector": "randomized"}], lr=1e-2)
     raise ValueError(name)

@@ -12,7 +12,7 @@ from petra.config import ConfigError, build_config
 from petra.methods import make_method
 from petra.optim.apollo import APOLLO_MINI_GROUP, ApolloAdamW, FiraAdamW
 from petra.optim.functional import channel_scales, limit_norm_growth
-from petra.parallel import DDP, FSDP
+from petra.parallel import DDP
 
 SHAPES = [(32, 64), (64, 32)]  # projected from the left / from the right
 
@@ -166,7 +166,6 @@ def test_each_method_takes_its_paper_rank_and_scale_unless_told():
 @pytest.mark.parametrize(
     "ov, strategy, message",
     [
-        ({"method.name": "galore-adafactor"}, FSDP, "galore-adafactor does not run under FSDP2"),
         ({"method.name": "fira", "method.layerwise": True}, DDP, "needs train.grad_clip=0"),
         ({"method.name": "muon", "method.layerwise": True}, DDP, "layerwise is for the full and low-rank"),
     ],

@@ -45,10 +45,10 @@ METHODS = {
     "fira": {"method.name": "fira", "method.rank": 8, "method.update_proj_gap": 5},
     "fira8bit": {"method.name": "fira8bit", "method.rank": 8, "method.update_proj_gap": 5},
     "adam-mini": {"method.name": "adam-mini"},  # a head's and a norm's squares summed over the ranks
+    # factored second moments: row and column means, and the RMS, summed over the ranks
+    "galore-adafactor": {"method.name": "galore-adafactor", "method.rank": 8, "method.update_proj_gap": 5},
 }
 RESUMED = ("galore", "relora", "muon", "fira")
-# methods that need whole parameters: DDP only (FSDP2 is refused before any work)
-DDP_ONLY = {"galore-adafactor": {"method.name": "galore-adafactor", "method.rank": 8, "method.update_proj_gap": 5}}
 
 
 def _losses(run):
@@ -78,12 +78,12 @@ def runs(tmp_path_factory, tiny_overrides):
     base = tiny_overrides
     from petra.config import build_config
 
-    for name, ov in {**METHODS, **DDP_ONLY}.items():  # the 1-process references (this also fills the token cache)
+    for name, ov in METHODS.items():  # the 1-process references (this also fills the token cache)
         if name not in ("full-accum", "full-unit2"):
             train(build_config(overrides={**base, **ov}), root / "one" / name, show_progress=False, log=lambda *a: None)
     for mode in ("ddp", "fsdp"):
         jobs = []
-        for name, ov in {**METHODS, **(DDP_ONLY if mode == "ddp" else {})}.items():
+        for name, ov in METHODS.items():
             jobs.append({"out": str(root / mode / name), "overrides": {**base, **ov, "train.parallel": mode}})
         for name in RESUMED:
             ov = {**base, **METHODS[name], "train.parallel": mode, "train.stop_after": 7}
@@ -97,9 +97,7 @@ def runs(tmp_path_factory, tiny_overrides):
     return root
 
 
-@pytest.mark.parametrize(
-    "mode, name", [(m, n) for m in ("ddp", "fsdp") for n in METHODS] + [("ddp", n) for n in DDP_ONLY]
-)
+@pytest.mark.parametrize("mode, name", [(m, n) for m in ("ddp", "fsdp") for n in METHODS])
 def test_two_processes_match_one(runs, mode, name):
     ref = "full" if name.startswith("full-") else name
     one, two = _losses(runs / "one" / ref), _losses(runs / mode / name)
@@ -113,8 +111,9 @@ def test_two_processes_match_one(runs, mode, name):
     # (GaLore's projectors, a third of its low-rank state, are held whole by every process)
     if mode == "ddp":
         assert s2["optimizer_state_bytes"] == s1["optimizer_state_bytes"]
-    else:
-        assert s2["optimizer_state_bytes"] < 0.7 * s1["optimizer_state_bytes"]
+    else:  # Adafactor's factored moments are small: most of its state is the projectors
+        share = 0.8 if name == "galore-adafactor" else 0.7
+        assert s2["optimizer_state_bytes"] < share * s1["optimizer_state_bytes"]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -201,8 +200,11 @@ def test_a_signal_to_one_rank_stops_every_rank_with_its_code(tmp_path, cache_dir
     assert "exitcode  : 143" in out and "TypeError" not in out and checkpoint.exists(run)
 
 
+SHARDED_OPTIMIZERS = ["muon", "apollo", "apollo-mini", "fira", "galore8bit", "adam-mini", "galore-adafactor"]
+
+
 @pytest.mark.parametrize("nproc", [2, 4])
-@pytest.mark.parametrize("name", ["muon", "apollo", "apollo-mini", "fira", "galore8bit", "adam-mini"])
+@pytest.mark.parametrize("name", SHARDED_OPTIMIZERS)
 def test_sharded_optimizers_equal_one_process(tmp_path, nproc, name):
     """Matrices of 7 shapes (tall, wide, square, fewer rows than processes: both projection
     sides), 6 steps with a refresh and a step the norm-growth limiter holds back, on row

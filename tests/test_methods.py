@@ -21,7 +21,6 @@ def _cfg(**ov):
     [
         ({"method.name": "relora", "method.layerwise": True}, NoParallel, "layerwise is for the full and low-rank"),
         ({"method.name": "relora", "method.quantize": "int8"}, FSDP, "quantize does not run under FSDP2"),
-        ({"method.name": "galore-adafactor"}, FSDP, "galore-adafactor does not run under FSDP2"),
     ],
 )
 def test_each_method_refuses_what_it_cannot_do_under_its_strategy(ov, strategy, message):

@@ -20,8 +20,6 @@ class GaLore(Method):
         super().__init__(cfg, parallel)
         self.name = cfg.method.name
         self.cls, self.optimizer_name = self.OPTIMIZERS[self.name]
-        if self.cls is GaLoreAdafactor:  # Method.check refuses FSDP2 with this reason
-            self.unsharded_because = "its factored second moment needs whole rows and columns"
 
     def group_options(self) -> dict:
         """The low-rank param group's settings, from the config."""

@@ -80,7 +80,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         v = state[key]
         return v.dequantize() if isinstance(v, self._q) else v
 
-    def _inner(self, rs, states, group, ok=None):
+    def _inner(self, rs, states, group, ok=None, splits=None):
         b1, b2 = group["betas"]
         quant = [i for i, st in enumerate(states) if isinstance(st["exp_avg"], self._q)]
         plain = [i for i, st in enumerate(states) if not isinstance(st["exp_avg"], self._q)]

@@ -98,26 +98,42 @@ def adafactor_direction(
     decay_rate: float,
     clip_threshold: float,
     beta1: float | None,
+    split=None,
 ) -> torch.Tensor:
     """Adafactor's update direction for gradient r (Shazeer & Stern 2018), with a fixed
     learning rate: a factored second moment for matrices (row and column means), a full one
     otherwise, RMS clipping, and an optional first moment of the unscaled update. The
-    moments live in `state` (created on first use) and are updated in place."""
+    moments live in `state` (created on first use) and are updated in place.
+
+    With `split` (rowsharded.Split) r is this rank's rows (dim 0) or columns (dim 1) of the
+    whole: the means across the cut dimension, the mean of the row moments (when rows are
+    cut) and the RMS sum over the ranks; the moments are this rank's share."""
     beta2t = 1.0 - t**decay_rate
     sq = r * r + eps[0]
     if r.dim() == 2:
         if "exp_avg_sq_row" not in state:
             state["exp_avg_sq_row"] = torch.zeros(r.shape[0], device=r.device)
             state["exp_avg_sq_col"] = torch.zeros(r.shape[1], device=r.device)
-        row = state["exp_avg_sq_row"].mul_(beta2t).add_(sq.mean(dim=1), alpha=1 - beta2t)
-        col = state["exp_avg_sq_col"].mul_(beta2t).add_(sq.mean(dim=0), alpha=1 - beta2t)
-        u = r * (row / row.mean()).rsqrt()[:, None] * col.rsqrt()[None, :]
+        if split is None:
+            row_now, col_now = sq.mean(dim=1), sq.mean(dim=0)
+        elif split.dim == 0:  # rows cut: a column's mean sums over the ranks
+            row_now, col_now = sq.mean(dim=1), split.sum(sq.sum(dim=0)) / split.size
+        else:
+            row_now, col_now = split.sum(sq.sum(dim=1)) / split.size, sq.mean(dim=0)
+        row = state["exp_avg_sq_row"].mul_(beta2t).add_(row_now, alpha=1 - beta2t)
+        col = state["exp_avg_sq_col"].mul_(beta2t).add_(col_now, alpha=1 - beta2t)
+        row_mean = row.mean() if split is None or split.dim == 1 else split.sum(row.sum()) / split.size
+        u = r * (row / row_mean).rsqrt()[:, None] * col.rsqrt()[None, :]
     else:
         if "exp_avg_sq" not in state:
             state["exp_avg_sq"] = torch.zeros_like(r)
         v = state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1 - beta2t)
         u = r * v.rsqrt()
-    rms = u.pow(2).mean().sqrt()
+    if split is None:
+        rms = u.pow(2).mean().sqrt()
+    else:  # the whole's size: the cut dimension's length times the other's
+        other = u.shape[1 - split.dim] if u.dim() == 2 else 1
+        rms = (split.sum(u.pow(2).sum()) / (split.size * other)).sqrt()
     u = u / (rms / clip_threshold).clamp(min=1.0)
     if beta1 is not None:
         if "exp_avg" not in state:

@@ -52,7 +52,7 @@ from .functional import (
     sides,
 )
 from .projector import Dense, compute_basis, gaussian_basis
-from .rowsharded import RowSharded, row_shards, sharded_channel_scales
+from .rowsharded import RowSharded, Split, row_shards, sharded_channel_scales
 
 PROJ_TYPES = ("std", "left", "right", "full")
 PROJECTORS = ("svd", "randomized", "subspace", "random")
@@ -478,7 +478,10 @@ class GaLoreOptimizer(Optimizer):
             torch._foreach_mul_(rs, coef)
         if ok is not None:  # a skipped step computes on zeros; the writes below are no-ops
             rs = [torch.where(ok, r, 0.0) for r in rs]
-        nums, dens, divs = self._inner(rs, states, group, ok)
+        splits = None
+        if self.sharded_inner and any(is_sharded(p) for p in params):
+            splits = [self._split(p, st, group) for p, st in zip(params, states)]
+        nums, dens, divs = self._inner(rs, states, group, ok, splits)
         lr = group["lr"]
         owners, params = params, [local(p) for p in params]  # FSDP2: update this rank's rows
         decay_after = group.get("convention", "torch") == "galore-torch"
@@ -633,11 +636,25 @@ class GaLoreOptimizer(Optimizer):
             if k in state:
                 self._zeros(state, k, state[k])
 
+    sharded_inner = False  # whether _inner needs to know how each r is cut over FSDP2's ranks
+
+    def _split(self, p: torch.Tensor, state: dict, group: dict) -> Split | None:
+        """How this rank's projected gradient of p is cut (see `project`): a left projection's
+        columns, otherwise rows (a right projection's, or the gradient's own)."""
+        shards = row_shards(p)
+        if shards is None:
+            return None
+        P, Q = state.get("P"), state.get("Q")
+        if self._lowrank(p, group) and P is not None:
+            return Split(shards, 1, Q.shape[1] if Q is not None else p.shape[1])
+        return Split(shards, 0, p.shape[0])
+
     def _inner(
-        self, rs: list[torch.Tensor], states: list[dict], group: dict, ok: torch.Tensor | None = None
+        self, rs: list[torch.Tensor], states: list[dict], group: dict, ok: torch.Tensor | None = None, splits=None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[float]]:
         """(numerators, denominators or None, divisors): direction_i = num_i / den_i / div_i.
-        With `ok` False (on the device) the state stays as it was and the rs are zeros."""
+        With `ok` False (on the device) the state stays as it was and the rs are zeros.
+        `splits` (with `sharded_inner`): how each r is cut over FSDP2's ranks, or None."""
         raise NotImplementedError
 
 
@@ -693,7 +710,7 @@ class GaLoreAdamW(GaLoreOptimizer):
                 self._zeros(st, "exp_avg", r)
                 self._zeros(st, "exp_avg_sq", r)
 
-    def _inner(self, rs, states, group, ok=None):
+    def _inner(self, rs, states, group, ok=None, splits=None):
         b1, b2 = group["betas"]
         ms = [self._dequant(st, "exp_avg") for st in states]
         vs = [self._dequant(st, "exp_avg_sq") for st in states]
@@ -715,7 +732,8 @@ class GaLoreAdafactor(GaLoreOptimizer):
     (petra's momentum follows the current lr, theirs carries the lr of past steps)."""
 
     inner_keys = ("lr", "beta1", "eps", "clip_threshold", "decay_rate", "weight_decay")
-    row_split = False  # the factored second moment needs whole rows and columns
+    row_split = False  # the factored second moment needs whole rows and columns (FSDP2's
+    sharded_inner = True  # rows it sums over the ranks instead)
 
     def __init__(
         self,
@@ -765,28 +783,21 @@ class GaLoreAdafactor(GaLoreOptimizer):
             ),
         )
 
-    def add_param_group(self, param_group: dict) -> None:
-        if any(is_sharded(p) for p in param_group["params"]):
-            raise NotImplementedError(
-                "GaLoreAdafactor does not run on FSDP2-sharded parameters: its "
-                "factored second moment needs whole rows and columns; use DDP"
-            )
-        super().add_param_group(param_group)
-
-    def _inner(self, rs, states, group, ok=None):
+    def _inner(self, rs, states, group, ok=None, splits=None):
+        splits = splits or [None] * len(rs)
         if ok is None:
-            return [self._one(r, st, group) for r, st in zip(rs, states)], None, [1.0] * len(rs)
+            return [self._one(r, st, group, sp) for r, st, sp in zip(rs, states, splits)], None, [1.0] * len(rs)
         # the moments are small (factored, or low-rank): a skipped step selects the old ones
         okf, out = ok.float(), []
-        for r, st in zip(rs, states):
+        for r, st, sp in zip(rs, states, splits):
             old = {k: st[k].clone() for k in ADAFACTOR_KEYS if k in st}
-            out.append(self._one(r, st, group))
+            out.append(self._one(r, st, group, sp))
             for k in ADAFACTOR_KEYS:
                 if k in st:  # a moment created now was zeros before
                     st[k] = old.get(k, torch.zeros_like(st[k])).lerp_(st[k], okf)
         return out, None, [1.0] * len(rs)
 
-    def _one(self, r, state, group):
+    def _one(self, r, state, group, split=None):
         return adafactor_direction(
             r,
             state,
@@ -795,4 +806,5 @@ class GaLoreAdafactor(GaLoreOptimizer):
             group["decay_rate"],
             group["clip_threshold"],
             group["beta1"],
+            split,
         )

@@ -8,6 +8,7 @@ computes G X and G^T Y with one thin collective each and never gathers the (m, n
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,19 @@ class RowShards:
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         return x[self.start : self.stop]
+
+
+@dataclass
+class Split:
+    """How this rank's part of a (projected) gradient lies in the whole: cut along `dim` (0:
+    rows, 1: columns) over `shards`, `size` the whole's length along it."""
+
+    shards: RowShards
+    dim: int
+    size: int
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.shards.sum(t)
 
 
 def row_shards(p: torch.Tensor) -> RowShards | None:
