@@ -47,7 +47,29 @@ METHODS = {
     "adam-mini": {"method.name": "adam-mini"},  # a head's and a norm's squares summed over the ranks
     # factored second moments: row and column means, and the RMS, summed over the ranks
     "galore-adafactor": {"method.name": "galore-adafactor", "method.rank": 8, "method.update_proj_gap": 5},
+    # layer-wise: updates inside backward under FSDP2, after it under DDP; APOLLO and Fira without
+    # clipping (their update scales the full gradient, which clipping layer-wise does not keep)
+    "apollo-mini-layerwise": {
+        "method.name": "apollo-mini",
+        "method.update_proj_gap": 5,
+        "method.layerwise": True,
+        "train.grad_clip": 0.0,
+    },
+    "fira-layerwise": {
+        "method.name": "fira",
+        "method.rank": 8,
+        "method.update_proj_gap": 5,
+        "method.layerwise": True,
+        "train.grad_clip": 0.0,
+    },
+    "galore-adafactor-layerwise": {
+        "method.name": "galore-adafactor",
+        "method.rank": 8,
+        "method.update_proj_gap": 5,
+        "method.layerwise": True,
+    },
 }
+FOUR = ("galore", "apollo-mini", "muon", "adam-mini", "galore-adafactor")  # also at 4 processes under FSDP2
 RESUMED = ("galore", "relora", "muon", "fira")
 
 
@@ -94,7 +116,21 @@ def runs(tmp_path_factory, tiny_overrides):
         spec = root / f"{mode}.json"
         spec.write_text(json.dumps(jobs))
         _torchrun(spec)
+    fsdp = {**base, "train.parallel": "fsdp"}
+    jobs = [{"out": str(root / "fsdp4" / n), "overrides": {**fsdp, **METHODS[n]}} for n in FOUR]
+    (root / "fsdp4.json").write_text(json.dumps(jobs))
+    _torchrun(root / "fsdp4.json", nproc=4)
     return root
+
+
+@pytest.mark.parametrize("name", FOUR)
+def test_four_fsdp2_processes_match_one(runs, name):
+    """One row of each global batch of 4 per process."""
+    one, four = _losses(runs / "one" / name), _losses(runs / "fsdp4" / name)
+    assert len(one) == len(four) == 12
+    assert four == pytest.approx(one, rel=2e-4, abs=2e-4)
+    s4 = json.loads((runs / "fsdp4" / name / "summary.json").read_text())
+    assert s4["processes"] == 4 and s4["parallel"] == "fsdp"
 
 
 @pytest.mark.parametrize("mode, name", [(m, n) for m in ("ddp", "fsdp") for n in METHODS])
@@ -112,7 +148,7 @@ def test_two_processes_match_one(runs, mode, name):
     if mode == "ddp":
         assert s2["optimizer_state_bytes"] == s1["optimizer_state_bytes"]
     else:  # Adafactor's factored moments are small: most of its state is the projectors
-        share = 0.8 if name == "galore-adafactor" else 0.7
+        share = 0.8 if name.startswith("galore-adafactor") else 0.7
         assert s2["optimizer_state_bytes"] < share * s1["optimizer_state_bytes"]
 
 
