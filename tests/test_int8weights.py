@@ -125,6 +125,22 @@ def test_resume_with_int8_weights_is_exact(tmp_path, tiny_cfg, method, extra):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_a_run_saved_before_int8_block_resumes_with_its_blocks_of_256(tmp_path, tiny_cfg):
+    import json
+
+    ov = {"method.name": "galore", "method.rank": 8, "method.int8_weights": "stochastic", "method.int8_block": 256}
+    full = train(tiny_cfg(**ov), tmp_path / "a", **quiet)
+    train(tiny_cfg(**ov, **{"train.stop_after": 7}), tmp_path / "b", **quiet)
+    saved = tmp_path / "b" / "config.json"  # as the first int8 runs wrote it and their checkpoints
+    d = json.loads(saved.read_text())
+    del d["method"]["int8_block"]
+    saved.write_text(json.dumps(d))
+    payload = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    del payload["config"]["method"]["int8_block"]
+    torch.save(payload, tmp_path / "b" / "checkpoint.pt")
+    assert train(None, tmp_path / "b", resume=True, **quiet)["val_loss"] == full["val_loss"]
+
+
 def test_export_of_an_int8_run_loads_in_transformers_with_the_dequantized_logits(tmp_path, tiny_cfg):
     transformers = pytest.importorskip("transformers")
     cfg = tiny_cfg(**{"method.name": "galore", "method.rank": 8, "method.int8_weights": "stochastic"})

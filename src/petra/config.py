@@ -405,6 +405,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     d["method"].setdefault("stagger_refresh", False)  # before it, every projector refreshed on one step
     d["method"].setdefault("prune_mask", "independent")  # before prune_mask, moments were pruned so
     d["data"].setdefault("shuffle", "randperm")  # before token shards, windows were ordered by randperm
+    d["method"].setdefault("int8_block", 256)  # int8 weights came with blocks of 256
     if "jsonl_field" in d["data"]:  # renamed when parquet came
         d["data"]["text_field"] = d["data"].pop("jsonl_field")
     t = d["train"]

@@ -213,7 +213,8 @@ def setup(
     if resume:
         payload = parallel.load(out)
         on_disk = checkpoint.run_config(out, lambda m: None)
-        if differ := config_changes(on_disk, from_dict(payload["config"]).to_dict()):
+        # both as this version reads them: a field added since takes its old value in each
+        if differ := config_changes(from_dict(on_disk).to_dict(), from_dict(payload["config"]).to_dict()):
             raise ConfigError(
                 f"{out}/{checkpoint.CKPT} was not saved by the run its config.json describes ({', '.join(differ[:4])}"
                 f"{', ...' if len(differ) > 4 else ''}); a checkpoint copied from another run is not resumed"
