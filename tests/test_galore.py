@@ -555,6 +555,16 @@ def _stacked_run(
     return ps, opt
 
 
+def _record_stacked_pieces(cls, monkeypatch) -> list:
+    """Whether each piece cls updates is a stack, in order."""
+    pieces = []
+    real = cls._update_piece
+    monkeypatch.setattr(
+        cls, "_update_piece", lambda self, ps, *a, **kw: (pieces.append(kw.get("stacked")), real(self, ps, *a, **kw))
+    )
+    return pieces
+
+
 def _flat_state(opt) -> dict:
     out = {}
     for i, st in opt.state_dict()["state"].items():
@@ -570,13 +580,7 @@ def _flat_state(opt) -> dict:
 def test_matrices_of_one_shape_update_as_one_stack_with_the_numbers_of_one_at_a_time(
     proj_type, convention, cls, device, monkeypatch
 ):
-    stacked_pieces = []
-    real = cls._update_piece
-    monkeypatch.setattr(
-        cls,
-        "_update_piece",
-        lambda self, ps, *a, **kw: (stacked_pieces.append(kw.get("stacked")), real(self, ps, *a, **kw)),
-    )
+    stacked_pieces = _record_stacked_pieces(cls, monkeypatch)
     one, opt1 = _stacked_run(cls, False, device, proj_type, convention)
     assert not any(stacked_pieces)
     stacked, opt2 = _stacked_run(cls, True, device, proj_type, convention)
@@ -610,13 +614,7 @@ def test_apollo_and_fira_update_in_stacks_with_the_numbers_of_one_at_a_time(
 ):
     """APOLLO's channel (or tensor) scales and Fira's residual and norm-growth limiter, computed
     for a stack at once (each matrix's own scales and norms), give the bits of one at a time."""
-    stacked_pieces = []
-    real = cls._update_piece
-    monkeypatch.setattr(
-        cls,
-        "_update_piece",
-        lambda self, ps, *a, **kw: (stacked_pieces.append(kw.get("stacked")), real(self, ps, *a, **kw)),
-    )
+    stacked_pieces = _record_stacked_pieces(cls, monkeypatch)
 
     def run(stacks):
         ps, opt = _stack_optimizer(
