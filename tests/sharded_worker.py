@@ -60,6 +60,9 @@ if __name__ == "__main__":
         for p, g in zip(params, step):
             p.grad = distribute_tensor(g, mesh, [Shard(0)])
         opt.step()
+    from petra.dtensor import local_state
+
+    torch.save(local_state(opt.state_dict()), f"{out}.rank{dist.get_rank()}")  # as a checkpoint keeps it
     full = [p.full_tensor() for p in params]
     from petra.metrics import optimizer_state_bytes
 

@@ -70,6 +70,9 @@ METHODS = {
     },
 }
 FOUR = ("galore", "apollo-mini", "muon", "adam-mini", "galore-adafactor")  # also at 4 processes under FSDP2
+# checkpoints that reshard: stopped at step 7 by 1 process and resumed by 2 under FSDP2; stopped by 2
+# FSDP2 processes and resumed by 4, and by 1
+RESHARDED = ("galore", "muon", "adam-mini", "galore-adafactor", "fira8bit")
 RESUMED = ("galore", "relora", "muon", "fira")
 
 
@@ -100,9 +103,12 @@ def runs(tmp_path_factory, tiny_overrides):
     base = tiny_overrides
     from petra.config import build_config
 
+    quiet = dict(show_progress=False, log=lambda *a: None)
     for name, ov in METHODS.items():  # the 1-process references (this also fills the token cache)
         if name not in ("full-accum", "full-unit2"):
-            train(build_config(overrides={**base, **ov}), root / "one" / name, show_progress=False, log=lambda *a: None)
+            train(build_config(overrides={**base, **ov}), root / "one" / name, **quiet)
+    for name in RESHARDED:
+        train(build_config(overrides={**base, **METHODS[name], "train.stop_after": 7}), root / "from1" / name, **quiet)
     for mode in ("ddp", "fsdp"):
         jobs = []
         for name, ov in METHODS.items():
@@ -113,14 +119,41 @@ def runs(tmp_path_factory, tiny_overrides):
                 {"out": str(root / mode / f"{name}-resumed"), "overrides": ov},
                 {"out": str(root / mode / f"{name}-resumed"), "resume": True},
             ]
+        if mode == "fsdp":
+            for name in RESHARDED:
+                ov = {**base, **METHODS[name], "train.parallel": "fsdp"}
+                jobs.append(
+                    {"out": str(root / "from1" / name), "resume": True, "overrides": ov, "change": ["train.parallel"]}
+                )
+                jobs += [
+                    {"out": str(root / f"from2-{to}" / name), "overrides": {**ov, "train.stop_after": 7}}
+                    for to in (1, 4)
+                ]
         spec = root / f"{mode}.json"
         spec.write_text(json.dumps(jobs))
         _torchrun(spec)
     fsdp = {**base, "train.parallel": "fsdp"}
     jobs = [{"out": str(root / "fsdp4" / n), "overrides": {**fsdp, **METHODS[n]}} for n in FOUR]
+    jobs += [{"out": str(root / "from2-4" / n), "resume": True} for n in RESHARDED]
     (root / "fsdp4.json").write_text(json.dumps(jobs))
     _torchrun(root / "fsdp4.json", nproc=4)
+    for name in RESHARDED:  # an FSDP2 checkpoint resumed by one process
+        cfg = build_config(overrides={**base, **METHODS[name], "train.parallel": "none"})
+        train(cfg, root / "from2-1" / name, resume=True, explicit={("train", "parallel")}, **quiet)
     return root
+
+
+@pytest.mark.parametrize("name", RESHARDED)
+@pytest.mark.parametrize("route", ["from1", "from2-4", "from2-1"])
+def test_a_checkpoint_resumes_on_another_number_of_processes(runs, name, route):
+    """Stopped at step 7 by one process and resumed by two FSDP2 processes (from1), or stopped by
+    two and resumed by four (from2-4) or by one (from2-1): the run goes on as one process's does."""
+    one, resumed = _losses(runs / "one" / name), _losses(runs / route / name)
+    assert len(resumed) == 12 and resumed == pytest.approx(one, rel=2e-4, abs=2e-4)
+    s1 = json.loads((runs / "one" / name / "summary.json").read_text())
+    s2 = json.loads((runs / route / name / "summary.json").read_text())
+    assert s2["val_loss"] == pytest.approx(s1["val_loss"], rel=2e-4)
+    assert s2.get("processes", 1) == {"from1": 2, "from2-4": 4, "from2-1": 1}[route]
 
 
 @pytest.mark.parametrize("name", FOUR)
@@ -172,8 +205,7 @@ def test_fsdp_checkpoint_is_sharded_and_consolidates(runs):
     assert whole.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(whole[k], ref[k], rtol=1e-3, atol=1e-4)
-    with pytest.raises(checkpoint.CheckpointError, match="nproc_per_node 2"):
-        checkpoint.load(run)
+    assert len(checkpoint.load(run)["parts"]) == 2  # one process resumes it from both (reshard)
 
 
 def test_ddp_checkpoint_resumes_on_one_process(runs, tmp_path):
@@ -193,8 +225,8 @@ def test_a_save_killed_between_its_renames_leaves_the_old_shards(runs, tmp_path)
     (run / checkpoint.SHARDED).rename(run / (checkpoint.SHARDED + ".old"))  # as if killed mid-save
     assert checkpoint.exists(run)
     assert checkpoint.load(run, rank=1, world=2, sharded=True)["step"] == 12
-    with pytest.raises(checkpoint.CheckpointError, match="saved by 2 FSDP2 processes"):
-        checkpoint.load(run, rank=0, world=4, sharded=True)
+    parts = checkpoint.load(run, rank=0, world=4, sharded=True)["parts"]  # for 4 processes: both to reshard
+    assert [p["step"] for p in parts] == [12, 12]
 
 
 def test_parallel_modes_need_torchrun(tiny_cfg, tmp_path, monkeypatch):
@@ -282,6 +314,25 @@ def test_sharded_optimizers_equal_one_process(tmp_path, nproc, name):
     from petra.metrics import optimizer_state_bytes
 
     assert got["state_bytes"] < 0.75 * optimizer_state_bytes(opt)  # the most any one process held
+    # the processes' states, put together as a checkpoint that reshards does, are one process's
+    from petra.reshard import optimizer_state
+
+    saved = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(nproc)]
+    whole = optimizer_state(opt, saved, 0, 1)
+    ref_state = opt.state_dict()
+    ref_state = ref_state["state"] if "chain" not in ref_state else None
+    assert ref_state is not None and whole["state"].keys() == ref_state.keys()
+    for i, st in ref_state.items():
+        for k, v in st.items():
+            mine = whole["state"][i][k]
+            mine = mine.dequantize() if hasattr(mine, "codes") else mine
+            v = v.dequantize() if hasattr(v, "codes") else v
+            if torch.is_tensor(v) and v.is_floating_point() and k not in ("P", "Q"):  # bases: whole, rank 0's
+                assert mine.shape == v.shape, (name, i, k)
+                assert (mine - v).abs().max() <= 1e-3 * v.abs().max() + 1e-6, (name, i, k)
+    # and a process of 3 takes its share of every cut tensor
+    part = optimizer_state(opt, saved, 1, 3)
+    assert all(part["state"][i].keys() == whole["state"][i].keys() for i in whole["state"])
 
 
 @pytest.mark.parametrize("name", ["full", "galore", "apollo", "apollo-mini", "fira", "muon", "relora", "adam-mini"])

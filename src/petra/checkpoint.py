@@ -82,32 +82,22 @@ def save_sharded(run_dir: Path, payload: dict, d) -> Path:
 
 
 def load(run_dir: Path, map_location="cpu", rank: int = 0, world: int = 1, sharded: bool = False) -> dict:
-    """The checkpoint this process resumes from: checkpoint.pt, or its own FSDP2 shard."""
+    """The checkpoint this process resumes from: checkpoint.pt, or its own FSDP2 shard where
+    `world` FSDP2 processes saved it. Saved another way (by another number of FSDP2
+    processes, or whole for an FSDP2 run) it is every saved part, memory-mapped, under
+    "parts" (beside the first part's other entries): `reshard` takes this process's share."""
     run_dir = Path(run_dir)
     path, sdir = run_dir / CKPT, _sharded_dir(run_dir)
     n = len(list(sdir.glob("rank*.pt"))) if sdir is not None else 0  # processes that saved it
-    if sharded:
-        if sdir is None:
-            raise CheckpointError(
-                f"no FSDP2 checkpoint in {run_dir}"
-                + (
-                    "; it holds one saved without FSDP2: resume it with train.parallel ddp or none"
-                    if path.is_file()
-                    else ""
-                )
-            )
-        if n != world:
-            raise CheckpointError(
-                f"the checkpoint in {sdir} was saved by {n} FSDP2 processes; resume it with "
-                f"torchrun --nproc_per_node {n} (this launch has {world})"
-            )
+    if sharded and n == world:
         return _read(sdir / f"rank{rank:05d}.pt", map_location)
-    if not path.is_file() and sdir is not None:
-        raise CheckpointError(
-            f"{run_dir} holds an FSDP2 checkpoint of {n} shards; resume it with torchrun "
-            f"--nproc_per_node {n} and train.parallel=fsdp (petra export consolidates it)"
-        )
-    return _read(path, map_location)
+    if not sharded and (path.is_file() or sdir is None):
+        return _read(path, map_location)
+    if path.is_file() and sdir is None or n == 0:
+        parts = [_read(path, map_location, mmap=True)]
+    else:
+        parts = [_read(sdir / f"rank{r:05d}.pt", map_location, mmap=True) for r in range(n)]
+    return {**parts[0], "parts": parts}
 
 
 def run_config(run_dir: Path, warn=print) -> dict:
@@ -153,7 +143,7 @@ def load_consolidated(run_dir: Path) -> dict:
     return payload
 
 
-def _read(path: Path, map_location) -> dict:
+def _read(path: Path, map_location, mmap: bool = False) -> dict:
     if not path.is_file():
         raise ConfigError(
             f"{path.parent} is not a petra run directory with a checkpoint (no {path.name} "
@@ -162,7 +152,7 @@ def _read(path: Path, map_location) -> dict:
     try:
         # weights_only=False: optimizer state may hold torchao 8-bit tensor subclasses;
         # checkpoints are files this program wrote for this user
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        payload = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # truncated zip, wrong format, ...
         raise CheckpointError(
             f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {e}); it was left untouched"

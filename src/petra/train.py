@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import checkpoint, hf
+from . import checkpoint, hf, reshard
 from .checkpoint import Checkpointer
 from .compiling import compile_model
 from .config import ConfigError, RunConfig, config_changes, from_dict, merge_resume_config, replace
@@ -278,11 +278,19 @@ def setup(
         method.load_state_dict(payload.get("method", {}))
     model = method.prepare(model)
     wrapped = parallel.wrap(model, device)  # FSDP2 shards `model` itself, in place
+    # saved by another number of FSDP2 processes, or by another mode: this process's share
+    rank, world = (parallel.rank, parallel.world) if parallel.sharded else (0, 1)
+    parts = payload.pop("parts", None) if payload is not None else None
     if payload is not None:
-        parallel.load_model(model, payload["model"])
+        parallel.load_model(model, reshard.model_state(model, parts, rank, world) if parts else payload["model"])
     optimizer = method.optimizer(model)
     if payload is not None:
-        optimizer.load_state_dict(payload["optimizer"])
+        if parts:
+            saved = [q["optimizer"] for q in parts]
+            optimizer.load_state_dict(reshard.optimizer_state(optimizer, saved, rank, world))
+            log(f"resumed from a checkpoint of {len(parts)} part(s), resharded for this launch{parallel.describe()}")
+        else:
+            optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng"])
         if device.type == "cuda" and payload.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(payload["cuda_rng"], device)

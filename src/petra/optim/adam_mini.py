@@ -58,6 +58,13 @@ class AdamMini(Optimizer):
             groups.append({"params": [p], "name": name, "kind": block_kind(name), "weight_decay": decay})
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, head_dim=head_dim))
 
+    def state_layout(self, p, group, key, state) -> int | None:
+        """For checkpoints that reshard: the moments per weight and the second moments per row
+        are FSDP2's rows; those per head or per tensor are whole."""
+        if key in ("m", "v") or key == "vmean" and group["kind"] == "row":
+            return 0
+        return None
+
     @torch.no_grad()
     def step(self, closure=None):
         with torch.enable_grad():

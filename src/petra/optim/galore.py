@@ -638,6 +638,21 @@ class GaLoreOptimizer(Optimizer):
 
     sharded_inner = False  # whether _inner needs to know how each r is cut over FSDP2's ranks
 
+    def state_layout(self, p: torch.Tensor, group: dict, key: str, state: dict) -> int | None:
+        """The dimension along which FSDP2's processes hold shares of state[key] (None: every
+        process holds it whole), for checkpoints that reshard: the moments of a left
+        projection are column shares (see `project`), other moments rows; the bases, step
+        counts and the limiter's norm are whole. Adafactor's factors follow the cut of the
+        projected gradient (`_split`): the row factor of rows, the column factor of columns."""
+        left = self._lowrank(p, group) and "P" in state
+        if key in ("exp_avg", "exp_avg_sq"):
+            return 1 if left and state[key].dim() == 2 else 0
+        if key == "exp_avg_sq_row":
+            return None if left else 0
+        if key == "exp_avg_sq_col":
+            return 0 if left else None
+        return None
+
     def _split(self, p: torch.Tensor, state: dict, group: dict) -> Split | None:
         """How this rank's projected gradient of p is cut (see `project`): a left projection's
         columns, otherwise rows (a right projection's, or the gradient's own)."""

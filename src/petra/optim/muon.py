@@ -52,6 +52,10 @@ class Muon(torch.optim.Optimizer):
 
     stack_elements = 1 << 28  # matrices of one shape orthogonalized as one stack of at most this many elements
 
+    def state_layout(self, p, group, key, state) -> int | None:
+        """For checkpoints that reshard: the momentum is FSDP2's rows of the parameter."""
+        return 0 if key == "momentum_buffer" else None
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
