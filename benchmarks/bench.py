@@ -114,6 +114,7 @@ def petra_config(impl, preset, rank, micro, batch=64, gap=GAP, ckpt=False, extra
         "petra-fira": "fira",
         "petra-muon": "muon",
         "petra-adam-mini": "adam-mini",
+        "petra-galore-adafactor": "galore-adafactor",
     }.get(name, "full")
     ov = {
         "preset": preset,
@@ -448,6 +449,7 @@ PEERS = {
     "petra-fira": ("fira", "petra-full"),
     "petra-muon": ("petra-full",),  # petra's Muon is torch.optim.Muon's: no other peer
     "petra-adam-mini": ("petra-full",),  # petra's Adam-mini (the package's update, bit for bit)
+    "petra-galore-adafactor": ("petra-full",),
     "petra-relora": ("hf-lora",),
     "petra-relora-int8": ("hf-lora",),
     "petra-relora-nf4": ("hf-lora",),

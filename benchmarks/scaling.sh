@@ -4,13 +4,14 @@
 #   PRESET=1b BATCH=64 bash benchmarks/scaling.sh          # a machine of several GPUs
 # Rows go to $OUT/scaling-N.json as they finish; the table and ratios over all of them:
 #   python benchmarks/bench.py --merge $OUT/scaling-*.json
-# (Written for issue 33; not yet run: no machine of several GPUs was lent.)
+# (Written for issue 33; not yet run: no machine of several GPUs was lent. Adam-mini and
+# GaLore-Adafactor were added when they came to run under FSDP2.)
 set -u
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/scaling}; PRESET=${PRESET:-1b}; BATCH=${BATCH:-64}
 mkdir -p "$OUT"
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
-METHODS=${METHODS:-full galore galore8bit apollo apollo-mini fira relora muon}
+METHODS=${METHODS:-full galore galore8bit galore-adafactor apollo apollo-mini fira relora muon adam-mini}
 impls=""
 for m in $METHODS; do
   for mode in fsdp ddp; do impls="$impls,petra-$m:compile@$mode"; done
