@@ -62,6 +62,19 @@ METHODS = {
         "method.layerwise": True,
         "train.grad_clip": 0.0,
     },
+    "apollo-layerwise": {
+        "method.name": "apollo",
+        "method.rank": 8,
+        "method.update_proj_gap": 5,
+        "method.layerwise": True,
+        "train.grad_clip": 0.0,
+    },
+    "galore8bit-layerwise": {
+        "method.name": "galore8bit",
+        "method.rank": 8,
+        "method.update_proj_gap": 5,
+        "method.layerwise": True,
+    },
     "galore-adafactor-layerwise": {
         "method.name": "galore-adafactor",
         "method.rank": 8,
