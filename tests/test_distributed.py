@@ -167,6 +167,10 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, name, route):
     s2 = json.loads((runs / route / name / "summary.json").read_text())
     assert s2["val_loss"] == pytest.approx(s1["val_loss"], rel=2e-4)
     assert s2.get("processes", 1) == {"from1": 2, "from2-4": 4, "from2-1": 1}[route]
+    # the newest checkpoint alone is on disk, in the format of the processes that wrote it last
+    run = runs / route / name
+    whole, sharded = (run / checkpoint.CKPT).is_file(), (run / checkpoint.SHARDED).is_dir()
+    assert (whole, sharded) == ((True, False) if route == "from2-1" else (False, True))
 
 
 @pytest.mark.parametrize("name", FOUR)

@@ -45,6 +45,8 @@ def save(run_dir: Path, payload: dict) -> Path:
     path, tmp = run_dir / CKPT, run_dir / (CKPT + ".tmp")
     _write({"format_version": FORMAT_VERSION, **payload}, tmp)
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
+    for old in (SHARDED, SHARDED + ".old"):  # an FSDP2 checkpoint of this run, now older (resharded)
+        shutil.rmtree(run_dir / old, ignore_errors=True)
     return path
 
 
@@ -77,6 +79,7 @@ def save_sharded(run_dir: Path, payload: dict, d) -> Path:
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        (run_dir / CKPT).unlink(missing_ok=True)  # a whole checkpoint of this run, now older (resharded)
     d.barrier()
     return final
 
