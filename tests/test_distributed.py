@@ -85,7 +85,7 @@ METHODS = {
 FOUR = ("galore", "apollo-mini", "muon", "adam-mini", "galore-adafactor")  # also at 4 processes under FSDP2
 # checkpoints that reshard: stopped at step 7 by 1 process and resumed by 2 under FSDP2; stopped by 2
 # FSDP2 processes and resumed by 4, and by 1
-RESHARDED = ("galore", "muon", "adam-mini", "galore-adafactor", "fira8bit")
+RESHARDED = ("galore", "muon", "adam-mini", "galore-adafactor", "fira8bit", "relora")
 RESUMED = ("galore", "relora", "muon", "fira")
 
 
