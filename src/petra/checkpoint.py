@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import reshard
 from .config import ConfigError
 from .health import TrainingError
 from .hf import TOKENIZER_FILES  # a run's own copy of its tokenizer: BPE or SentencePiece
@@ -96,7 +97,7 @@ def load(run_dir: Path, map_location="cpu", rank: int = 0, world: int = 1, shard
         return _read(sdir / f"rank{rank:05d}.pt", map_location)
     if not sharded and (path.is_file() or sdir is None):
         return _read(path, map_location)
-    if path.is_file() and sdir is None or n == 0:
+    if sdir is None:
         parts = [_read(path, map_location, mmap=True)]
     else:
         parts = [_read(sdir / f"rank{r:05d}.pt", map_location, mmap=True) for r in range(n)]
@@ -131,18 +132,12 @@ def run_config(run_dir: Path, warn=print) -> dict:
 
 
 def load_consolidated(run_dir: Path) -> dict:
-    """The checkpoint with the whole model (FSDP2 shards concatenated), without optimizer state."""
-    run_dir = Path(run_dir)
-    sdir = _sharded_dir(run_dir)
-    if (run_dir / CKPT).is_file() or sdir is None:
-        return load(run_dir)
-    parts = [_read(f, "cpu") for f in sorted(sdir.glob("rank*.pt"))]
-    sharded = set(parts[0].get("sharded_keys", ()))
-    payload = parts[0]
-    payload["model"] = {
-        k: torch.cat([q["model"][k] for q in parts]) if k in sharded else v for k, v in parts[0]["model"].items()
-    }
-    payload.pop("optimizer", None)
+    """The checkpoint with the whole model (FSDP2 shards put together, without optimizer state)."""
+    payload = load(run_dir)
+    parts = payload.pop("parts", None)
+    if parts:
+        payload["model"] = reshard.model_state(None, parts, 0, 1)
+        payload.pop("optimizer", None)
     return payload
 
 

@@ -12,6 +12,14 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
+def span(total: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s share of `total` along a dimension cut as FSDP2's Shard cuts
+    it (torch.chunk's sizes: ceil(total / world) each, the last ones shorter or empty)."""
+    chunk = -(-total // world)
+    start = min(rank * chunk, total)
+    return start, min(start + chunk, total)
+
+
 def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 

@@ -12,18 +12,9 @@ says (`state_layout`: the dimension or None), torch's AdamW's moments being rows
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .dtensor import is_sharded
-
-
-def span(total: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, stop) of `rank`'s share of `total` along a cut dimension (torch.chunk's sizes)."""
-    chunk = math.ceil(total / world) if total else 0
-    start = min(rank * chunk, total)
-    return start, min(start + chunk, total)
+from .dtensor import is_sharded, span
 
 
 def take(parts: list[torch.Tensor], dim: int, rank: int, world: int) -> torch.Tensor:
@@ -42,11 +33,12 @@ def take(parts: list[torch.Tensor], dim: int, rank: int, world: int) -> torch.Te
     return torch.cat(pieces, dim)  # a copy: not a view into a memory-mapped file
 
 
-def model_state(model: torch.nn.Module, sources: list[dict], rank: int, world: int) -> dict:
-    """The model entries this process loads: its rows of what it holds sharded, the rest whole.
-    `sources`: the saved payloads (one per saving process, or the one whole checkpoint)."""
+def model_state(model: torch.nn.Module | None, sources: list[dict], rank: int, world: int) -> dict:
+    """The model entries this process loads: its rows of what it holds sharded, the rest whole
+    (everything whole without a model: export's consolidation). `sources`: the saved payloads
+    (one per saving process, or the one whole checkpoint)."""
     cut = set(sources[0].get("sharded_keys", ()))
-    own = model.state_dict()
+    own = model.state_dict() if model is not None else {}
     out = {}
     for k, v in sources[0]["model"].items():
         parts = [s["model"][k] for s in sources] if k in cut else [v]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from ..dtensor import span
 from .projector import Transposed
 
 
@@ -26,8 +27,7 @@ class RowShards:
         self.world, self.rank = mesh.size(), mesh.get_local_rank()
         self.m = p.shape[0]
         self.chunk = math.ceil(self.m / self.world)
-        self.start = min(self.rank * self.chunk, self.m)
-        self.stop = min(self.start + self.chunk, self.m)
+        self.start, self.stop = span(self.m, self.rank, self.world)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, group=self.group)
@@ -45,8 +45,7 @@ class RowShards:
 
     def columns(self, n: int) -> slice:
         """This rank's share of n columns (for low-rank state kept split by columns)."""
-        c = math.ceil(n / self.world)
-        return slice(min(self.rank * c, n), min((self.rank + 1) * c, n))
+        return slice(*span(n, self.rank, self.world))
 
     def gather_columns(self, part: torch.Tensor, n: int) -> torch.Tensor:
         return self.gather_rows(part.t(), n).t()
