@@ -103,7 +103,7 @@ METHODS = (
 LOWRANK_METHODS = tuple(m for m in METHODS if m.startswith(("galore", "apollo", "fira")))
 RANKED_METHODS = (*LOWRANK_METHODS, "relora")  # methods for which method.rank means something
 # methods that refuse FSDP2 (methods/ says why; tests/test_methods.py keeps the two equal)
-UNSHARDED_METHODS: tuple[str, ...] = ()  # methods that refuse FSDP2 (Method.unsharded_because)
+UNSHARDED_METHODS: tuple[str, ...] = ()
 
 
 def method_defaults(name: str, preset: str) -> dict[str, Any]:

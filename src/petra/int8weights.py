@@ -1,6 +1,6 @@
 """Hidden matrices held in 8 bits: int8 codes with one absmax per block of 64 values (the
-block is `method.int8_block`; per row where a matrix does not split into such blocks), dequantized for each linear's
-forward and backward, and updated with stochastic rounding.
+block is `method.int8_block`; per row where a matrix does not split into such blocks),
+dequantized for each linear's forward and backward, and updated with stochastic rounding.
 
 Why stochastic rounding: a quantization step is absmax/127 of its block, and an update
 smaller than half a step is lost to round-to-nearest every time, however many steps agree

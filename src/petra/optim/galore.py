@@ -638,29 +638,33 @@ class GaLoreOptimizer(Optimizer):
 
     sharded_inner = False  # whether _inner needs to know how each r is cut over FSDP2's ranks
 
+    def _cut(self, p: torch.Tensor, group: dict, state: dict) -> int:
+        """The dimension along which FSDP2's processes hold shares of p's projected gradient
+        (see `project`): a left projection's columns (1), otherwise rows (0: a right
+        projection's, or the gradient's own)."""
+        return 1 if self._lowrank(p, group) and "P" in state else 0
+
     def state_layout(self, p: torch.Tensor, group: dict, key: str, state: dict) -> int | None:
         """The dimension along which FSDP2's processes hold shares of state[key] (None: every
-        process holds it whole), for checkpoints that reshard: the moments of a left
-        projection are column shares (see `project`), other moments rows; the bases, step
-        counts and the limiter's norm are whole. Adafactor's factors follow the cut of the
-        projected gradient (`_split`): the row factor of rows, the column factor of columns."""
-        left = self._lowrank(p, group) and "P" in state
+        process holds it whole), for checkpoints that reshard: the moments are cut as the
+        projected gradient is (`_cut`); the bases, step counts and the limiter's norm are
+        whole. Of Adafactor's factors, the one along the cut dimension is cut (its only one)."""
+        cut = self._cut(p, group, state)
         if key in ("exp_avg", "exp_avg_sq"):
-            return 1 if left and state[key].dim() == 2 else 0
+            return cut
         if key == "exp_avg_sq_row":
-            return None if left else 0
+            return 0 if cut == 0 else None
         if key == "exp_avg_sq_col":
-            return 0 if left else None
+            return 0 if cut == 1 else None
         return None
 
     def _split(self, p: torch.Tensor, state: dict, group: dict) -> Split | None:
-        """How this rank's projected gradient of p is cut (see `project`): a left projection's
-        columns, otherwise rows (a right projection's, or the gradient's own)."""
+        """How this rank's projected gradient of p is cut (`_cut`), for the inner update."""
         shards = row_shards(p)
         if shards is None:
             return None
-        P, Q = state.get("P"), state.get("Q")
-        if self._lowrank(p, group) and P is not None:
+        if self._cut(p, group, state) == 1:
+            Q = state.get("Q")
             return Split(shards, 1, Q.shape[1] if Q is not None else p.shape[1])
         return Split(shards, 0, p.shape[0])
 
@@ -747,8 +751,10 @@ class GaLoreAdafactor(GaLoreOptimizer):
     (petra's momentum follows the current lr, theirs carries the lr of past steps)."""
 
     inner_keys = ("lr", "beta1", "eps", "clip_threshold", "decay_rate", "weight_decay")
-    row_split = False  # the factored second moment needs whole rows and columns (FSDP2's
-    sharded_inner = True  # rows it sums over the ranks instead)
+    # the factored second moment needs whole rows and columns: no row blocks of a parameter;
+    # across FSDP2's processes it sums its means over the ranks instead (`_split`)
+    row_split = False
+    sharded_inner = True
 
     def __init__(
         self,
