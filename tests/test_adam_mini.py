@@ -27,16 +27,9 @@ def test_the_partition_is_the_packages_by_name():
     assert {n: block_kind(n) for n in kinds} == kinds
 
 
-@pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_adam_mini_follows_the_package_bit_for_bit(wd):
-    adam_mini = pytest.importorskip("adam_mini")
-    cfg = ModelConfig(**PRESETS["tiny"])
-    torch.manual_seed(0)
-    ours = build_model(cfg, "cpu", torch.float32)
-    ref = copy.deepcopy(ours)
-    a = AdamMini(ours.named_parameters(), lr=1e-2, weight_decay=wd, head_dim=cfg.hidden_size // cfg.num_attention_heads)
-    b = adam_mini.Adam_mini(
-        ref.named_parameters(),
+def _package(adam_mini, model, cfg, wd):
+    return adam_mini.Adam_mini(
+        model.named_parameters(),
         lr=1e-2,
         weight_decay=wd,
         dim=cfg.hidden_size,
@@ -44,16 +37,51 @@ def test_adam_mini_follows_the_package_bit_for_bit(wd):
         n_kv_heads=cfg.num_attention_heads,
         verbose=False,
     )
-    g = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        x = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
-        for model, opt in ((ours, a), (ref, b)):
+
+
+def _ours(model, cfg, wd):
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return AdamMini(model.named_parameters(), lr=1e-2, weight_decay=wd, head_dim=head_dim)
+
+
+def _steps(pairs, n, g, vocab):
+    for _ in range(n):
+        x = torch.randint(0, vocab, (2, 16), generator=g)
+        for model, opt in pairs:
             opt.zero_grad()
             model(x, x).backward()
             opt.step()
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adam_mini_follows_the_package_bit_for_bit(wd):
+    adam_mini = pytest.importorskip("adam_mini")
+    cfg = ModelConfig(**PRESETS["tiny"])
+    torch.manual_seed(0)
+    ours = build_model(cfg, "cpu", torch.float32)
+    ref = copy.deepcopy(ours)
+    a, b = _ours(ours, cfg, wd), _package(adam_mini, ref, cfg, wd)
+    _steps([(ours, a), (ref, b)], 5, torch.Generator().manual_seed(1), cfg.vocab_size)
     for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), n
     # one second-moment value per head, row or tensor: the state is a little over half Adam's
     moments = sum(t.numel() for st in a.state.values() for k, t in st.items() if k in ("m", "v", "vmean"))
     n = sum(p.numel() for p in ours.parameters())
     assert n < moments < 1.1 * n
+
+
+def test_a_state_the_package_saved_goes_on_in_petras_adam_mini():
+    """Runs of earlier petra versions trained adam-mini with the package: their checkpoints resume."""
+    adam_mini = pytest.importorskip("adam_mini")
+    cfg = ModelConfig(**PRESETS["tiny"])
+    torch.manual_seed(0)
+    ref = build_model(cfg, "cpu", torch.float32)
+    b = _package(adam_mini, ref, cfg, 0.1)
+    g = torch.Generator().manual_seed(1)
+    _steps([(ref, b)], 3, g, cfg.vocab_size)
+    ours = copy.deepcopy(ref)
+    a = _ours(ours, cfg, 0.1)
+    a.load_state_dict(copy.deepcopy(b.state_dict()))
+    _steps([(ours, a), (ref, b)], 3, g, cfg.vocab_size)
+    for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n

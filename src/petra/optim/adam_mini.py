@@ -75,9 +75,32 @@ class AdamMini(Optimizer):
                 self._update(p, group)
         return loss
 
-    def _mean_square(self, p: torch.Tensor, g: torch.Tensor, kind: str, head_dim: int) -> torch.Tensor:
-        """This step's mean of g^2 over each block of p (g: this rank's rows of p's gradient)."""
-        shards = row_shards(p)
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also the state of the adam-mini package, which petra's adam-mini ran on before: its
+        groups hold beta1 and beta2 (not betas, kind, head_dim), and its first moment of a
+        query or key is a (heads, head_dim x n) view."""
+        groups = state_dict["param_groups"]
+        if groups and "beta1" in groups[0]:
+            groups = [
+                {
+                    **{k: v for k, v in g.items() if k not in ("beta1", "beta2")},
+                    "betas": (g["beta1"], g["beta2"]),
+                    "kind": own["kind"],
+                    "head_dim": own["head_dim"],
+                }
+                for g, own in zip(groups, self.param_groups)
+            ]
+            state_dict = {**state_dict, "param_groups": groups}
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            p = group["params"][0]
+            st = self.state.get(p)
+            if st and st["m"].shape != local(p).shape:
+                st["m"] = st["m"].reshape(local(p).shape)
+
+    def _mean_square(self, p, g: torch.Tensor, kind: str, head_dim: int, shards, head_of) -> torch.Tensor:
+        """This step's mean of g^2 over each block of p (g: this rank's rows of p's gradient;
+        `head_of`: under FSDP2, the head of each of them)."""
         if kind == "row":
             return torch.mean(g * g, dim=1, keepdim=True)
         heads = p.shape[0] // head_dim
@@ -88,9 +111,8 @@ class AdamMini(Optimizer):
         # sums over the ranks, in fp32
         if kind == "tensor":
             return (shards.sum(torch.sum(g.float() * g.float())) / p.numel()).to(g.dtype)
-        rows = torch.arange(shards.start, shards.stop, device=g.device) // head_dim
         sums = torch.zeros(heads, 1, dtype=torch.float32, device=g.device)
-        sums.index_add_(0, rows, (g.float() * g.float()).sum(1, keepdim=True))
+        sums.index_add_(0, head_of, (g.float() * g.float()).sum(1, keepdim=True))
         return (shards.sum(sums) / (head_dim * p.shape[1])).to(g.dtype)
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
@@ -98,9 +120,11 @@ class AdamMini(Optimizer):
         beta1, beta2 = group["betas"]
         w, g = local(p), local(p.grad)
         state = self.state[p]
-        mean_square = None if kind == "adam" else self._mean_square(p, g, kind, group["head_dim"])
-        if state and state["m"].shape != g.shape:  # a checkpoint of the package's (heads, numel) view
-            state["m"] = state["m"].reshape(g.shape)
+        shards = row_shards(p)
+        head_of = None  # under FSDP2, the head of each of this rank's rows
+        if kind == "head" and shards is not None:
+            head_of = torch.arange(shards.start, shards.stop, device=g.device) // group["head_dim"]
+        mean_square = None if kind == "adam" else self._mean_square(p, g, kind, group["head_dim"], shards, head_of)
         if not state:
             state["step"] = 0
             state["m"] = torch.zeros_like(g)
@@ -123,12 +147,10 @@ class AdamMini(Optimizer):
         stepsize = (1 / bias_correction_1) / h
         m = state["m"]
         if kind == "head":  # each row takes its head's step size
-            shards = row_shards(p)
-            if shards is None:
+            if head_of is None:
                 update = (m.view(stepsize.shape[0], -1) * stepsize).view(m.shape)
             else:
-                rows = torch.arange(shards.start, shards.stop, device=m.device) // group["head_dim"]
-                update = m * stepsize[rows]
+                update = m * stepsize[head_of]
         else:
             update = m * stepsize
         update.mul_(lr)
