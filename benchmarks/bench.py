@@ -8,7 +8,8 @@ the projector refresh (GaLore) included, tokens/s, MFU and peak memory, then rat
 petra implementation to each peer. Peers: Hugging Face LlamaForCausalLM (sdpa) with fused
 torch AdamW (hf-full) or bitsandbytes AdamW8bit (hf-adamw8bit), galore-torch 1.0
 (GaLoreAdamW / GaLoreAdamW8bit), APOLLO (apollo-torch 1.0.3, APOLLOAdamW) and peft LoRA.
-Suffix an impl with ':compile' to torch.compile its model, with '+pad' to pad the MLP width
+Suffix an impl with ':compile' to torch.compile its model, with '+r128' to train at rank 128
+(not --ranks'), with '+pad' to pad the MLP width
 to a multiple of 128 (both models: extra trained units), with '+noalign' to run petra's MLP
 at its own width (no zero units computed for alignment, model.aligned_pad).
 petra-relora-int8 / -nf4 hold ReLoRA's frozen weights quantized by bitsandbytes.
@@ -130,6 +131,9 @@ def petra_config(impl, preset, rank, micro, batch=64, gap=GAP, ckpt=False, extra
     }
     if "pad" in suffixes:
         ov["model.pad_intermediate_to"] = 128
+    for s in suffixes:  # '+r128': this impl's rank instead of --ranks' (ReLoRA at the paper's rank)
+        if s[:1] == "r" and s[1:].isdigit():
+            ov["method.rank"] = int(s[1:])
     ov.update(extra or {})
     if name.startswith("petra-relora-"):
         ov["method.quantize"] = name.rsplit("-", 1)[1]
@@ -329,7 +333,7 @@ def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=Fa
     return {
         "impl": impl,
         "preset": preset,
-        "rank": rank,
+        "rank": cfg.method.rank,
         "batch": batch,
         "micro_batch": micro,
         "gpus": DIST.world,

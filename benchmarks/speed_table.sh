@@ -5,6 +5,9 @@
 #   python benchmarks/bench.py --merge docs/bench/session8/*.json
 # Parts d and e are the tenth session's (docs/bench/session10): Muon's whole step at 350m and 1b,
 # and APOLLO / Fira updating in stacks at 350m.
+# Parts f, g and h are the eleventh session's (docs/bench/session11): every method again after the
+# low-rank step stopped waiting for its own skip flag, with the peers, at 60m / 350m (f), 1b (g)
+# and the 350m peers (h).
 # Call a also runs the CUDA tests of the optimizers and times layer-wise 8-bit before the
 # stacked layer-wise update, from `.before/`:
 #   rm -rf .before && mkdir .before && git archive 94dd883 src benchmarks | tar -x -C .before
@@ -51,6 +54,18 @@ d)  # the tenth session (issue 35): Muon's whole step after the stacked Newton-S
   ;;
 e)  # APOLLO, APOLLO-Mini and Fira updating in stacks of one shape, beside full rank, at 350m
   run e-350m 170 --presets 350m --impls petra-full:compile,petra-apollo-mini:compile,petra-apollo:compile,petra-fira:compile
+  ;;
+f)  # 60m with galore-torch; 350m every petra method, profiled for one step (host syncs)
+  run f-60m 150 --presets 60m --impls petra-full:compile,petra-galore:compile,petra-galore8bit:compile,\
+petra-apollo-mini:compile,petra-fira:compile,galore-torch:compile,galore-torch-8bit:compile
+  run f-350m 260 --presets 350m --impls $P --profile 1
+  ;;
+g)  # 1b: every petra method, ReLoRA also at the ReLoRA paper's rank 128 (its 1.3B run)
+  run g-1b 540 --presets 1b --impls $P,petra-relora+r128:compile
+  ;;
+h)  # the 350m peers beside petra's full rank
+  run h-350m 400 --presets 350m --impls petra-full:compile,hf-full:compile,hf-adamw8bit:compile,\
+galore-torch:compile,galore-torch-8bit:compile,apollo:compile,apollo-mini:compile,fira:compile,hf-lora:compile
   ;;
 esac
 python3 benchmarks/bench.py --merge "$OUT"/*.json 2>&1 | grep -v ' x |' | tail -30

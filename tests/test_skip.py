@@ -143,3 +143,18 @@ def test_a_skipped_step_does_not_sync_with_the_device(device):
         else:
             _step(ob, pb, gs, found_inf=0)
     _assert_same_run(pa, oa, pb, ob)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "adamw"])
+def test_a_step_reads_no_flag_of_its_own(kind):
+    """The flag of the step in progress reaches the host only at the next step: reading it
+    during the step (as the projection of a matrix left out of a stack once did) makes the
+    host wait for backward on every step."""
+    params = _params("cpu", torch.float32)
+    opt = _build(kind, params)
+    for i, gs in enumerate(_grads(5, "cpu", torch.float32)):
+        _step(opt, params, gs, found_inf=0)
+        if i == 0:  # the first step creates the state and decides on the host
+            continue
+        unread = [id(st) for *_, states in opt._unsettled for st in states]
+        assert sorted(unread) == sorted(id(opt.state[p]) for p in params)

@@ -155,17 +155,24 @@ class GaLoreOptimizer(Optimizer):
         self._settle()
         return super().state_dict()
 
-    def _settle(self) -> None:
+    def _settle(self, current: torch.Tensor | None = None) -> None:
         """Put back the step counts of updates that the device skipped. Their flags were
-        copied to the host a step ago, so the wait is for work long finished."""
-        for _, flag, done, states in self._unsettled:
+        copied to the host a step ago, so the wait is for work long finished. The flag of
+        the step in progress (`current`) is left for the next step: waiting for it would
+        make the host wait for this step's backward, the sync the flag exists to avoid."""
+        keep = []
+        for entry in self._unsettled:
+            ok, flag, done, states = entry
+            if ok is current:
+                keep.append(entry)
+                continue
             if done is not None:
                 done.synchronize()
             if not flag.item():  # a host tensor: no sync
                 for st in states:
                     st["step"] -= 1
                     st["moment_step"] -= 1
-        self._unsettled = []
+        self._unsettled = keep
 
     def _unsettle(self, ok: torch.Tensor, states: list[dict]) -> None:
         if self._unsettled and self._unsettled[-1][0] is ok:  # one copy of a step's flag
@@ -267,7 +274,7 @@ class GaLoreOptimizer(Optimizer):
         """The gradient in the space the inner optimizer sees (refreshing the basis when due;
         `ok` as for `_refresh`)."""
         if self._unsettled:
-            self._settle()
+            self._settle(current=ok)
         g = p.grad
         if g.is_sparse:
             raise RuntimeError("GaLore optimizers do not support sparse gradients")
