@@ -85,3 +85,34 @@ def test_a_state_the_package_saved_goes_on_in_petras_adam_mini():
     _steps([(ours, a), (ref, b)], 3, g, cfg.vocab_size)
     for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_the_host_issues_few_operations_per_parameter():
+    """Parameters alike update in multi-tensor kernels: per parameter only its block means
+    (g * g and a mean: no multi-tensor form) are operations of their own (one parameter at a
+    time, the host issued about a dozen small operations each; a GPU waited on them)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func is not torch.ops.aten._local_scalar_dense.default:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(k):
+        named = [(f"layers.{i}.mlp.up_proj.weight", torch.nn.Parameter(torch.randn(8, 4))) for i in range(k)]
+        named += [(f"layers.{i}.self_attn.q_proj.weight", torch.nn.Parameter(torch.randn(8, 4))) for i in range(k)]
+        opt = AdamMini(named, lr=1e-2, weight_decay=0.1, head_dim=2)
+        for step in range(2):
+            for _, p in named:
+                p.grad = torch.randn(8, 4)
+            if step == 0:
+                opt.step()
+        Count.n = 0
+        with Count():
+            opt.step()
+        return Count.n
+
+    assert ops(16) - ops(4) <= 2 * 2 * 12

@@ -65,14 +65,36 @@ class AdamMini(Optimizer):
             return 0
         return None
 
+    # parameters updated together hold at most this many elements: the updates' temporaries
+    # exist for one chunk at a time
+    chunk_elements = 1 << 26
+
     @torch.no_grad()
     def step(self, closure=None):
         with torch.enable_grad():
             loss = closure() if closure is not None else None
+        # the groups alike (hyperparameters and step count) update together, in multi-tensor
+        # kernels: one parameter at a time, the host issuing a dozen small operations for
+        # each of the model's tensors was the step's bottleneck (docs/benchmarks.md)
+        alike: dict[tuple, list[dict]] = {}
         for group in self.param_groups:
             p = group["params"][0]
-            if p.grad is not None:
-                self._update(p, group)
+            if p.grad is None:
+                continue
+            step = self.state[p]["step"] if self.state.get(p) else 0
+            key = (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"], step)
+            alike.setdefault(key, []).append(group)
+        for groups in alike.values():
+            chunk, size = [], 0
+            for group in groups:
+                n = local(group["params"][0]).numel()
+                if chunk and size + n > self.chunk_elements:
+                    self._update(chunk)
+                    chunk, size = [], 0
+                chunk.append(group)
+                size += n
+            if chunk:
+                self._update(chunk)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -115,43 +137,70 @@ class AdamMini(Optimizer):
         sums.index_add_(0, head_of, (g.float() * g.float()).sum(1, keepdim=True))
         return (shards.sum(sums) / (head_dim * p.shape[1])).to(g.dtype)
 
-    def _update(self, p: torch.Tensor, group: dict) -> None:
-        kind, lr, eps = group["kind"], group["lr"], group["eps"]
-        beta1, beta2 = group["betas"]
-        w, g = local(p), local(p.grad)
-        state = self.state[p]
-        shards = row_shards(p)
-        head_of = None  # under FSDP2, the head of each of this rank's rows
-        if kind == "head" and shards is not None:
-            head_of = torch.arange(shards.start, shards.stop, device=g.device) // group["head_dim"]
-        mean_square = None if kind == "adam" else self._mean_square(p, g, kind, group["head_dim"], shards, head_of)
-        if not state:
-            state["step"] = 0
-            state["m"] = torch.zeros_like(g)
-            state["v" if kind == "adam" else "vmean"] = torch.zeros_like(g if kind == "adam" else mean_square)
-        if kind == "adam":
-            state["v"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        else:
-            state["vmean"].mul_(beta2).add_(mean_square, alpha=1 - beta2)
-        state["step"] += 1
-        if group["weight_decay"] > 0.0:
-            w.mul_(1 - lr * group["weight_decay"])
-        state["m"].lerp_(g, 1 - beta1)
-        bias_correction_1 = 1 - beta1 ** state["step"]
-        bias_correction_2_sqrt = math.sqrt(1 - beta2 ** state["step"])
-        if kind == "adam":
-            h = (state["v"].sqrt() / bias_correction_2_sqrt).add_(eps)
-            w.addcdiv_(state["m"], h, value=-lr / bias_correction_1)
-            return
-        h = (state["vmean"].sqrt() / bias_correction_2_sqrt).add_(eps)
-        stepsize = (1 / bias_correction_1) / h
-        m = state["m"]
-        if kind == "head":  # each row takes its head's step size
-            if head_of is None:
-                update = (m.view(stepsize.shape[0], -1) * stepsize).view(m.shape)
+    def _update(self, groups: list[dict]) -> None:
+        """One update of the parameters of groups alike (same hyperparameters and step), with
+        the package's operations element for element."""
+        lr, eps, wd, (beta1, beta2) = groups[0]["lr"], groups[0]["eps"], groups[0]["weight_decay"], groups[0]["betas"]
+        params = [g["params"][0] for g in groups]
+        ws, gs = [local(p) for p in params], [local(p.grad) for p in params]
+        adam, blocks = [], []  # indices: second moment per weight, or per block
+        means, heads = [], []  # this step's mean squares per block; under FSDP2, each row's head
+        for i, (p, g, group) in enumerate(zip(params, gs, groups)):
+            state, kind = self.state[p], group["kind"]
+            shards = row_shards(p)
+            head_of = None  # under FSDP2, the head of each of this rank's rows
+            if kind == "head" and shards is not None:
+                head_of = torch.arange(shards.start, shards.stop, device=g.device) // group["head_dim"]
+            if kind == "adam":
+                adam.append(i)
+                mean_square = None
             else:
-                update = m * stepsize[head_of]
-        else:
-            update = m * stepsize
-        update.mul_(lr)
-        w.add_(-update)
+                blocks.append(i)
+                mean_square = self._mean_square(p, g, kind, group["head_dim"], shards, head_of)
+            if not state:
+                state["step"] = 0
+                state["m"] = torch.zeros_like(g)
+                state["v" if kind == "adam" else "vmean"] = torch.zeros_like(g if kind == "adam" else mean_square)
+            means.append(mean_square)
+            heads.append(head_of)
+            state["step"] += 1
+        states = [self.state[p] for p in params]
+        step = states[0]["step"]
+        ms = [st["m"] for st in states]
+        if adam:
+            vs = [states[i]["v"] for i in adam]
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, [gs[i] for i in adam], [gs[i] for i in adam], value=1 - beta2)
+        if blocks:
+            vs = [states[i]["vmean"] for i in blocks]
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_add_(vs, [means[i] for i in blocks], alpha=1 - beta2)
+        decayed = [w for w, group in zip(ws, groups) if group["weight_decay"] > 0.0]
+        if decayed:
+            torch._foreach_mul_(decayed, 1 - lr * wd)
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        bias_correction_1 = 1 - beta1**step
+        bias_correction_2_sqrt = math.sqrt(1 - beta2**step)
+        if adam:
+            hs = torch._foreach_sqrt([states[i]["v"] for i in adam])
+            torch._foreach_div_(hs, bias_correction_2_sqrt)
+            torch._foreach_add_(hs, eps)
+            torch._foreach_addcdiv_([ws[i] for i in adam], [ms[i] for i in adam], hs, value=-lr / bias_correction_1)
+        if blocks:
+            hs = torch._foreach_sqrt([states[i]["vmean"] for i in blocks])
+            torch._foreach_div_(hs, bias_correction_2_sqrt)
+            torch._foreach_add_(hs, eps)
+            stepsizes = torch._foreach_reciprocal(hs)  # (1 / bc1) / h, as Python computes it
+            torch._foreach_mul_(stepsizes, 1 / bias_correction_1)
+            rows, factors = [], []
+            for i, s in zip(blocks, stepsizes):
+                m, head_of = ms[i], heads[i]
+                if groups[i]["kind"] == "head" and head_of is None:  # each row takes its head's step size
+                    rows.append(m.view(s.shape[0], -1))
+                    factors.append(s)
+                else:
+                    rows.append(m)
+                    factors.append(s if head_of is None else s[head_of])
+            updates = [u.view(ws[i].shape) for u, i in zip(torch._foreach_mul(rows, factors), blocks)]
+            torch._foreach_mul_(updates, lr)
+            torch._foreach_sub_([ws[i] for i in blocks], updates)

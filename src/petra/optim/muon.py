@@ -80,7 +80,7 @@ class Muon(torch.optim.Optimizer):
             if rows:
                 from .rowsharded import orthogonalize_by_owner
 
-                done += list(zip((p for p, _ in rows), orthogonalize_by_owner(rows, ortho)))
+                done += list(zip((p for p, _ in rows), orthogonalize_by_owner(rows, ortho, self.stack_elements)))
             self._apply(done, group)
         return loss
 
