@@ -38,3 +38,21 @@ def tiny_cfg(tiny_overrides):
         return build_config(overrides={**tiny_overrides, **ov})
 
     return make
+
+
+def dispatched(fn) -> int:
+    """How many operations fn() dispatches: on a GPU each is a kernel launch the host issues.
+    Views and reads of CPU scalars (step counts) launch nothing and are not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func is not torch.ops.aten._local_scalar_dense.default:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n

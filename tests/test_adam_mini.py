@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from conftest import dispatched
 
 from petra.config import PRESETS, ModelConfig
 from petra.model import build_model
@@ -91,15 +92,6 @@ def test_the_host_issues_few_operations_per_parameter():
     """Parameters alike update in multi-tensor kernels: per parameter only its block means
     (g * g and a mean: no multi-tensor form) are operations of their own (one parameter at a
     time, the host issued about a dozen small operations each; a GPU waited on them)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view and func is not torch.ops.aten._local_scalar_dense.default:
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
 
     def ops(k):
         named = [(f"layers.{i}.mlp.up_proj.weight", torch.nn.Parameter(torch.randn(8, 4))) for i in range(k)]
@@ -110,9 +102,6 @@ def test_the_host_issues_few_operations_per_parameter():
                 p.grad = torch.randn(8, 4)
             if step == 0:
                 opt.step()
-        Count.n = 0
-        with Count():
-            opt.step()
-        return Count.n
+        return dispatched(opt.step)
 
     assert ops(16) - ops(4) <= 2 * 2 * 12
