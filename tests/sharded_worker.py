@@ -10,8 +10,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-SHAPES = [(64, 176), (176, 64), (64, 64), (48, 30), (30, 48), (7, 9), (3, 16)]
+# two matrices each of (176, 64) and (64, 64): right projections that update as one stack
+SHAPES = [(64, 176), (176, 64), (64, 64), (48, 30), (30, 48), (7, 9), (3, 16), (176, 64), (64, 64)]
 ADAM_MINI_NAMES = ["mlp.up_proj", "mlp.down_proj", "o_proj", "k_proj", "q_proj", "x.bias", "norm"]
+ADAM_MINI_NAMES += ["mlp.gate_proj", "v_proj"]
 
 
 def make(name: str, params: list) -> torch.optim.Optimizer:
@@ -56,6 +58,15 @@ if __name__ == "__main__":
     whole, grads = data()
     params = [torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])) for w in whole]
     opt = make(name, params)
+    stacked = []  # the matrices each stacked update took (GaLore's optimizers)
+    if hasattr(opt, "_update_stack"):
+        one_stack = opt._update_stack
+
+        def counted(ps, *args, **kwargs):
+            stacked.append(len(ps))
+            return one_stack(ps, *args, **kwargs)
+
+        opt._update_stack = counted
     for step in grads:
         for p, g in zip(params, step):
             p.grad = distribute_tensor(g, mesh, [Shard(0)])
@@ -69,7 +80,7 @@ if __name__ == "__main__":
     held = torch.tensor([float(optimizer_state_bytes(opt))])
     dist.all_reduce(held, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
-        torch.save({"params": full, "state_bytes": float(held)}, out)
+        torch.save({"params": full, "state_bytes": float(held), "stacked": stacked}, out)
     dist.barrier()  # every rank done, the result on disk
     # gloo's teardown (destroy_process_group, then the interpreter's exit) now and then aborts a
     # rank with "terminate called without an active exception" on a loaded 2-core machine, after

@@ -371,7 +371,9 @@ class GaLoreOptimizer(Optimizer):
         host-side operations, and small models then wait on the host (docs/benchmarks.md,
         seventh session). Without `rs` (the projected gradients, which layer-wise updates
         bring) due refreshes happen here, one matrix at a time. The first update (which
-        creates the state), other update rules and FSDP2 shards go one at a time."""
+        creates the state) goes one at a time, and so do FSDP2 shards of a left projection
+        (their R is a sum over the ranks and their state is split by columns); FSDP2 shards
+        of a right projection stack their local rows (R_i = G_i Q is this rank's own)."""
         if not (self.stacks and group.get("rank") is not None):
             return [], list(range(len(params)))
         scaled = group["update"] != "galore"  # APOLLO and Fira also read the full gradient
@@ -384,7 +386,7 @@ class GaLoreOptimizer(Optimizer):
                 st
                 and self._stackable(st)
                 and self._lowrank(p, group)
-                and not is_sharded(p)
+                and not (is_sharded(p) and "P" in st)
                 and not isinstance(p, Int8Weight)  # its writes round: one per matrix, from fp32
                 and g is not None
                 and not g.is_sparse
@@ -407,14 +409,16 @@ class GaLoreOptimizer(Optimizer):
                 batches.append(batch)
                 if rs is None:  # due refreshes, now that the matrix is known to stack
                     for i in batch:
-                        self._prepare_basis(params[i], params[i].grad, self.state[params[i]], group, None, ok)
+                        p = params[i]
+                        self._prepare_basis(p, local(p.grad), self.state[p], group, row_shards(p), ok)
         return batches, sorted(rest)
 
     def _update_stack(self, params: list[torch.Tensor], group: dict, ok, rs=None, coef=1.0) -> None:
         """The update of matrices alike (see _shape_batches) as one: weights, gradients (or
         the projected ones, `rs`), bases and moments stacked, updated by `_update_piece` as
         one 3-D parameter, then copied back. Element for element the math of one matrix at a
-        time."""
+        time. FSDP2 shards (right projections only) stack this rank's rows; the norms that
+        span a whole matrix (APOLLO-Mini's scale, Fira's limiter) sum over the ranks."""
         states = [self.state[p] for p in params]
         self._advance(states, ok)
         stack = {k: torch.stack([st[k] for st in states]) for k in ("P", "Q") if k in states[0]}
@@ -422,11 +426,12 @@ class GaLoreOptimizer(Optimizer):
         stack["moment_step"] = states[0]["moment_step"]
         if "update_norm" in states[0]:  # APOLLO's and Fira's limiter: one norm per matrix
             stack["update_norm"] = torch.stack([st["update_norm"] for st in states])
-        w = torch.stack(params)  # (step() runs without autograd)
-        g = torch.stack([p.grad for p in params]) if rs is None or group["update"] != "galore" else None
+        w = torch.stack([local(p) for p in params])  # (step() runs without autograd)
+        g = torch.stack([local(p.grad) for p in params]) if rs is None or group["update"] != "galore" else None
         r = self.project(g, stack) if rs is None else torch.stack(rs)
-        self._update_piece([w], [r], [stack], group, coef, ok, stacked=True, grads=[g])
-        torch._foreach_copy_(params, list(w.unbind(0)))
+        shards = row_shards(params[0])
+        self._update_piece([w], [r], [stack], group, coef, ok, stacked=True, grads=[g], shards=shards)
+        torch._foreach_copy_([local(p) for p in params], list(w.unbind(0)))
         for k in self.moment_keys:
             self._unstack_moments(stack[k], [st[k] for st in states])
         if "update_norm" in stack:
@@ -479,7 +484,11 @@ class GaLoreOptimizer(Optimizer):
         if piece[0]:
             yield piece
 
-    def _update_piece(self, params, rs, states, group, coef, ok, stacked: bool = False, grads=None) -> None:
+    def _update_piece(
+        self, params, rs, states, group, coef, ok, stacked: bool = False, grads=None, shards=None
+    ) -> None:
+        """The update of a piece of parameters (`stacked`: one 3-D stack of matrices alike,
+        with `grads` their stacked gradients and `shards` the row split of FSDP2 shards)."""
         rs = [r.float() for r in rs]
         if torch.is_tensor(coef) or coef != 1.0:
             torch._foreach_mul_(rs, coef)
@@ -527,11 +536,11 @@ class GaLoreOptimizer(Optimizer):
                 torch._foreach_mul_(dirs, okf)
             for d, i in zip(dirs, low):
                 g = grads[i] if grads is not None else None
-                self._apply_lowrank(params[i], owners[i], d, rs[i], states[i], group, coef, ok, g)
+                self._apply_lowrank(params[i], owners[i], d, rs[i], states[i], group, coef, ok, g, shards)
         if group["weight_decay"] and decay_after:
             torch._foreach_mul_(params, decay)
 
-    def _apply_lowrank(self, p, owner, d, r, state: dict, group: dict, coef, ok, g=None) -> None:
+    def _apply_lowrank(self, p, owner, d, r, state: dict, group: dict, coef, ok, g=None, stack_shards=None) -> None:
         """p's update from its low-rank direction d (the inner optimizer's output for the
         projected gradient r), in the way the group's `update` says:
 
@@ -544,7 +553,8 @@ class GaLoreOptimizer(Optimizer):
         The packages' APOLLO `scale` is a^2 (APOLLO-Mini's 128 is a = sqrt(128)).
 
         For a stack (`_update_stack`) p, d, r, P and Q are 3-D, g is the stacked gradient and
-        the limiter's norms are one per matrix."""
+        the limiter's norms are one per matrix; `stack_shards` is the row split of a stack of
+        FSDP2 shards (right projections)."""
         a = group["scale"]
         if group["update"] == "galore":
             self._add_back(p, d.mul_(-group["lr"] * a), state, row_shards(owner))
@@ -560,12 +570,13 @@ class GaLoreOptimizer(Optimizer):
         if ok is not None:
             g = torch.where(ok, g, 0.0)
         P, Q = state.get("P"), state.get("Q")
-        shards = row_shards(owner)  # under FSDP2: g is this rank's rows; r and d its columns (left) or rows
+        # under FSDP2: g is this rank's rows; r and d its columns (left) or rows
+        shards = row_shards(owner) if stack_shards is None else stack_shards
         tensor_wise = group["scale_type"] == "tensor"
         if shards is None:
             s = channel_scales(d, r, -2 if P is not None else -1, tensor_wise)
         else:
-            s = sharded_channel_scales(d, r, P is not None, tensor_wise, shards, owner.shape[1])
+            s = sharded_channel_scales(d, r, P is not None, tensor_wise, shards, owner.shape[-1])
         if P is not None and shards is not None:  # the residual and back-projection need every column
             n = Q.shape[1] if Q is not None else owner.shape[1]
             r, d, P = shards.gather_columns(r, n), shards.gather_columns(d, n), shards.rows(P)

@@ -112,15 +112,18 @@ def sharded_channel_scales(
     """APOLLO's and Fira's channel scales (functional.channel_scales) of a row-sharded matrix:
     with a left projection this rank holds some columns of r and d, and each column's scale
     is gathered (n values); with a right one it holds its rows' r and d and their scales are
-    its own. One scale per tensor sums the two squared norms over the ranks."""
+    its own. One scale per tensor sums the two squared norms over the ranks. A stack of
+    matrices (k, m, n) (right projections: rows) gets each matrix's own scales."""
     from .functional import channel_scales
 
     if tensor_wise:
-        sq = shards.sum(torch.stack([d.float().square().sum(), r.float().square().sum()]))
-        return sq[0].sqrt() / (sq[1].sqrt() + 1e-8)
+        whole = (-2, -1)
+        sq = shards.sum(torch.stack([d.float().square().sum(whole), r.float().square().sum(whole)]))
+        s = sq[0].sqrt() / (sq[1].sqrt() + 1e-8)
+        return s[:, None, None] if d.dim() == 3 else s
     if left:
-        return shards.gather_columns(channel_scales(d, r, 0, False), n)
-    return channel_scales(d, r, 1, False)
+        return shards.gather_columns(channel_scales(d, r, -2, False), n)
+    return channel_scales(d, r, -1, False)
 
 
 def owners(shapes: list[tuple[int, int]], world: int) -> list[int]:
