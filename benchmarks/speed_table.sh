@@ -7,7 +7,7 @@
 # and APOLLO / Fira updating in stacks at 350m.
 # Parts f, g and h are the eleventh session's (docs/bench/session11): every method again after the
 # low-rank step stopped waiting for its own skip flag, with the peers, at 60m / 350m (f), 1b (g)
-# and the 350m peers (h).
+# and the 350m peers (h). Part i measures what that session changed without a GPU.
 # Call a also runs the CUDA tests of the optimizers and times layer-wise 8-bit before the
 # stacked layer-wise update, from `.before/`:
 #   rm -rf .before && mkdir .before && git archive 94dd883 src benchmarks | tar -x -C .before
@@ -66,6 +66,12 @@ g)  # 1b: every petra method, ReLoRA also at the ReLoRA paper's rank 128 (its 1.
 h)  # the 350m peers beside petra's full rank
   run h-350m 400 --presets 350m --impls petra-full:compile,hf-full:compile,hf-adamw8bit:compile,\
 galore-torch:compile,galore-torch-8bit:compile,apollo:compile,apollo-mini:compile,fira:compile,hf-lora:compile
+  ;;
+i)  # what this session changed without a GPU: Adam-mini in multi-tensor kernels (against the tree
+    # before it in .before/: git archive 85d1b2c src benchmarks), the FSDP2 stacks at world 1
+    # (scaling.sh with PLAIN=1), and peft LoRA at 350m, which call h did not reach
+  run i-350m 200 --presets 350m --impls petra-full:compile,petra-adam-mini:compile,petra-muon:compile,hf-lora:compile
+  run before-i-350m 120 --presets 350m --impls petra-full:compile,petra-adam-mini:compile
   ;;
 esac
 python3 benchmarks/bench.py --merge "$OUT"/*.json 2>&1 | grep -v ' x |' | tail -30

@@ -295,8 +295,7 @@ def test_sharded_optimizers_equal_one_process(tmp_path, nproc, name):
     sides; two right-projected shapes twice, which update as stacks of shards), 6 steps with
     a refresh and a step the norm-growth limiter holds back, on row shards at 2 and 4
     processes: the parameters of one process, and each process holds a share of the state.
-    Muon (owner-rank Newton-Schulz, the owner's matrices of a shape stacked) equals
-    torch.optim.Muon within bf16 rounding of a stack."""
+    Muon (owner-rank Newton-Schulz) equals torch.optim.Muon exactly."""
     sys.path.insert(0, str(Path(__file__).parent))
     import sharded_worker as w
 
