@@ -16,9 +16,13 @@ from petra.optim import (
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    LocalAdamW,
 )
+from petra.optim.adam_mini import AdamMini
+from petra.optim.chain import OptimizerChain
+from petra.optim.muon import Muon
 
-KINDS = ["galore", "galore-torch", "8bit", "adafactor", "apollo", "apollo-mini", "fira", "adamw"]
+KINDS = ["galore", "galore-torch", "8bit", "adafactor", "apollo", "apollo-mini", "fira", "adamw", "muon", "adam-mini"]
 # projected (32, 128) and (128, 32) moments and the (64, 64) dense one are 8-bit in "8bit"
 SHAPES = [(48, 128), (128, 48), (64, 64), (48, 128), (64, 64), (40,)]
 
@@ -35,6 +39,11 @@ def _build(kind, params):
     groups = [group, {"params": dense}]
     if kind == "adamw":
         return AdamW(params, lr=1e-2, weight_decay=0.1)
+    if kind == "muon":  # as the muon method builds it: Muon for matrices, torch's fused AdamW for the rest
+        return OptimizerChain(Muon(params[:5], lr=1e-2), LocalAdamW(params[5:], lr=1e-2, fused=True))
+    if kind == "adam-mini":  # every block kind but biases: heads of q and k, rows, one per tensor
+        names = ["q_proj", "mlp.down_proj", "o_proj", "k_proj", "v_proj", "norm"]
+        return AdamMini(zip(names, params), lr=1e-2, weight_decay=0.1, head_dim=16)
     if kind == "apollo-mini":
         group.update(APOLLO_MINI_GROUP)
     if kind == "galore-torch":
@@ -145,7 +154,7 @@ def test_a_skipped_step_does_not_sync_with_the_device(device):
     _assert_same_run(pa, oa, pb, ob)
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "adamw"])
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in ("adamw", "muon")])  # (Muon counts no steps)
 def test_a_step_reads_no_flag_of_its_own(kind):
     """The flag of the step in progress reaches the host only at the next step: reading it
     during the step (as the projection of a matrix left out of a stack once did) makes the
@@ -156,5 +165,5 @@ def test_a_step_reads_no_flag_of_its_own(kind):
         _step(opt, params, gs, found_inf=0)
         if i == 0:  # the first step creates the state and decides on the host
             continue
-        unread = [id(st) for *_, states in opt._unsettled for st in states]
+        unread = [id(st) for *_, states in opt._skips.pending for st in states]
         assert sorted(unread) == sorted(id(opt.state[p]) for p in params)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, RunConfig
-from ..optim import AdamW, GaLoreOptimizer, LayerwiseStepper, LocalAdamW
+from ..optim import AdamW, LayerwiseStepper, LocalAdamW
 from ..parallel import NoParallel
 from ..schedule import lr_factor
 
@@ -121,7 +121,7 @@ class Method:
             return self.layerwise.finish()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = self.parallel.clip_grad_norm(params, self.cfg.train.grad_clip)
-        if isinstance(optimizer, (LocalAdamW, GaLoreOptimizer)):  # decided on the device (no host sync)
+        if getattr(optimizer, "takes_found_inf", False):  # decided on the device (no host sync)
             optimizer.step(found_inf=(~torch.isfinite(norm)).float())
         elif bool(torch.isfinite(norm)):
             optimizer.step()

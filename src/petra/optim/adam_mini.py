@@ -11,6 +11,12 @@ reference in tests:
 Norms and biases take no weight decay. The moments are kept in the parameter's dtype, as the
 package keeps them.
 
+`step(found_inf=...)` skips a step whose gradient is not finite on the device, with no host
+sync: the gradient reads as zeros for the second moments (whose decay is then 1) and as the
+first moment itself for its lerp, the update is multiplied by 0, and the step counts are put
+back at the next step (`skipped.SkippedSteps`). The first step, which creates the state,
+decides on the host.
+
 Under FSDP2 (Shard(0): each rank holds some rows of every parameter) a row's block is its
 rank's own; a head whose rows two ranks share, and a norm's one block, sum their squares over
 the ranks (one all-reduce of n_heads values, or of one value, per parameter and step). The
@@ -27,6 +33,7 @@ from torch.optim import Optimizer
 
 from ..dtensor import local
 from .rowsharded import row_shards
+from .skipped import SkippedSteps
 
 HEAD_NAMES = ("k_proj", "q_proj", "wq", "wk", "query", "key")
 ROW_NAMES = ("embed", "embd", "wte", "lm_head", "output", "final_layer", "v_proj", "wv", "value")
@@ -56,6 +63,7 @@ class AdamMini(Optimizer):
             n = name.lower()
             decay = 0.0 if "norm" in n or "ln" in n or "bias" in n else weight_decay
             groups.append({"params": [p], "name": name, "kind": block_kind(name), "weight_decay": decay})
+        self._skips = SkippedSteps()
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, head_dim=head_dim))
 
     def state_layout(self, p, group, key, state) -> int | None:
@@ -68,11 +76,23 @@ class AdamMini(Optimizer):
     # parameters updated together hold at most this many elements: the updates' temporaries
     # exist for one chunk at a time
     chunk_elements = 1 << 26
+    takes_found_inf = True  # step(found_inf=...) skips on the device
+
+    def state_dict(self) -> dict:
+        self._skips.settle()
+        return super().state_dict()
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, found_inf: torch.Tensor | None = None):
         with torch.enable_grad():
             loss = closure() if closure is not None else None
+        self._skips.settle()
+        ok = None  # on the device: False skips the step
+        if found_inf is not None:
+            new = any(not self.state.get(g["params"][0]) for g in self.param_groups if g["params"][0].grad is not None)
+            if new and bool(found_inf):  # the first step creates state: decided on the host
+                return loss
+            ok = None if new else found_inf == 0
         # the groups alike (hyperparameters and step count) update together, in multi-tensor
         # kernels: one parameter at a time, the host issuing a dozen small operations for
         # each of the model's tensors was the step's bottleneck (docs/benchmarks.md)
@@ -89,12 +109,12 @@ class AdamMini(Optimizer):
             for group in groups:
                 n = local(group["params"][0]).numel()
                 if chunk and size + n > self.chunk_elements:
-                    self._update(chunk)
+                    self._update(chunk, ok)
                     chunk, size = [], 0
                 chunk.append(group)
                 size += n
             if chunk:
-                self._update(chunk)
+                self._update(chunk, ok)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -114,6 +134,7 @@ class AdamMini(Optimizer):
             ]
             state_dict = {**state_dict, "param_groups": groups}
         super().load_state_dict(state_dict)
+        self._skips.clear()
         for group in self.param_groups:
             p = group["params"][0]
             st = self.state.get(p)
@@ -137,12 +158,14 @@ class AdamMini(Optimizer):
         sums.index_add_(0, head_of, (g.float() * g.float()).sum(1, keepdim=True))
         return (shards.sum(sums) / (head_dim * p.shape[1])).to(g.dtype)
 
-    def _update(self, groups: list[dict]) -> None:
+    def _update(self, groups: list[dict], ok: torch.Tensor | None = None) -> None:
         """One update of the parameters of groups alike (same hyperparameters and step), with
-        the package's operations element for element."""
+        the package's operations element for element; only if `ok` (0-d bool) is True."""
         lr, eps, wd, (beta1, beta2) = groups[0]["lr"], groups[0]["eps"], groups[0]["weight_decay"], groups[0]["betas"]
         params = [g["params"][0] for g in groups]
         ws, gs = [local(p) for p in params], [local(p.grad) for p in params]
+        if ok is not None:  # finite stand-ins: zeros for the second moments
+            gs = [torch.where(ok, g, 0) for g in gs]
         adam, blocks = [], []  # indices: second moment per weight, or per block
         means, heads = [], []  # this step's mean squares per block; under FSDP2, each row's head
         for i, (p, g, group) in enumerate(zip(params, gs, groups)):
@@ -165,26 +188,32 @@ class AdamMini(Optimizer):
             heads.append(head_of)
             state["step"] += 1
         states = [self.state[p] for p in params]
+        if ok is not None:
+            self._skips.record(ok, states)
         step = states[0]["step"]
         ms = [st["m"] for st in states]
+        keep_or = (lambda x, one: x) if ok is None else (lambda x, one: torch.where(ok, x, one))
         if adam:
             vs = [states[i]["v"] for i in adam]
-            torch._foreach_mul_(vs, beta2)
+            torch._foreach_mul_(vs, keep_or(beta2, 1.0))
             torch._foreach_addcmul_(vs, [gs[i] for i in adam], [gs[i] for i in adam], value=1 - beta2)
         if blocks:
             vs = [states[i]["vmean"] for i in blocks]
-            torch._foreach_mul_(vs, beta2)
+            torch._foreach_mul_(vs, keep_or(beta2, 1.0))
             torch._foreach_add_(vs, [means[i] for i in blocks], alpha=1 - beta2)
         decayed = [w for w, group in zip(ws, groups) if group["weight_decay"] > 0.0]
         if decayed:
-            torch._foreach_mul_(decayed, 1 - lr * wd)
-        torch._foreach_lerp_(ms, gs, 1 - beta1)
+            torch._foreach_mul_(decayed, keep_or(1 - lr * wd, 1.0))
+        # a skipped step moves m toward itself: it stays as it was, bit for bit
+        torch._foreach_lerp_(ms, gs if ok is None else [torch.where(ok, g, m) for g, m in zip(gs, ms)], 1 - beta1)
         bias_correction_1 = 1 - beta1**step
         bias_correction_2_sqrt = math.sqrt(1 - beta2**step)
         if adam:
             hs = torch._foreach_sqrt([states[i]["v"] for i in adam])
             torch._foreach_div_(hs, bias_correction_2_sqrt)
             torch._foreach_add_(hs, eps)
+            if ok is not None:  # a skipped step divides by infinity
+                torch._foreach_div_(hs, ok.to(hs[0].dtype))
             torch._foreach_addcdiv_([ws[i] for i in adam], [ms[i] for i in adam], hs, value=-lr / bias_correction_1)
         if blocks:
             hs = torch._foreach_sqrt([states[i]["vmean"] for i in blocks])
@@ -203,4 +232,6 @@ class AdamMini(Optimizer):
                     factors.append(s if head_of is None else s[head_of])
             updates = [u.view(ws[i].shape) for u, i in zip(torch._foreach_mul(rows, factors), blocks)]
             torch._foreach_mul_(updates, lr)
+            if ok is not None:
+                torch._foreach_mul_(updates, ok.to(updates[0].dtype))
             torch._foreach_sub_([ws[i] for i in blocks], updates)

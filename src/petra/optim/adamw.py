@@ -47,6 +47,8 @@ class AdamW(GaLoreAdamW):
 class LocalAdamW(torch.optim.AdamW):
     """torch.optim.AdamW whose step updates local shards; for plain tensors it is AdamW."""
 
+    takes_found_inf = True  # step(found_inf=...): on the device when fused
+
     def __init__(
         self,
         params,

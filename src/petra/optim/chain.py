@@ -29,14 +29,24 @@ class OptimizerChain(torch.optim.Optimizer):
     def state(self) -> dict:
         return {p: s for o in self.optimizers for p, s in o.state.items()}
 
+    @property
+    def takes_found_inf(self) -> bool:
+        """Whether step(found_inf=...) skips on the device: every inner optimizer does."""
+        return all(getattr(o, "takes_found_inf", False) for o in self.optimizers)
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, found_inf: torch.Tensor | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if found_inf is not None and not self.takes_found_inf:
+            raise TypeError(f"{self!r} cannot skip on the device: one of its optimizers takes no found_inf")
         for o in self.optimizers:
-            o.step()
+            if found_inf is None:
+                o.step()
+            else:
+                o.step(found_inf=found_inf)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

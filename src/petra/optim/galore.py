@@ -53,6 +53,7 @@ from .functional import (
 )
 from .projector import Dense, compute_basis, gaussian_basis
 from .rowsharded import RowSharded, Split, row_shards, sharded_channel_scales
+from .skipped import SkippedSteps
 
 PROJ_TYPES = ("std", "left", "right", "full")
 PROJECTORS = ("svd", "randomized", "subspace", "random")
@@ -124,11 +125,10 @@ class GaLoreOptimizer(Optimizer):
     stacks = False
     stack_elements = 1 << 26
     lowrank_defaults = LOWRANK_DEFAULTS  # what a group holding `rank` gets unless it says otherwise
+    takes_found_inf = True  # step(found_inf=...) skips on the device
 
     def __init__(self, params, defaults: dict):
-        # steps skipped or not, known on the device only: (the device flag, its copy on the
-        # host once its event has passed, the states whose counts went up)
-        self._unsettled: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None, list[dict]]] = []
+        self._skips = SkippedSteps(("step", "moment_step"))  # steps skipped or not, known on the device only
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -143,7 +143,7 @@ class GaLoreOptimizer(Optimizer):
         stay on the CPU: torch casts floating state to the parameter's dtype, which would
         turn fp32 moments and step counts of a bf16 model into bf16 on resume."""
         super().load_state_dict(state_dict)
-        self._unsettled = []
+        self._skips.clear()
         params = [p for g in self.param_groups for p in g["params"]]
         for idx, saved in state_dict["state"].items():
             p = params[idx]
@@ -152,38 +152,8 @@ class GaLoreOptimizer(Optimizer):
                     self.state[p][k] = v.clone() if k in ("step", "moment_step") else v.to(device=p.device)
 
     def state_dict(self) -> dict:
-        self._settle()
+        self._skips.settle()
         return super().state_dict()
-
-    def _settle(self, current: torch.Tensor | None = None) -> None:
-        """Put back the step counts of updates that the device skipped. Their flags were
-        copied to the host a step ago, so the wait is for work long finished. The flag of
-        the step in progress (`current`) is left for the next step: waiting for it would
-        make the host wait for this step's backward, the sync the flag exists to avoid."""
-        keep = []
-        for entry in self._unsettled:
-            ok, flag, done, states = entry
-            if ok is current:
-                keep.append(entry)
-                continue
-            if done is not None:
-                done.synchronize()
-            if not flag.item():  # a host tensor: no sync
-                for st in states:
-                    st["step"] -= 1
-                    st["moment_step"] -= 1
-        self._unsettled = keep
-
-    def _unsettle(self, ok: torch.Tensor, states: list[dict]) -> None:
-        if self._unsettled and self._unsettled[-1][0] is ok:  # one copy of a step's flag
-            self._unsettled[-1][3].extend(states)
-            return
-        if ok.is_cuda:
-            flag, done = ok.to("cpu", non_blocking=True), torch.cuda.Event()
-            done.record()
-        else:
-            flag, done = ok.clone(), None
-        self._unsettled.append((ok, flag, done, list(states)))
 
     # -- projection --------------------------------------------------------------------
     def _refresh(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, shards, ok=None) -> None:
@@ -273,8 +243,7 @@ class GaLoreOptimizer(Optimizer):
     def project_grad(self, p: torch.Tensor, group: dict, ok: torch.Tensor | None = None) -> torch.Tensor:
         """The gradient in the space the inner optimizer sees (refreshing the basis when due;
         `ok` as for `_refresh`)."""
-        if self._unsettled:
-            self._settle(current=ok)
+        self._skips.settle(current=ok)
         g = p.grad
         if g.is_sparse:
             raise RuntimeError("GaLore optimizers do not support sparse gradients")
@@ -362,7 +331,7 @@ class GaLoreOptimizer(Optimizer):
         torch._foreach_add_([st["step"] for st in states], 1)
         torch._foreach_add_([st["moment_step"] for st in states], 1)
         if ok is not None:
-            self._unsettle(ok, states)
+            self._skips.record(ok, states)
 
     def _shape_batches(self, params: list[torch.Tensor], group: dict, ok, rs=None) -> tuple[list[list[int]], list[int]]:
         """(batches, the rest), as indices into params: the low-rank matrices of one shape,
@@ -613,7 +582,7 @@ class GaLoreOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._settle()
+        self._skips.settle()
         ok = None
         if found_inf is not None:
             if any(self._decides_on_host(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None):

@@ -8,6 +8,11 @@ row by row where it lives, and each matrix's U is orthogonalized whole on one ow
 (rowsharded.orthogonalize_by_owner), as torchtitan's DistMuon and Dion distribute it; the
 result equals the one-process update, since every operation on a row is the same and the
 orthogonalization sees the same whole matrix.
+
+`step(found_inf=...)` skips a step whose gradient is not finite on the device, with no host
+sync: the momentum moves toward itself (unchanged, bit for bit) and the update is multiplied
+by 0. Muon counts no steps, so nothing is put back later; only the first step, which creates
+the momentum, decides on the host.
 """
 
 from __future__ import annotations
@@ -51,22 +56,34 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon updates 2-D matrices; a parameter of shape {tuple(p.shape)} is not one")
 
     stack_elements = 1 << 28  # matrices of one shape orthogonalized as one stack of at most this many elements
+    takes_found_inf = True  # step(found_inf=...) skips on the device
 
     def state_layout(self, p, group, key, state) -> int | None:
         """For checkpoints that reshard: the momentum is FSDP2's rows of the parameter."""
         return 0 if key == "momentum_buffer" else None
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, found_inf: torch.Tensor | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        ok = None  # on the device: False skips the step
+        if found_inf is not None:
+            new = any(
+                "momentum_buffer" not in self.state[p]
+                for g in self.param_groups
+                for p in g["params"]
+                if p.grad is not None
+            )
+            if new and bool(found_inf):  # the first step creates state: decided on the host
+                return loss
+            ok = None if new else found_inf == 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            us = self._momentum(params, group)
+            us = self._momentum(params, group, ok)
             whole = [(p, u) for p, u in zip(params, us) if not is_sharded(p)]
             rows = [(p, u) for p, u in zip(params, us) if is_sharded(p)]
 
@@ -81,19 +98,22 @@ class Muon(torch.optim.Optimizer):
                 from .rowsharded import orthogonalize_by_owner
 
                 done += list(zip((p for p, _ in rows), orthogonalize_by_owner(rows, ortho, self.stack_elements)))
-            self._apply(done, group)
+            self._apply(done, group, ok)
         return loss
 
-    def _momentum(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+    def _momentum(self, params: list[torch.Tensor], group: dict, ok=None) -> list[torch.Tensor]:
         """B = mu B + (1 - mu) G and the matrices to orthogonalize (G + mu (B - G) with
         Nesterov, else B), as multi-tensor kernels; in fp32 where the buffers' dtype is not
-        the gradients' (computed there, stored rounded once)."""
+        the gradients' (computed there, stored rounded once). A skipped step (`ok` False)
+        reads B for G: B moves toward itself and stays as it was."""
         mu = group["momentum"]
         gs = [local(p.grad) for p in params]
         bufs = [
             self.state[p].setdefault("momentum_buffer", torch.zeros_like(g, dtype=self.moment_dtype))
             for p, g in zip(params, gs)
         ]
+        if ok is not None:
+            gs = [torch.where(ok, g, b) for g, b in zip(gs, bufs)]
         if all(b.dtype == g.dtype for b, g in zip(bufs, gs)):
             torch._foreach_lerp_(bufs, gs, 1 - mu)
             ms = bufs
@@ -113,8 +133,9 @@ class Muon(torch.optim.Optimizer):
             out += [items[i : i + per] for i in range(0, len(items), per)]
         return out
 
-    def _apply(self, done: list[tuple[torch.Tensor, torch.Tensor]], group: dict) -> None:
-        """W <- W (1 - lr wd) - lr' O, one multi-tensor kernel per shape (lr' depends on it)."""
+    def _apply(self, done: list[tuple[torch.Tensor, torch.Tensor]], group: dict, ok=None) -> None:
+        """W <- W (1 - lr wd) - lr' O, one multi-tensor kernel per shape (lr' depends on it);
+        a skipped step (`ok` False) multiplies by 1 and adds 0 O."""
         by_shape: dict[tuple, tuple[list, list]] = {}
         for p, o in done:
             w = local(p)
@@ -122,6 +143,9 @@ class Muon(torch.optim.Optimizer):
             entry[0].append(w)
             entry[1].append(o.to(w.dtype))
         for shape, (ws, os_) in by_shape.items():
+            if ok is not None:
+                torch._foreach_mul_(os_, ok.to(os_[0].dtype))
             if group["weight_decay"]:
-                torch._foreach_mul_(ws, 1 - group["lr"] * group["weight_decay"])
+                decay = 1 - group["lr"] * group["weight_decay"]
+                torch._foreach_mul_(ws, decay if ok is None else torch.where(ok, decay, 1.0))
             torch._foreach_add_(ws, os_, alpha=-muon_lr(group["lr"], group["adjust_lr_fn"], shape))
