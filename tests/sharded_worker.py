@@ -10,10 +10,11 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-# two matrices each of (176, 64) and (64, 64): right projections that update as one stack
-SHAPES = [(64, 176), (176, 64), (64, 64), (48, 30), (30, 48), (7, 9), (3, 16), (176, 64), (64, 64)]
+# two matrices each of (176, 64) and (64, 64), right projections, and of (64, 176), a left
+# one: each pair updates as one stack of the ranks' shards
+SHAPES = [(64, 176), (176, 64), (64, 64), (48, 30), (30, 48), (7, 9), (3, 16), (176, 64), (64, 64), (64, 176)]
 ADAM_MINI_NAMES = ["mlp.up_proj", "mlp.down_proj", "o_proj", "k_proj", "q_proj", "x.bias", "norm"]
-ADAM_MINI_NAMES += ["mlp.gate_proj", "v_proj"]
+ADAM_MINI_NAMES += ["mlp.gate_proj", "v_proj", "mlp.w3"]
 
 
 def make(name: str, params: list) -> torch.optim.Optimizer:

@@ -292,7 +292,7 @@ SHARDED_OPTIMIZERS = ["muon", "apollo", "apollo-mini", "fira", "galore8bit", "ad
 @pytest.mark.parametrize("name", SHARDED_OPTIMIZERS)
 def test_sharded_optimizers_equal_one_process(tmp_path, nproc, name):
     """Matrices of 7 shapes (tall, wide, square, fewer rows than processes: both projection
-    sides; two right-projected shapes twice, which update as stacks of shards), 6 steps with
+    sides; three shapes twice, which update as stacks of shards), 6 steps with
     a refresh and a step the norm-growth limiter holds back, on row shards at 2 and 4
     processes: the parameters of one process, and each process holds a share of the state.
     Muon (owner-rank Newton-Schulz) equals torch.optim.Muon exactly."""
@@ -310,8 +310,8 @@ def test_sharded_optimizers_equal_one_process(tmp_path, nproc, name):
     )
     assert r.returncode == 0, r.stderr[:2000] + " ... " + r.stderr[-2000:]
     got = torch.load(out, weights_only=False)
-    if name in ("apollo", "apollo-mini", "fira"):  # the right projections' shards stacked (8-bit: too small)
-        assert got["stacked"] and set(got["stacked"]) == {2}, got["stacked"]
+    if name in ("apollo", "apollo-mini", "fira"):  # each pair's shards stacked after the first step
+        assert got["stacked"] == [2] * 3 * 5, got["stacked"]  # (8-bit: its moments here are too small)
     whole, grads = w.data()
     ref = [torch.nn.Parameter(x) for x in whole]
     opt = (

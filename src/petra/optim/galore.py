@@ -222,10 +222,10 @@ class GaLoreOptimizer(Optimizer):
         P, Q = state.get("P"), state.get("Q")
         if shards is None:
             return project(g, P, Q)
-        if P is not None:  # R = sum_i P_i^T G_i, then this rank's columns of it
-            g = shards.sum(shards.rows(P).to(g.dtype).t() @ g)
+        if P is not None:  # R = sum_i P_i^T G_i, then this rank's columns of it (a stack: of each)
+            g = shards.sum(shards.rows(P).to(g.dtype).mT @ g)
         g = project(g, None, Q)
-        return g[:, shards.columns(g.shape[1])] if P is not None else g
+        return g[..., shards.columns(g.shape[-1])] if P is not None else g
 
     def _lowrank(self, p: torch.Tensor, group: dict) -> bool:
         return group.get("rank") is not None and p.dim() == 2
@@ -340,9 +340,9 @@ class GaLoreOptimizer(Optimizer):
         host-side operations, and small models then wait on the host (docs/benchmarks.md,
         seventh session). Without `rs` (the projected gradients, which layer-wise updates
         bring) due refreshes happen here, one matrix at a time. The first update (which
-        creates the state) goes one at a time, and so do FSDP2 shards of a left projection
-        (their R is a sum over the ranks and their state is split by columns); FSDP2 shards
-        of a right projection stack their local rows (R_i = G_i Q is this rank's own)."""
+        creates the state) goes one at a time. FSDP2 shards stack too: their local rows
+        (right projections: R_i = G_i Q is this rank's own) or their shares of R's columns
+        (left projections: one all-reduce of the stack's R)."""
         if not (self.stacks and group.get("rank") is not None):
             return [], list(range(len(params)))
         scaled = group["update"] != "galore"  # APOLLO and Fira also read the full gradient
@@ -355,7 +355,6 @@ class GaLoreOptimizer(Optimizer):
                 st
                 and self._stackable(st)
                 and self._lowrank(p, group)
-                and not (is_sharded(p) and "P" in st)
                 and not isinstance(p, Int8Weight)  # its writes round: one per matrix, from fp32
                 and g is not None
                 and not g.is_sparse
@@ -386,8 +385,9 @@ class GaLoreOptimizer(Optimizer):
         """The update of matrices alike (see _shape_batches) as one: weights, gradients (or
         the projected ones, `rs`), bases and moments stacked, updated by `_update_piece` as
         one 3-D parameter, then copied back. Element for element the math of one matrix at a
-        time. FSDP2 shards (right projections only) stack this rank's rows; the norms that
-        span a whole matrix (APOLLO-Mini's scale, Fira's limiter) sum over the ranks."""
+        time. FSDP2 shards stack this rank's rows (and, projected from the left, its shares of
+        R's columns); what spans a whole matrix (R = sum_i P_i^T G_i, APOLLO-Mini's scale,
+        Fira's limiter, the gathered columns) is one collective for the stack."""
         states = [self.state[p] for p in params]
         self._advance(states, ok)
         stack = {k: torch.stack([st[k] for st in states]) for k in ("P", "Q") if k in states[0]}
@@ -397,8 +397,8 @@ class GaLoreOptimizer(Optimizer):
             stack["update_norm"] = torch.stack([st["update_norm"] for st in states])
         w = torch.stack([local(p) for p in params])  # (step() runs without autograd)
         g = torch.stack([local(p.grad) for p in params]) if rs is None or group["update"] != "galore" else None
-        r = self.project(g, stack) if rs is None else torch.stack(rs)
         shards = row_shards(params[0])
+        r = self.project(g, stack, shards) if rs is None else torch.stack(rs)
         self._update_piece([w], [r], [stack], group, coef, ok, stacked=True, grads=[g], shards=shards)
         torch._foreach_copy_([local(p) for p in params], list(w.unbind(0)))
         for k in self.moment_keys:
@@ -525,8 +525,10 @@ class GaLoreOptimizer(Optimizer):
         the limiter's norms are one per matrix; `stack_shards` is the row split of a stack of
         FSDP2 shards (right projections)."""
         a = group["scale"]
+        # under FSDP2: g is this rank's rows; r and d its columns (left) or rows
+        shards = row_shards(owner) if stack_shards is None else stack_shards
         if group["update"] == "galore":
-            self._add_back(p, d.mul_(-group["lr"] * a), state, row_shards(owner))
+            self._add_back(p, d.mul_(-group["lr"] * a), state, shards)
             return
         if g is None and owner.grad is None:
             raise RuntimeError(
@@ -539,15 +541,13 @@ class GaLoreOptimizer(Optimizer):
         if ok is not None:
             g = torch.where(ok, g, 0.0)
         P, Q = state.get("P"), state.get("Q")
-        # under FSDP2: g is this rank's rows; r and d its columns (left) or rows
-        shards = row_shards(owner) if stack_shards is None else stack_shards
         tensor_wise = group["scale_type"] == "tensor"
         if shards is None:
             s = channel_scales(d, r, -2 if P is not None else -1, tensor_wise)
         else:
             s = sharded_channel_scales(d, r, P is not None, tensor_wise, shards, owner.shape[-1])
         if P is not None and shards is not None:  # the residual and back-projection need every column
-            n = Q.shape[1] if Q is not None else owner.shape[1]
+            n = Q.shape[-1] if Q is not None else owner.shape[-1]
             r, d, P = shards.gather_columns(r, n), shards.gather_columns(d, n), shards.rows(P)
         if group["update"] == "fira":
             add_back_(g, r * -a, P, Q)  # the part of G outside the subspace
@@ -569,7 +569,7 @@ class GaLoreOptimizer(Optimizer):
         """p += back-projection of the low-rank update d (one fused addmm where possible)."""
         P, Q = state.get("P"), state.get("Q")
         if shards is not None and P is not None:  # gather the column shares; this rank's rows of P
-            d = shards.gather_columns(d.to(p.dtype), Q.shape[1] if Q is not None else p.shape[1])
+            d = shards.gather_columns(d.to(p.dtype), Q.shape[-1] if Q is not None else p.shape[-1])
             P = shards.rows(P)
         add_back_(p, d, P, Q)
 

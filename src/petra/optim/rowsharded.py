@@ -34,7 +34,7 @@ class RowShards:
         return t
 
     def gather_rows(self, part: torch.Tensor, total: int | None = None) -> torch.Tensor:
-        """Concatenate every rank's rows (each at most `chunk`) into the full matrix."""
+        """Concatenate every rank's rows (each at most `chunk`, along dim 0) into the whole."""
         total = self.m if total is None else total
         chunk = math.ceil(total / self.world)
         padded = part.new_zeros((chunk, *part.shape[1:]))
@@ -48,10 +48,12 @@ class RowShards:
         return slice(*span(n, self.rank, self.world))
 
     def gather_columns(self, part: torch.Tensor, n: int) -> torch.Tensor:
-        return self.gather_rows(part.t(), n).t()
+        """Every rank's share of the last dimension put together (a matrix, or a stack)."""
+        return self.gather_rows(part.movedim(-1, 0), n).movedim(0, -1)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        return x[self.start : self.stop]
+        """This rank's rows of a matrix, or of each matrix of a stack."""
+        return x[..., self.start : self.stop, :]
 
 
 @dataclass
