@@ -523,7 +523,7 @@ class GaLoreOptimizer(Optimizer):
 
         For a stack (`_update_stack`) p, d, r, P and Q are 3-D, g is the stacked gradient and
         the limiter's norms are one per matrix; `stack_shards` is the row split of a stack of
-        FSDP2 shards (right projections)."""
+        FSDP2 shards."""
         a = group["scale"]
         # under FSDP2: g is this rank's rows; r and d its columns (left) or rows
         shards = row_shards(owner) if stack_shards is None else stack_shards
