@@ -634,6 +634,42 @@ def test_apollo_and_fira_update_in_stacks_with_the_numbers_of_one_at_a_time(
     assert all(torch.equal(s1[k], s2[k]) if torch.is_tensor(s1[k]) else s1[k] == s2[k] for k in s1)
 
 
+@pytest.mark.parametrize("stacks", [True, False])
+def test_firas_back_projections_run_in_the_gradients_dtype(stacks):
+    """In bf16 training Fira's two back-projections (the residual G - a P R and the update's
+    a P D) are bf16 products added into the fp32 update, as the fira package computes them:
+    an fp32 product of every matrix's size runs on a GPU without tensor cores, and was most
+    of Fira's step beyond APOLLO's (docs/benchmarks.md, eleventh session)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    kinds = (aten.mm, aten.bmm, aten.addmm, aten.addmm_, aten.baddbmm, aten.baddbmm_, aten.matmul)
+    products = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in kinds:
+                products.append((out.dtype, tuple(out.shape[-2:])))
+            return out
+
+    torch.manual_seed(0)
+    shapes = [(64, 512)] * 2 + [(512, 64)] * 2
+    ps = [torch.nn.Parameter(torch.randn(s, dtype=torch.bfloat16)) for s in shapes]
+    opt = GaLoreAdamW([{"params": ps, "rank": 16, "update": "fira"}], lr=1e-2)
+    opt.stacks = stacks
+    for step in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, dtype=torch.bfloat16)
+        if step < 2:
+            opt.step()
+            continue
+        with Record():
+            opt.step()
+    whole = [dtype for dtype, shape in products if shape in set(shapes)]
+    assert len(whole) >= 4 and set(whole) == {torch.bfloat16}, products
+
+
 @pytest.mark.parametrize("switch_state", ["reset", "reproject"])
 def test_refreshes_that_rewrite_moments_keep_stacks_exact(switch_state):
     """A refresh that resets (or rotates) a matrix's moments changes its moment step (or its

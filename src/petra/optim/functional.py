@@ -34,8 +34,21 @@ def project(g: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None) -> 
     return g
 
 
-def add_back_(w: torch.Tensor, d: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None) -> None:
-    """w += P d Q^T (either side optional) as one fused addmm (baddbmm for a stack)."""
+def add_back_(
+    w: torch.Tensor, d: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None, dtype: torch.dtype | None = None
+) -> None:
+    """w += P d Q^T (either side optional) as one fused addmm (baddbmm for a stack).
+
+    `dtype`: the product's own dtype where it is not w's, then added into w. An fp32 product
+    runs on a GPU without its tensor cores: Fira's two back-projections into fp32 gradients
+    were most of its step's excess over APOLLO's (docs/benchmarks.md, eleventh session)."""
+    if dtype is not None and dtype != w.dtype:
+        P, Q = (None if x is None else x.to(dtype) for x in (P, Q))
+        d = d.to(dtype)
+        if P is not None:
+            d = P @ d
+        w.add_(d if Q is None else d @ Q.mT)
+        return
     d = d.to(w.dtype)
     mm_ = w.baddbmm_ if w.dim() == 3 else w.addmm_
     if P is not None and Q is not None:

@@ -535,7 +535,11 @@ class GaLoreOptimizer(Optimizer):
                 f"update={group['update']!r} scales the full gradient, which is gone: layer-wise "
                 "updates with clipping keep only the projected gradient; use grad_clip=0 with layer-wise"
             )
-        g = (local(owner.grad) if g is None else g).float()
+        g = local(owner.grad) if g is None else g
+        # Fira's back-projections run in the gradient's dtype (bf16 in bf16 training, as the
+        # fira package computes them), added into the fp32 update
+        dtype = g.dtype
+        g = g.float()
         if torch.is_tensor(coef) or coef != 1.0:
             g = g * coef
         if ok is not None:
@@ -550,7 +554,7 @@ class GaLoreOptimizer(Optimizer):
             n = Q.shape[-1] if Q is not None else owner.shape[-1]
             r, d, P = shards.gather_columns(r, n), shards.gather_columns(d, n), shards.rows(P)
         if group["update"] == "fira":
-            add_back_(g, r * -a, P, Q)  # the part of G outside the subspace
+            add_back_(g, r * -a, P, Q, dtype)  # the part of G outside the subspace
         else:
             s = s * a
         t = float(state["moment_step"])
@@ -562,7 +566,7 @@ class GaLoreOptimizer(Optimizer):
             norm = torch.where(ok, norm, previous if previous is not None else torch.full_like(norm, math.inf))
         state["update_norm"] = norm
         if group["update"] == "fira":
-            add_back_(u, d * a, P, Q)
+            add_back_(u, d * a, P, Q, dtype)
         local(p).add_(u.to(p.dtype), alpha=-group["lr"])
 
     def _add_back(self, p: torch.Tensor, d: torch.Tensor, state: dict, shards=None) -> None:
