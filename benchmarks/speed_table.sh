@@ -67,11 +67,13 @@ h)  # the 350m peers beside petra's full rank
   run h-350m 400 --presets 350m --impls petra-full:compile,hf-full:compile,hf-adamw8bit:compile,\
 galore-torch:compile,galore-torch-8bit:compile,apollo:compile,apollo-mini:compile,fira:compile,hf-lora:compile
   ;;
-i)  # what this session changed without a GPU: Adam-mini in multi-tensor kernels (against the tree
-    # before it in .before/: git archive 85d1b2c src benchmarks), the FSDP2 stacks at world 1
-    # (scaling.sh with PLAIN=1), and peft LoRA at 350m, which call h did not reach
-  run i-350m 200 --presets 350m --impls petra-full:compile,petra-adam-mini:compile,petra-muon:compile,hf-lora:compile
-  run before-i-350m 120 --presets 350m --impls petra-full:compile,petra-adam-mini:compile
+i)  # what the eleventh session changed without a GPU: Adam-mini in multi-tensor kernels, Adam-mini's
+    # and Muon's device-side skip, Fira's back-projections in bf16; against the tree before them in
+    # .before/ (git archive 85d1b2c src benchmarks); peft LoRA at 350m, which call h did not reach.
+    # The FSDP2 stacks: PLAIN=1 MODES=fsdp PRESET=350m bash benchmarks/scaling.sh
+  run i-350m 200 --presets 350m --impls petra-full:compile,petra-adam-mini:compile,petra-muon:compile,petra-fira:compile,hf-lora:compile
+  run before-i-350m 120 --presets 350m --impls petra-full:compile,petra-adam-mini:compile,petra-fira:compile
+  run i-1b 200 --presets 1b --impls petra-full:compile,petra-fira:compile,petra-apollo:compile
   ;;
 esac
 python3 benchmarks/bench.py --merge "$OUT"/*.json 2>&1 | grep -v ' x |' | tail -30
