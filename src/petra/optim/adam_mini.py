@@ -26,12 +26,11 @@ may.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.optim import Optimizer
 
 from ..dtensor import local
+from .functional import adam_denominators
 from .rowsharded import row_shards
 from .skipped import SkippedSteps
 
@@ -207,18 +206,17 @@ class AdamMini(Optimizer):
         # a skipped step moves m toward itself: it stays as it was, bit for bit
         torch._foreach_lerp_(ms, gs if ok is None else [torch.where(ok, g, m) for g, m in zip(gs, ms)], 1 - beta1)
         bias_correction_1 = 1 - beta1**step
-        bias_correction_2_sqrt = math.sqrt(1 - beta2**step)
+
+        def denominators(vs):  # sqrt(v) / sqrt(1 - beta2^t) + eps, the package's operations
+            return adam_denominators(vs, [step] * len(vs), beta2, [eps] * len(vs))
+
         if adam:
-            hs = torch._foreach_sqrt([states[i]["v"] for i in adam])
-            torch._foreach_div_(hs, bias_correction_2_sqrt)
-            torch._foreach_add_(hs, eps)
+            hs = denominators([states[i]["v"] for i in adam])
             if ok is not None:  # a skipped step divides by infinity
                 torch._foreach_div_(hs, ok.to(hs[0].dtype))
             torch._foreach_addcdiv_([ws[i] for i in adam], [ms[i] for i in adam], hs, value=-lr / bias_correction_1)
         if blocks:
-            hs = torch._foreach_sqrt([states[i]["vmean"] for i in blocks])
-            torch._foreach_div_(hs, bias_correction_2_sqrt)
-            torch._foreach_add_(hs, eps)
+            hs = denominators([states[i]["vmean"] for i in blocks])
             stepsizes = torch._foreach_reciprocal(hs)  # (1 / bc1) / h, as Python computes it
             torch._foreach_mul_(stepsizes, 1 / bias_correction_1)
             rows, factors = [], []

@@ -395,12 +395,13 @@ class GaLoreOptimizer(Optimizer):
         stack["moment_step"] = states[0]["moment_step"]
         if "update_norm" in states[0]:  # APOLLO's and Fira's limiter: one norm per matrix
             stack["update_norm"] = torch.stack([st["update_norm"] for st in states])
-        w = torch.stack([local(p) for p in params])  # (step() runs without autograd)
+        ws = [local(p) for p in params]
+        w = torch.stack(ws)  # (step() runs without autograd)
         g = torch.stack([local(p.grad) for p in params]) if rs is None or group["update"] != "galore" else None
         shards = row_shards(params[0])
         r = self.project(g, stack, shards) if rs is None else torch.stack(rs)
         self._update_piece([w], [r], [stack], group, coef, ok, stacked=True, grads=[g], shards=shards)
-        torch._foreach_copy_([local(p) for p in params], list(w.unbind(0)))
+        torch._foreach_copy_(ws, list(w.unbind(0)))
         for k in self.moment_keys:
             self._unstack_moments(stack[k], [st[k] for st in states])
         if "update_norm" in stack:
@@ -551,7 +552,7 @@ class GaLoreOptimizer(Optimizer):
         else:
             s = sharded_channel_scales(d, r, P is not None, tensor_wise, shards, owner.shape[-1])
         if P is not None and shards is not None:  # the residual and back-projection need every column
-            n = Q.shape[-1] if Q is not None else owner.shape[-1]
+            n = self._width(owner, state)
             r, d, P = shards.gather_columns(r, n), shards.gather_columns(d, n), shards.rows(P)
         if group["update"] == "fira":
             add_back_(g, r * -a, P, Q, dtype)  # the part of G outside the subspace
@@ -573,7 +574,7 @@ class GaLoreOptimizer(Optimizer):
         """p += back-projection of the low-rank update d (one fused addmm where possible)."""
         P, Q = state.get("P"), state.get("Q")
         if shards is not None and P is not None:  # gather the column shares; this rank's rows of P
-            d = shards.gather_columns(d.to(p.dtype), Q.shape[-1] if Q is not None else p.shape[-1])
+            d = shards.gather_columns(d.to(p.dtype), self._width(p, state))
             P = shards.rows(P)
         add_back_(p, d, P, Q)
 
@@ -655,9 +656,15 @@ class GaLoreOptimizer(Optimizer):
         if shards is None:
             return None
         if self._cut(p, group, state) == 1:
-            Q = state.get("Q")
-            return Split(shards, 1, Q.shape[1] if Q is not None else p.shape[1])
+            return Split(shards, 1, self._width(p, state))
         return Split(shards, 0, p.shape[0])
+
+    @staticmethod
+    def _width(p: torch.Tensor, state: dict) -> int:
+        """The columns of p's projected gradient (of each matrix of a stack): Q's rank, or
+        p's own columns."""
+        Q = state.get("Q")
+        return Q.shape[-1] if Q is not None else p.shape[-1]
 
     def _inner(
         self, rs: list[torch.Tensor], states: list[dict], group: dict, ok: torch.Tensor | None = None, splits=None

@@ -87,19 +87,27 @@ class Muon(torch.optim.Optimizer):
             whole = [(p, u) for p, u in zip(params, us) if not is_sharded(p)]
             rows = [(p, u) for p, u in zip(params, us) if is_sharded(p)]
 
-            def ortho(u, group=group):
-                return newton_schulz(u, group["ns_steps"], group["eps"])
+            def ortho(us, group=group):
+                return self._orthogonalized(us, group)
 
-            done = []
-            for batch in self._stacks(whole):  # one batched iteration for all matrices of a shape
-                os_ = ortho(torch.stack([u for _, u in batch])).unbind(0) if len(batch) > 1 else [ortho(batch[0][1])]
-                done += [(p, o) for (p, _), o in zip(batch, os_)]
+            done = list(zip((p for p, _ in whole), ortho([u for _, u in whole])))
             if rows:
                 from .rowsharded import orthogonalize_by_owner
 
-                done += list(zip((p for p, _ in rows), orthogonalize_by_owner(rows, ortho, self.stack_elements)))
+                done += list(zip((p for p, _ in rows), orthogonalize_by_owner(rows, ortho)))
             self._apply(done, group, ok)
         return loss
+
+    def _orthogonalized(self, us: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """Newton-Schulz of each matrix; those of one shape as one stack (one batched iteration
+        for all of them, `_stacks`)."""
+        out: list = [None] * len(us)
+        for batch in self._stacks(list(enumerate(us))):
+            x = torch.stack([u for _, u in batch]) if len(batch) > 1 else batch[0][1]
+            x = newton_schulz(x, group["ns_steps"], group["eps"])
+            for (i, _), o in zip(batch, x.unbind(0) if len(batch) > 1 else [x]):
+                out[i] = o
+        return out
 
     def _momentum(self, params: list[torch.Tensor], group: dict, ok=None) -> list[torch.Tensor]:
         """B = mu B + (1 - mu) G and the matrices to orthogonalize (G + mu (B - G) with
@@ -123,7 +131,8 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_copy_(bufs, ms)
         return torch._foreach_lerp(gs, ms, mu) if group["nesterov"] else ms
 
-    def _stacks(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _stacks(self, pairs: list[tuple]) -> list[list[tuple]]:
+        """(key, matrix) pairs in groups of one matrix shape, of at most stack_elements each."""
         by_shape: dict[tuple, list] = {}
         for p, u in pairs:
             by_shape.setdefault((tuple(u.shape), u.dtype, u.device), []).append((p, u))

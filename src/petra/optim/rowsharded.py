@@ -141,15 +141,12 @@ def owners(shapes: list[tuple[int, int]], world: int) -> list[int]:
     return out
 
 
-def orthogonalize_by_owner(
-    items: list[tuple[DTensor, torch.Tensor]], ortho, stack_elements: int = 1 << 28
-) -> list[torch.Tensor]:
+def orthogonalize_by_owner(items: list[tuple[DTensor, torch.Tensor]], ortho) -> list[torch.Tensor]:
     """Muon under FSDP2: each row-sharded matrix (its parameter and this rank's rows of the
-    update) is gathered on its owner rank, orthogonalized there by `ortho` and its rows sent
-    back; the gathers, then every owner's own matrices, then the scatters run at once, so the
-    ranks' Newton-Schulz work overlaps. An owner's matrices of one shape are orthogonalized
-    as stacks of at most `stack_elements` (`ortho` takes a stack). Returns this rank's rows
-    of each result."""
+    update) is gathered on its owner rank, orthogonalized there and its rows sent back; the
+    gathers, then every owner's own matrices, then the scatters run at once, so the ranks'
+    Newton-Schulz work overlaps. `ortho` takes the list of an owner's matrices (Muon
+    orthogonalizes those of one shape as a stack). Returns this rank's rows of each result."""
     shards = [RowShards(p) for p, _ in items]
     s0 = shards[0]
     who = owners([tuple(p.shape) for p, _ in items], s0.world)
@@ -163,17 +160,8 @@ def orthogonalize_by_owner(
         bufs.append(into)
     for w in works:
         w.wait()
-    # this rank's own matrices, orthogonalized in stacks of one shape (one batched iteration)
-    mine = {i: torch.cat(into)[: s.m] for i, (s, o, into) in enumerate(zip(shards, who, bufs)) if s.rank == o}
-    by_shape: dict[tuple, list[int]] = {}
-    for i, x in mine.items():
-        by_shape.setdefault((tuple(x.shape), x.dtype), []).append(i)
-    done = {}
-    for idx in by_shape.values():
-        per = max(1, stack_elements // mine[idx[0]].numel())
-        for batch in (idx[k : k + per] for k in range(0, len(idx), per)):
-            outs = ortho(torch.stack([mine[i] for i in batch])).unbind(0) if len(batch) > 1 else [ortho(mine[batch[0]])]
-            done.update(zip(batch, outs))
+    mine = [i for i, (s, o) in enumerate(zip(shards, who)) if s.rank == o]  # this rank's own matrices
+    done = dict(zip(mine, ortho([torch.cat(bufs[i])[: shards[i].m] for i in mine])))
     sends = []
     for i, s in enumerate(shards):
         if i in done:
