@@ -9,7 +9,8 @@ petra implementation to each peer. Peers: Hugging Face LlamaForCausalLM (sdpa) w
 torch AdamW (hf-full) or bitsandbytes AdamW8bit (hf-adamw8bit), galore-torch 1.0
 (GaLoreAdamW / GaLoreAdamW8bit), APOLLO (apollo-torch 1.0.3, APOLLOAdamW) and peft LoRA.
 Suffix an impl with ':compile' to torch.compile its model, with '+r128' to train at rank 128
-(not --ranks'), with '+pad' to pad the MLP width
+(not --ranks'), with '+liger' to compute petra's norms, rotary embedding, SwiGLU and loss with
+liger-kernel's Triton kernels (train.kernels), with '+pad' to pad the MLP width
 to a multiple of 128 (both models: extra trained units), with '+noalign' to run petra's MLP
 at its own width (no zero units computed for alignment, model.aligned_pad).
 petra-relora-int8 / -nf4 hold ReLoRA's frozen weights quantized by bitsandbytes.
@@ -49,7 +50,7 @@ from petra.metrics import (
     flops_per_token,  # noqa: E402
     optimizer_state_bytes,  # noqa: E402
 )
-from petra.model import build_model  # noqa: E402
+from petra.train import new_model  # noqa: E402
 
 DIST = par_.NoParallel()  # the process group under torchrun (set in main)
 
@@ -131,6 +132,8 @@ def petra_config(impl, preset, rank, micro, batch=64, gap=GAP, ckpt=False, extra
     }
     if "pad" in suffixes:
         ov["model.pad_intermediate_to"] = 128
+    if "liger" in suffixes:
+        ov["train.kernels"] = "liger"
     for s in suffixes:  # '+r128': this impl's rank instead of --ranks' (ReLoRA at the paper's rank)
         if s[:1] == "r" and s[1:].isdigit():
             ov["method.rank"] = int(s[1:])
@@ -177,7 +180,7 @@ def build(
 
     if name.startswith("petra"):
         torch.manual_seed(0)
-        model = build_model(cfg.model, device(), torch.bfloat16)
+        model = new_model(cfg, device(), torch.bfloat16)  # with train.kernels
         if "+noalign" in impl:  # the MLP at its own width, as before aligned_pad
             for layer in model.model.layers:
                 layer.mlp.pad = 0
@@ -369,6 +372,40 @@ def show_profile(step, batches, n: int, impl: str) -> None:
         key = "self_device_time_total" if hasattr(avg[0], "self_device_time_total") else "self_cuda_time_total"
         print(f"== profile of {impl}: GPU time ==")
         print(avg.table(sort_by=key, row_limit=12, max_name_column_width=60), flush=True)
+        print(f"== profile of {impl}: GPU kernel time per step by kind (ms) ==")
+        print(kernel_kinds(prof.events(), n), flush=True)
+
+
+# GPU kernels by what their names say they do, first match wins (Inductor's own kernels are
+# "triton_..."; liger-kernel's Triton kernels are named for their operation)
+KINDS = (
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("liger", ("rms_norm", "rope", "swiglu", "cross_entropy", "element_mul")),
+    ("inductor", ("triton_",)),
+    ("copy/fill", ("copy", "memset", "fill", "memcpy", "cat")),
+)
+
+
+def kernel_kinds(events, steps: int) -> str:
+    """'kind ms' per step for each kind of GPU kernel in a profile, the 8 busiest "other"
+    kernels named, and the whole."""
+    from torch.autograd import DeviceType
+
+    ms, other = {}, {}
+    for e in events:
+        if e.device_type != DeviceType.CUDA:
+            continue
+        t = e.device_time_total / 1000 / steps
+        name = e.name.lower()
+        kind = next((k for k, keys in KINDS if any(w in name for w in keys)), "other")
+        ms[kind] = ms.get(kind, 0.0) + t
+        if kind == "other":
+            other[e.name[:60]] = other.get(e.name[:60], 0.0) + t
+    lines = [f"{k:10s} {v:8.2f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])]
+    lines += [f"  other: {v:7.2f} {k}" for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:8]]
+    return "\n".join(lines + [f"{'all':10s} {sum(ms.values()):8.2f}"])
 
 
 def main():

@@ -7,7 +7,8 @@
 # and APOLLO / Fira updating in stacks at 350m.
 # Parts f, g and h are the eleventh session's (docs/bench/session11): every method again after the
 # low-rank step stopped waiting for its own skip flag, with the peers, at 60m / 350m (f), 1b (g)
-# and the 350m peers (h). Part i measures what that session changed without a GPU.
+# and the 350m peers (h). Part i measures what that session changed without a GPU. Part j is the
+# twelfth session's (docs/bench/session12): liger-kernel's kernels against torch's.
 # Call a also runs the CUDA tests of the optimizers and times layer-wise 8-bit before the
 # stacked layer-wise update, from `.before/`:
 #   rm -rf .before && mkdir .before && git archive 94dd883 src benchmarks | tar -x -C .before
@@ -74,6 +75,13 @@ i)  # what the eleventh session changed without a GPU: Adam-mini in multi-tensor
   run i-350m 200 --presets 350m --impls petra-full:compile,petra-adam-mini:compile,petra-muon:compile,petra-fira:compile,hf-lora:compile
   run before-i-350m 120 --presets 350m --impls petra-full:compile,petra-adam-mini:compile,petra-fira:compile
   run i-1b 200 --presets 1b --impls petra-full:compile,petra-fira:compile,petra-apollo:compile
+  ;;
+j)  # the twelfth session: full rank with liger-kernel's Triton kernels (train.kernels=liger) beside
+    # torch's, compiled both, profiled (GPU time by kind of kernel); the liger tests first
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_kernels.py 2>&1 | tail -3
+  run j-1b 300 --presets 1b --micro 1b=64 --impls petra-full:compile,petra-full+liger:compile --profile 2
+  run j-350m 200 --presets 350m --impls petra-full:compile,petra-full+liger:compile,petra-galore:compile,\
+petra-galore+liger:compile --profile 1
   ;;
 esac
 python3 benchmarks/bench.py --merge "$OUT"/*.json 2>&1 | grep -v ' x |' | tail -30

@@ -34,6 +34,7 @@ TRAIN_FLAGS: dict[str, str] = {
     "threads": "train.threads",
     "dtype": "train.dtype",
     "compile": "train.compile",
+    "kernels": "train.kernels",
     "eval_every": "train.eval_every",
     "save_every": "train.save_every",
     "log_every": "train.log_every",

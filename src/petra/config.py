@@ -8,6 +8,7 @@ any expensive work starts, so a typo fails in milliseconds with the allowed valu
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import typing
@@ -129,6 +130,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.shuffle": ("feistel", "randperm"),
     "train.dtype": ("auto", "bf16", "fp32"),
     "train.compile": ("auto", "on", "off"),
+    "train.kernels": ("torch", "liger"),
     "train.parallel": ("auto", "none", "ddp", "fsdp"),
     "method.name": METHODS,
     "method.proj_type": ("std", "left", "right", "full"),
@@ -195,6 +197,11 @@ class TrainConfig:
     )
     dtype: str = _f("auto", "weights and compute (auto = bf16 on CUDA, fp32 on CPU)")
     compile: str = _f("auto", "torch.compile the model (auto = on for CUDA)")
+    kernels: str = _f(
+        "torch",
+        "RMSNorm, rotary embedding, SwiGLU and the loss: torch (any device) or liger "
+        "(liger-kernel's Triton kernels, CUDA; pip install liger-kernel)",
+    )
     stop_after: int = _f(0, "end the run at this step as if interrupted (0 = off)")
     parallel: str = _f("auto", "processes under torchrun (auto = ddp; none = one process)")
     log_to: str = _f("", "also log metrics to these trackers (comma-separated: tensorboard, wandb, trackio)")
@@ -508,6 +515,8 @@ def validate_train(t: TrainConfig) -> None:
         _choice("train.log_to", name, TRACKERS)
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
+    if t.kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.kernels=liger needs liger-kernel (pip install liger-kernel); else train.kernels=torch")
 
 
 def validate_method(me: MethodConfig, m: ModelConfig, preset: str) -> None:
@@ -574,6 +583,7 @@ RESUMABLE_CHANGES = {
         "stop_after",
         "device",
         "compile",
+        "kernels",
         "eval_every",
         "save_every",
         "log_every",

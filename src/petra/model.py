@@ -3,6 +3,7 @@
 RMSNorm -> causal SDPA attention with rotary embeddings -> RMSNorm -> SwiGLU MLP, untied
 input and output embeddings, normal(0, 0.02) init as in the GaLore/ReLoRA reference runs.
 The loss is a fused linear + cross-entropy that never holds fp32 logits for the whole batch.
+The element-wise pieces and the loss come from kernels.py: torch's, or liger-kernel's.
 """
 
 from __future__ import annotations
@@ -15,19 +16,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .kernels import TORCH, Kernels, fused_cross_entropy
 
 
 class RMSNorm(nn.Module):
+    kernels: Kernels = TORCH  # LlamaForCausalLM.use_kernels sets the model's
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalize in fp32 like HF, cast back before the weight
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,13 +37,6 @@ def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor,
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, D) in HF's rotate-half layout
     return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); cos/sin: (T, D)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
 
 
 class KVCache:
@@ -63,6 +57,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    kernels: Kernels = TORCH
+
     def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.index = index  # the layer's place: its slot in a KVCache
@@ -78,7 +74,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.kernels.rope(q, k, cos, sin)
         if cache is not None:  # the new tokens attend to every cached one (a prompt only at pos 0)
             k, v = cache.append(self.index, k, v)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # flash on CUDA
@@ -92,6 +88,8 @@ def aligned_pad(width: int) -> int:
 
 
 class MLP(nn.Module):
+    kernels: Kernels = TORCH
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, h = cfg.hidden_size, cfg.mlp_width
@@ -105,7 +103,7 @@ class MLP(nn.Module):
         linears = (self.gate_proj, self.up_proj, self.down_proj)
         if self.pad and x.is_cuda and all(type(m) is nn.Linear for m in linears):
             return self.aligned(x)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
     def aligned(self, x: torch.Tensor) -> torch.Tensor:
         """The same function computed `pad` units wider: the weights are padded with zeros on
@@ -114,7 +112,7 @@ class MLP(nn.Module):
         n = self.pad
         gate = PaddedLinear.apply(x, self.gate_proj.weight, n, 0)
         up = PaddedLinear.apply(x, self.up_proj.weight, n, 0)
-        return PaddedLinear.apply(F.silu(gate) * up, self.down_proj.weight, 0, n)
+        return PaddedLinear.apply(self.kernels.silu_mul(gate, up), self.down_proj.weight, 0, n)
 
 
 class PaddedLinear(torch.autograd.Function):
@@ -166,61 +164,6 @@ class LlamaBody(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class FusedLinearCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of (h @ W^T) against targets, computed chunk by chunk.
-
-    Forward computes each chunk's logits in fp32, its loss and its gradients at once and
-    keeps only the gradients (same size as h and W), so neither the (N, V) logits nor their
-    softmax ever exist for the whole batch. Backward just scales the stored gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-        n = h.shape[0]
-        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16/fp32, fp64 for fp64
-        count = (targets != -100).sum().clamp(min=1)
-        loss = torch.zeros((), dtype=acc, device=h.device)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = None
-        for s in range(0, n, chunk):
-            hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            logits = (hc @ weight.t()).to(acc)  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            valid = tc != -100
-            safe_t = tc.clamp(min=0)
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            loss += ((lse - picked) * valid).sum()
-            if need_h or need_w:
-                g = torch.softmax(logits, dim=-1)  # d loss_sum / d logits
-                g.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
-                g *= valid[:, None]
-                g = (g / count).to(h.dtype)
-                if need_h:
-                    grad_h[s : s + chunk] = g @ weight
-                if need_w:
-                    gw = g.t() @ hc
-                    if grad_w is None:  # one chunk: this product is the gradient; more: summed in fp32
-                        grad_w = gw if n <= chunk else gw.to(acc)
-                    else:
-                        grad_w.add_(gw)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
-        return loss / count
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out if grad_h is not None else None
-        gw = grad_w * grad_out if grad_w is not None else None
-        return gh, gw, None, None
-
-
-def fused_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096
-) -> torch.Tensor:
-    return FusedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk)
-
-
 @torch.no_grad()
 def row_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Each row's mean next-token loss, shape (B,): what evaluation needs for a standard
@@ -245,8 +188,19 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cache(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.loss_fn = fused_cross_entropy  # compiled on its own by compile_parts
+        self.kernels = TORCH
+        self.loss = fused_cross_entropy  # the training loss of these kernels
+        self.loss_fn = self.loss  # what forward calls: compiled on its own by compile_parts
         self.reset_parameters()
+
+    def use_kernels(self, k: Kernels) -> None:
+        """Compute the norms, rotary embeddings, SwiGLU and the loss with `k` (kernels.kernels):
+        the same functions, other implementations. Before compile_parts."""
+        self.kernels, self.loss = k, k.cross_entropy if k is not TORCH else fused_cross_entropy
+        self.loss_fn = self.loss
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, MLP)):
+                m.kernels = k
 
     def reset_parameters(self) -> None:
         for m in self.modules():
@@ -264,7 +218,7 @@ class LlamaForCausalLM(nn.Module):
                 layer.compile()
             else:
                 layer._compiled_call_impl = None
-        self.loss_fn = torch.compile(fused_cross_entropy) if on else fused_cross_entropy
+        self.loss_fn = torch.compile(self.loss) if on else self.loss
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final hidden states of tokens idx (B, T); with a cache, they follow the cached

@@ -201,12 +201,11 @@ def probe(cfg: RunConfig, cap_gib: float | None = None, steps: int = PROBE_STEPS
     """A few training steps of `cfg` on random tokens, on its device (on CUDA with the
     allocator capped at `cap_gib`): the peak memory (allocated and reserved; on a CPU the
     process's RSS), the median step time after the first, tokens/s."""
-    from .int8weights import quantizer
     from .methods import make_method
     from .metrics import peak_memory_gib
-    from .model import build_model, count_parameters
+    from .model import count_parameters
     from .parallel import NoParallel
-    from .train import Run, _forward, resolve_device, train_step
+    from .train import Run, _forward, new_model, resolve_device, train_step
 
     device, dtype = resolve_device(cfg)
     cuda = device.type == "cuda"
@@ -219,8 +218,7 @@ def probe(cfg: RunConfig, cap_gib: float | None = None, steps: int = PROBE_STEPS
     torch.manual_seed(cfg.train.seed)
     one = NoParallel()
     method = make_method(cfg, one)
-    int8 = quantizer(cfg.method.int8_weights, cfg.method.int8_block)
-    model = method.prepare(build_model(cfg.model, device, dtype, int8))
+    model = method.prepare(new_model(cfg, device, dtype))
     optimizer = method.optimizer(model)
     B = cfg.train.batch_size
     run = Run(

@@ -24,9 +24,10 @@ from .generate import Sampler
 from .health import Health, TrainingError, perplexity
 from .hf import TOKENIZER_FILES
 from .int8weights import quantized_parameters, quantizer
+from .kernels import kernels
 from .methods import Method, make_method
 from .metrics import TrainLog, flops_per_token, optimizer_state_bytes, peak_memory_gib
-from .model import build_model, count_parameters
+from .model import LlamaForCausalLM, build_model, count_parameters
 from .parallel import NoParallel
 from .parallel import setup as setup_parallel
 from .prepare import file_sha256
@@ -46,10 +47,21 @@ def resolve_device(cfg: RunConfig, local_rank: int | None = None) -> tuple[torch
     if want == "cuda" and local_rank is not None:  # torchrun: one GPU per process
         want = f"cuda:{local_rank}"
     device = torch.device(want)
+    if cfg.train.kernels == "liger" and device.type != "cuda":
+        raise ConfigError(f"train.kernels=liger runs Triton kernels on CUDA, not on {want}; use train.kernels=torch")
     dt = cfg.train.dtype
     if dt == "auto":
         dt = "bf16" if device.type == "cuda" else "fp32"
     return device, torch.bfloat16 if dt == "bf16" else torch.float32
+
+
+def new_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    """The run's LLaMA, initialized from the seed drawn before: in `dtype` on `device`, its
+    hidden matrices in int8 where method.int8_weights asks, computing with train.kernels."""
+    model = build_model(cfg.model, device, dtype, quantizer(cfg.method.int8_weights, cfg.method.int8_block))
+    if cfg.train.kernels != "torch":
+        model.use_kernels(kernels(cfg.train.kernels))
+    return model
 
 
 @dataclass
@@ -270,7 +282,7 @@ def setup(
         )
 
     torch.manual_seed(cfg.train.seed)  # the same initial model on every process
-    model = build_model(cfg.model, device, dtype, quantizer(cfg.method.int8_weights, cfg.method.int8_block))
+    model = new_model(cfg, device, dtype)
     n_params = count_parameters(model)  # the LLaMA's own, before LoRA factors or quantization
     if init is not None:  # e.g. ReLoRA's full-rank warm start taken from an earlier run
         checkpoint.load_initial(model, init, cfg.train.init_from)
