@@ -395,7 +395,9 @@ def kernel_kinds(events, steps: int) -> str:
 
     ms, other = {}, {}
     for e in events:
-        if e.device_type != DeviceType.CUDA:
+        # (ranges the host annotated, e.g. "Optimizer.step#...", also show on the GPU's timeline:
+        # they span kernels counted on their own)
+        if e.device_type != DeviceType.CUDA or e.name.startswith(("Optimizer.", "## ", "ProfilerStep")):
             continue
         t = e.device_time_total / 1000 / steps
         name = e.name.lower()

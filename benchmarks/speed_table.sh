@@ -83,5 +83,9 @@ j)  # the twelfth session: full rank with liger-kernel's Triton kernels (train.k
   run j-350m 200 --presets 350m --impls petra-full:compile,petra-full+liger:compile,petra-galore:compile,\
 petra-galore+liger:compile --profile 1
   ;;
+k)  # the twelfth session: where Fira's and ReLoRA's step goes at 1b (micro-batch 64, beside part j's
+    # profiled full rank in the same lease)
+  run k-1b 190 --presets 1b --micro 1b=64 --impls petra-fira:compile,petra-relora:compile --profile 1
+  ;;
 esac
 python3 benchmarks/bench.py --merge "$OUT"/*.json 2>&1 | grep -v ' x |' | tail -30

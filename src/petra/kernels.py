@@ -129,6 +129,7 @@ def kernels(name: str) -> Kernels:
         # gradient autograd hands to backward is left as it was given
         return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
 
+    @torch.compiler.disable  # its forward reads a count with .item(): eager, after the compiled body
     def liger_cross_entropy(h, weight, targets):
         # positional (the Function takes no keywords): bias, class weights, ignore_index,
         # z-loss scale, label smoothing, reduction, softcap, return_z_loss, then accum_dtype
