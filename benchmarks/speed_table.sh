@@ -85,7 +85,7 @@ petra-galore+liger:compile --profile 1
   ;;
 k)  # the twelfth session: where Fira's and ReLoRA's step goes at 1b (micro-batch 64, beside part j's
     # profiled full rank in the same lease)
-  run k-1b 190 --presets 1b --micro 1b=64 --impls petra-fira:compile,petra-relora:compile --profile 1
+  run k-1b 190 --presets 1b --micro 1b=64 --impls petra-relora:compile,petra-fira:compile --profile 1
   ;;
 esac
 python3 benchmarks/bench.py --merge "$OUT"/*.json 2>&1 | grep -v ' x |' | tail -30
