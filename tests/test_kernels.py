@@ -67,6 +67,12 @@ def test_use_kernels_routes_every_piece_and_loss_through_the_set(compiled):
     assert model.loss_fn is K.fused_cross_entropy and model.model.norm.kernels is K.TORCH
 
 
+def test_the_configs_choices_are_the_kernel_sets():
+    from petra.config import CHOICES
+
+    assert CHOICES["train.kernels"] == K.KERNELS  # config stays torch-free, so it spells them again
+
+
 def test_an_unknown_kernel_set_is_refused():
     with pytest.raises(ValueError, match="kernels='triton' is not allowed; choose one of: torch, liger"):
         K.kernels("triton")
