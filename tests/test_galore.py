@@ -704,6 +704,52 @@ def test_host_work_of_a_stacked_step_does_not_grow_with_the_matrices(monkeypatch
     assert ops(16) >= ops(4) + 12 * 4  # one at a time: 5 per fp32 matrix here (bf16 adds casts)
 
 
+@pytest.mark.parametrize("convention", ["torch", "galore-torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_update_as_one_stack_with_the_numbers_of_one_at_a_time(monkeypatch, convention, dtype):
+    """The plain group's vectors alike (a model's RMSNorm weights) update as one stack, with
+    weight decay and a step skipped on the device: the bits of one at a time (and of
+    torch.optim.AdamW, convention torch), and host operations per shape, not per vector."""
+
+    def run(stack_vectors, n=9, steps=6):
+        monkeypatch.setattr(GaLoreAdamW, "stacks_vectors", stack_vectors)
+        torch.manual_seed(0)
+        low = [torch.nn.Parameter(torch.randn(32, 64, dtype=dtype)) for _ in range(2)]
+        norms = [torch.nn.Parameter(1 + 0.1 * torch.randn(64, dtype=dtype)) for _ in range(n)]
+        other = [torch.nn.Parameter(torch.randn(100, 64, dtype=dtype)), torch.nn.Parameter(torch.randn(7, dtype=dtype))]
+        opt = GaLoreAdamW(
+            [{"params": low, "rank": 8}, {"params": norms + other}], lr=1e-2, weight_decay=0.1, convention=convention
+        )
+        for step in range(steps):
+            g = torch.Generator().manual_seed(step)
+            for p in low + norms + other:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            found = torch.tensor(float(step == 3))
+            ops = dispatched(lambda: opt.step(found_inf=found))
+        return norms + other, _flat_state(opt), ops
+
+    (one, s1, ops1), (stacked, s2, ops2) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(one, stacked))
+    assert all(torch.equal(s1[k], s2[k]) if torch.is_tensor(s1[k]) else s1[k] == s2[k] for k in s1)
+    assert run(True, n=17)[2] == ops2  # the same operations for 17 norms as for 9
+    assert run(False, n=17)[2] >= ops1 + 8 * 2  # one at a time: at least 2 more per norm (5 in bf16)
+    if convention == "torch" and dtype == torch.float32:
+        torch.manual_seed(0)
+        [torch.randn(32, 64) for _ in range(2)]
+        ref = [torch.nn.Parameter(1 + 0.1 * torch.randn(64)) for _ in range(9)]
+        ref += [torch.nn.Parameter(torch.randn(100, 64)), torch.nn.Parameter(torch.randn(7))]
+        adamw = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+        for step in range(6):
+            g = torch.Generator().manual_seed(step)
+            [torch.randn(32, 64, generator=g) for _ in range(2)]
+            for p in ref:
+                p.grad = torch.randn(p.shape, generator=g)
+            if step != 3:
+                adamw.step()
+        for a, b in zip(stacked, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def _layerwise_stacked_run(cls, stacks, device, steps=6, skip=(4,)):
     """Layer-wise updates with clipping (finish() applies them) on matrices of a few shapes,
     one step's gradient not finite (skipped on the device), refreshes staggered over a gap of 3."""

@@ -26,6 +26,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     min_8bit_size = 4096
     block_size = 256
+    stacks_vectors = False  # a stack of vectors would be quantized where each one is not
 
     def __init__(
         self,

@@ -124,6 +124,9 @@ class GaLoreOptimizer(Optimizer):
     # stacked weights and gradients of a batch hold at most this many elements each
     stacks = False
     stack_elements = 1 << 26
+    # the plain group's vectors alike (the norms) also update as one stack, where their
+    # moments stay plain tensors whatever their number (not 8-bit's: a stack would quantize)
+    stacks_vectors = False
     lowrank_defaults = LOWRANK_DEFAULTS  # what a group holding `rank` gets unless it says otherwise
     takes_found_inf = True  # step(found_inf=...) skips on the device
 
@@ -323,8 +326,41 @@ class GaLoreOptimizer(Optimizer):
         states = [self._state(p) for p in params]
         self._advance(states, ok)
         self._init_moments(rs, states)
+        params, rs, states, stacks = self._stack_vectors(params, rs, states, group)
         for piece in self._pieces(params, rs, states, group):
             self._update_piece(*piece, group, coef, ok)
+        for w, ws, stack, members in stacks:  # the stacked vectors back in their own tensors
+            torch._foreach_copy_(ws, list(w.unbind(0)))
+            for k in self.moment_keys:
+                self._unstack_moments(stack[k], [st[k] for st in members])
+
+    def _stack_vectors(self, params, rs, states, group: dict):
+        """(params, rs, states) with the plain group's vectors alike (shape, dtypes, moment
+        step: a model's RMSNorm weights, two a layer) replaced by one stack each, and the
+        stacks to copy back: one at a time, each vector costs casts and selections of its
+        own on the host (docs/benchmarks.md, twelfth session). Element for element the math
+        of one at a time."""
+        if not self.stacks_vectors or group.get("rank") is not None:
+            return params, rs, states, []
+        by_key: dict[tuple, list[int]] = {}
+        for i, (p, r, st) in enumerate(zip(params, rs, states)):
+            if p.dim() == 1 and not is_sharded(p) and not r.is_sparse and self._stackable(st):
+                by_key.setdefault((p.shape, p.dtype, r.dtype, float(st["moment_step"])), []).append(i)
+        batches = [batch for batch in by_key.values() if len(batch) > 1]
+        done = {i for batch in batches for i in batch}
+        keep = [i for i in range(len(params)) if i not in done]
+        out = ([params[i] for i in keep], [rs[i] for i in keep], [states[i] for i in keep], [])
+        for batch in batches:
+            members = [states[i] for i in batch]
+            stack = {k: self._stack_moments([st[k] for st in members]) for k in self.moment_keys}
+            stack["moment_step"] = members[0]["moment_step"]
+            ws = [local(params[i]) for i in batch]
+            w = torch.stack(ws)
+            out[0].append(w)
+            out[1].append(torch.stack([rs[i] for i in batch]))
+            out[2].append(stack)
+            out[3].append((w, ws, stack, members))
+        return out
 
     def _advance(self, states: list[dict], ok: torch.Tensor | None) -> None:
         """Count an update in each state (one host op for all: these are CPU tensors)."""
@@ -695,6 +731,7 @@ class GaLoreAdamW(GaLoreOptimizer):
 
     inner_keys = ("lr", "betas", "eps", "weight_decay", "convention")
     stacks = True
+    stacks_vectors = True
 
     def __init__(
         self,
