@@ -81,6 +81,7 @@ def test_an_unknown_kernel_set_is_refused():
 
 
 def test_liger_without_the_package_or_without_cuda_fails_before_any_work(monkeypatch, tmp_path, tiny_cfg):
+    import importlib.metadata
     import importlib.util
 
     from petra.train import train
@@ -89,12 +90,16 @@ def test_liger_without_the_package_or_without_cuda_fails_before_any_work(monkeyp
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a)
     )
-    with pytest.raises(ConfigError, match=r"train.kernels=liger needs liger-kernel \(pip install liger-kernel\)"):
+    with pytest.raises(ConfigError, match=r"train.kernels=liger needs liger-kernel \(pip install 'petra\[liger\]'\)"):
         build_config(overrides={"train.kernels": "liger"})
     monkeypatch.undo()
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else real(name, *a)
     )
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.5.10")
+    with pytest.raises(ConfigError, match=r"needs liger-kernel >= 0.8, this environment has 0.5.10"):
+        build_config(overrides={"train.kernels": "liger"})
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.8.5")
     with pytest.raises(ConfigError, match="train.kernels=liger runs Triton kernels on CUDA, not on cpu"):
         train(tiny_cfg(**{"train.kernels": "liger", "train.device": "cpu"}), tmp_path / "r", show_progress=False)
     assert not (tmp_path / "r").exists()  # refused before the run directory was made

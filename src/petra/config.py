@@ -8,6 +8,7 @@ any expensive work starts, so a typo fails in milliseconds with the allowed valu
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -200,7 +201,7 @@ class TrainConfig:
     kernels: str = _f(
         "torch",
         "RMSNorm, rotary embedding, SwiGLU and the loss: torch (any device) or liger "
-        "(liger-kernel's Triton kernels, CUDA; pip install liger-kernel)",
+        "(liger-kernel's Triton kernels, CUDA; pip install 'petra[liger]')",
     )
     stop_after: int = _f(0, "end the run at this step as if interrupted (0 = off)")
     parallel: str = _f("auto", "processes under torchrun (auto = ddp; none = one process)")
@@ -515,8 +516,24 @@ def validate_train(t: TrainConfig) -> None:
         _choice("train.log_to", name, TRACKERS)
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
-    if t.kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
-        raise ConfigError("train.kernels=liger needs liger-kernel (pip install liger-kernel); else train.kernels=torch")
+    if t.kernels == "liger":
+        _check_liger()
+
+
+LIGER_TESTED = (0, 8)  # kernels.py calls its Functions positionally, as 0.8 orders their arguments
+
+
+def _check_liger() -> None:
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError(
+            "train.kernels=liger needs liger-kernel (pip install 'petra[liger]'); else train.kernels=torch"
+        )
+    version = importlib.metadata.version("liger-kernel")
+    if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < LIGER_TESTED:
+        raise ConfigError(
+            f"train.kernels=liger needs liger-kernel >= {'.'.join(map(str, LIGER_TESTED))}, "
+            f"this environment has {version} (pip install -U 'petra[liger]')"
+        )
 
 
 def validate_method(me: MethodConfig, m: ModelConfig, preset: str) -> None:
