@@ -1,7 +1,7 @@
 """The decoder's element-wise work and its loss, two ways (train.kernels).
 
 "torch": plain PyTorch on every device, fused by torch.compile where the model is compiled.
-"liger": liger-kernel's Triton kernels (CUDA only; `pip install liger-kernel`): RMSNorm,
+"liger": liger-kernel's Triton kernels (CUDA only; `pip install 'petra[liger]'`): RMSNorm,
 rotary embedding, SiLU x up, and the fused linear + cross-entropy. Both compute the same
 functions (Hugging Face Llama's: RMSNorm normalizes in fp32 and casts back before the weight);
 tests/test_kernels.py holds them equal on a GPU. A leaf: torch only, liger imported when chosen.
@@ -9,7 +9,6 @@ tests/test_kernels.py holds them equal on a GPU. A leaf: torch only, liger impor
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
@@ -107,10 +106,6 @@ class Kernels:
 
 
 TORCH = Kernels("torch", rms_norm, rope, silu_mul, fused_cross_entropy)
-
-
-def liger_available() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def kernels(name: str) -> Kernels:

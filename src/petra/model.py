@@ -196,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
     def use_kernels(self, k: Kernels) -> None:
         """Compute the norms, rotary embeddings, SwiGLU and the loss with `k` (kernels.kernels):
         the same functions, other implementations. Before compile_parts."""
-        self.kernels, self.loss = k, k.cross_entropy if k is not TORCH else fused_cross_entropy
+        self.kernels, self.loss = k, k.cross_entropy
         self.loss_fn = self.loss
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, MLP)):

@@ -329,10 +329,8 @@ class GaLoreOptimizer(Optimizer):
         params, rs, states, stacks = self._stack_vectors(params, rs, states, group)
         for piece in self._pieces(params, rs, states, group):
             self._update_piece(*piece, group, coef, ok)
-        for w, ws, stack, members in stacks:  # the stacked vectors back in their own tensors
-            torch._foreach_copy_(ws, list(w.unbind(0)))
-            for k in self.moment_keys:
-                self._unstack_moments(stack[k], [st[k] for st in members])
+        for stack in stacks:  # the stacked vectors back in their own tensors
+            self._unstack(*stack)
 
     def _stack_vectors(self, params, rs, states, group: dict):
         """(params, rs, states) with the plain group's vectors alike (shape, dtypes, moment
@@ -352,8 +350,7 @@ class GaLoreOptimizer(Optimizer):
         out = ([params[i] for i in keep], [rs[i] for i in keep], [states[i] for i in keep], [])
         for batch in batches:
             members = [states[i] for i in batch]
-            stack = {k: self._stack_moments([st[k] for st in members]) for k in self.moment_keys}
-            stack["moment_step"] = members[0]["moment_step"]
+            stack = self._stacked_state(members)
             ws = [local(params[i]) for i in batch]
             w = torch.stack(ws)
             out[0].append(w)
@@ -426,9 +423,8 @@ class GaLoreOptimizer(Optimizer):
         Fira's limiter, the gathered columns) is one collective for the stack."""
         states = [self.state[p] for p in params]
         self._advance(states, ok)
-        stack = {k: torch.stack([st[k] for st in states]) for k in ("P", "Q") if k in states[0]}
-        stack.update({k: self._stack_moments([st[k] for st in states]) for k in self.moment_keys})
-        stack["moment_step"] = states[0]["moment_step"]
+        stack = self._stacked_state(states)
+        stack.update({k: torch.stack([st[k] for st in states]) for k in ("P", "Q") if k in states[0]})
         if "update_norm" in states[0]:  # APOLLO's and Fira's limiter: one norm per matrix
             stack["update_norm"] = torch.stack([st["update_norm"] for st in states])
         ws = [local(p) for p in params]
@@ -437,12 +433,22 @@ class GaLoreOptimizer(Optimizer):
         shards = row_shards(params[0])
         r = self.project(g, stack, shards) if rs is None else torch.stack(rs)
         self._update_piece([w], [r], [stack], group, coef, ok, stacked=True, grads=[g], shards=shards)
-        torch._foreach_copy_(ws, list(w.unbind(0)))
-        for k in self.moment_keys:
-            self._unstack_moments(stack[k], [st[k] for st in states])
+        self._unstack(w, ws, stack, states)
         if "update_norm" in stack:
             for st, norm in zip(states, stack["update_norm"].unbind(0)):
                 st["update_norm"] = norm
+
+    def _stacked_state(self, states: list[dict]) -> dict:
+        """The moments of tensors alike stacked, with their (common) moment step."""
+        stack = {k: self._stack_moments([st[k] for st in states]) for k in self.moment_keys}
+        stack["moment_step"] = states[0]["moment_step"]
+        return stack
+
+    def _unstack(self, w: torch.Tensor, ws: list[torch.Tensor], stack: dict, states: list[dict]) -> None:
+        """A stack's updated weights and moments back into the tensors it was made of."""
+        torch._foreach_copy_(ws, list(w.unbind(0)))
+        for k in self.moment_keys:
+            self._unstack_moments(stack[k], [st[k] for st in states])
 
     def _stackable(self, state: dict) -> bool:
         """Whether a low-rank matrix with this state can update in a stack: it has moments."""
