@@ -11,8 +11,10 @@ torch AdamW (hf-full) or bitsandbytes AdamW8bit (hf-adamw8bit), galore-torch 1.0
 Suffix an impl with ':compile' to torch.compile its model, with '+r128' to train at rank 128
 (not --ranks'), with '+liger' to compute petra's norms, rotary embedding, SwiGLU and loss with
 liger-kernel's Triton kernels (train.kernels), with '+pad' to pad the MLP width
-to a multiple of 128 (both models: extra trained units), with '+noalign' to run petra's MLP
-at its own width (no zero units computed for alignment, model.aligned_pad).
+to a multiple of 128 (both models: extra trained units), with '+nostack' to update the GaLore
+family's norms one at a time (GaLoreOptimizer.stacks_vectors off), with '+fuse' to run APOLLO's
+and Fira's element-wise update compiled (GaLoreOptimizer.fuses_update, off by default), with
+'+noalign' to run petra's MLP at its own width (no zero units computed for alignment, model.aligned_pad).
 petra-relora-int8 / -nf4 hold ReLoRA's frozen weights quantized by bitsandbytes.
 
 Under torchrun, petra impls take '@ddp' or '@fsdp' (train.parallel) and the total --batch is
@@ -200,6 +202,10 @@ def build(
         if DIST.main and par:  # what runs: FSDP2 classes are named FSDP<model class>
             print(f"{full_name}: {type(wrapped).__name__} on {DIST.world} process(es)", flush=True)
         opt = m.optimizer(model)
+        if "+nostack" in impl:  # the plain group's norms one at a time, as before they stacked
+            opt.stacks_vectors = False
+        if "+fuse" in impl:  # APOLLO's and Fira's element-wise update compiled (off by default)
+            opt.fuses_update = ("cuda",)
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.optimize_ddp = "nosplit" not in opts  # DDP: one graph, no bucket-sized pieces
@@ -332,7 +338,7 @@ def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=Fa
     used = torch.cuda.max_memory_allocated() if CUDA else 0
     peak = DIST.all_reduce(torch.tensor(float(used), device=device()), par_.dist.ReduceOp.MAX)
     if profile:
-        show_profile(step, batches, profile, impl)
+        show_profile(step, batches, profile, impl, 1000 * med)
     return {
         "impl": impl,
         "preset": preset,
@@ -356,8 +362,10 @@ def measure(impl, preset, rank, micro, steps, warmup, batch=64, gap=GAP, ckpt=Fa
     }
 
 
-def show_profile(step, batches, n: int, impl: str) -> None:
-    """torch.profiler over n steps: the operators with the most host time, then GPU time."""
+def show_profile(step, batches, n: int, impl: str, step_ms: float) -> None:
+    """torch.profiler over n steps: the operators with the most host time, then GPU time, then
+    GPU kernel time by kind against the unprofiled step (the rest is the GPU waiting: on the
+    host, where the step is host-bound)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync()
@@ -373,7 +381,10 @@ def show_profile(step, batches, n: int, impl: str) -> None:
         print(f"== profile of {impl}: GPU time ==")
         print(avg.table(sort_by=key, row_limit=12, max_name_column_width=60), flush=True)
         print(f"== profile of {impl}: GPU kernel time per step by kind (ms) ==")
-        print(kernel_kinds(prof.events(), n), flush=True)
+        kinds = kernel_kinds(prof.events(), n)
+        busy = float(kinds.rsplit(maxsplit=1)[-1])
+        print(kinds)
+        print(f"{'idle':10s} {step_ms - busy:8.2f} of the unprofiled {step_ms:.2f} ms step", flush=True)
 
 
 # GPU kernels by what their names say they do, first match wins (Inductor's own kernels are

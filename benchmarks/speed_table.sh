@@ -8,7 +8,8 @@
 # Parts f, g and h are the eleventh session's (docs/bench/session11): every method again after the
 # low-rank step stopped waiting for its own skip flag, with the peers, at 60m / 350m (f), 1b (g)
 # and the 350m peers (h). Part i measures what that session changed without a GPU. Part j is the
-# twelfth session's (docs/bench/session12): liger-kernel's kernels against torch's.
+# twelfth session's (docs/bench/session12): liger-kernel's kernels against torch's. Parts l, m
+# and n are the thirteenth session's (docs/bench/session13), described where they are.
 # Call a also runs the CUDA tests of the optimizers and times layer-wise 8-bit before the
 # stacked layer-wise update, from `.before/`:
 #   rm -rf .before && mkdir .before && git archive 94dd883 src benchmarks | tar -x -C .before
@@ -86,6 +87,34 @@ petra-galore+liger:compile --profile 1
 k)  # the twelfth session: where Fira's and ReLoRA's step goes at 1b (micro-batch 64, beside part j's
     # profiled full rank in the same lease)
   run k-1b 190 --presets 1b --micro 1b=64 --impls petra-relora:compile,petra-fira:compile --profile 1
+  ;;
+l)  # the thirteenth session (docs/bench/session13): every petra method and galore-torch at 60m, and
+    # the GaLore family at 350m, after the norms stacked ('+nostack': one at a time, in the same
+    # call); each profiled for a step, GPU busy time against the step (host-bound or not)
+  run l-60m 230 --presets 60m --impls petra-full:compile,petra-galore:compile,petra-galore+nostack:compile,\
+petra-galore8bit:compile,petra-apollo:compile,petra-apollo-mini:compile,petra-apollo-mini+nostack:compile,\
+petra-fira:compile,petra-relora:compile,petra-muon:compile,petra-adam-mini:compile,galore-torch:compile,\
+galore-torch-8bit:compile --profile 1
+  run l-350m 250 --presets 350m --impls petra-full:compile,petra-galore:compile,petra-galore+nostack:compile,\
+petra-apollo:compile,petra-apollo-mini:compile,petra-apollo-mini+nostack:compile,petra-fira:compile,\
+petra-relora:compile --profile 1
+  ;;
+m)  # the thirteenth session: 1b, every petra method (ReLoRA also at rank 128), each profiled for a step
+  run m-1b 560 --presets 1b --impls petra-full:compile,petra-fira:compile,petra-relora:compile,petra-apollo:compile,\
+petra-apollo-mini:compile,petra-galore:compile,petra-galore8bit:compile,petra-muon:compile,petra-adam-mini:compile,\
+petra-galore8bit-lw:compile,petra-relora+r128:compile --profile 1
+  ;;
+n)  # the thirteenth session: the rest of 350m's petra methods and the 350m peers beside full rank
+  run n-350m 420 --presets 350m --impls petra-full:compile,petra-galore8bit:compile,petra-muon:compile,\
+petra-adam-mini:compile,hf-full:compile,galore-torch:compile,apollo:compile,apollo-mini:compile,fira:compile,\
+hf-lora:compile,hf-adamw8bit:compile,galore-torch-8bit:compile,petra-galore8bit-lw:compile
+  ;;
+o)  # the thirteenth session: APOLLO's and Fira's element-wise update compiled ('+fuse') against op by
+    # op in the same call, at 1b; the fused update's tests on the GPU first. (As run there, the
+    # default was fused and the suffix '+nofuse': the rows are named so in docs/bench/session13.)
+  timeout 100 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_apollo.py -k fused 2>&1 | tail -30
+  run o-1b 300 --presets 1b --impls petra-full:compile,petra-apollo+fuse:compile,petra-apollo:compile,\
+petra-fira+fuse:compile,petra-fira:compile,petra-apollo-mini+fuse:compile --profile 1
   ;;
 esac
 python3 benchmarks/bench.py --merge "$OUT"/*.json 2>&1 | grep -v ' x |' | tail -30

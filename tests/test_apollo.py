@@ -183,3 +183,46 @@ def test_layerwise_apollo_without_clipping_is_the_same_run(tmp_path, tiny_cfg):
     a = train(tiny_cfg(**ov), tmp_path / "a", **quiet)
     b = train(tiny_cfg(**ov, **{"method.layerwise": True}), tmp_path / "b", **quiet)
     assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("update", ["apollo-mini", "fira"])
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_the_fused_update_takes_the_steps_of_the_op_by_op_one(update, device):
+    """fused_scaled_step_ (compiled where `fuses_update` names the device) against the
+    same math op by op: bf16 weights in a stack of three and one on its own, a skipped step,
+    a gradient the limiter holds back, and lr and the bias correction changing every step
+    without a compilation each."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # (another test's compilations count against the recompile limit)
+    torch.manual_seed(0)
+    shapes = [(32, 48)] * 3 + [(48, 16)]
+    w0 = [torch.randn(s).bfloat16().to(device) for s in shapes]
+    grads = [[torch.randn(s).bfloat16().to(device) * (4 if i == 3 else 1) for s in shapes] for i in range(6)]
+    runs = {}
+    for name in ("eager", "fused"):
+        ws = [torch.nn.Parameter(w.clone()) for w in w0]
+        group = {"params": ws, **(APOLLO_MINI_GROUP if update == "apollo-mini" else {"rank": 4})}
+        opt = (ApolloAdamW if update == "apollo-mini" else FiraAdamW)([group], lr=1e-2)
+        opt.fuses_update = (device,) if name == "fused" else ()
+        counters.clear()
+        for i, gs in enumerate(grads):
+            if i == 4:
+                compiled = counters["stats"]["unique_graphs"]
+                counters.clear()
+            for w, g in zip(ws, gs):
+                w.grad = g.clone()
+            opt.param_groups[0]["lr"] = 1e-2 * (1 - i / 10)
+            opt.step(found_inf=torch.tensor(float(i == 2), device=device))
+        runs[name] = ([w.detach().float() for w in ws], [opt.state[w]["update_norm"] for w in ws])
+        if name == "fused":  # the first steps compiled; steps 4 and 5 nothing new
+            assert compiled > 0 and counters["stats"]["unique_graphs"] == 0
+    for a, b, w in zip(*(runs[k][0] for k in ("eager", "fused")), w0):
+        assert (a != w.float()).float().mean() > 0.5  # the weights moved
+        # a rounding of a bf16 weight now and then falls the other way (fp32 math in another order)
+        torch.testing.assert_close(b, a, rtol=2**-7, atol=2**-8 * float(a.abs().max()))
+        assert (a != b).float().mean() < 0.1  # (an update of about one bf16 step: many are close calls)
+    for a, b in zip(runs["eager"][1], runs["fused"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=0)

@@ -34,6 +34,15 @@ def project(g: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None) -> 
     return g
 
 
+def back_project(d: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """P d Q^T (either side optional) computed in `dtype`."""
+    P, Q = (None if x is None else x.to(dtype) for x in (P, Q))
+    d = d.to(dtype)
+    if P is not None:
+        d = P @ d
+    return d if Q is None else d @ Q.mT
+
+
 def add_back_(
     w: torch.Tensor, d: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None, dtype: torch.dtype | None = None
 ) -> None:
@@ -43,11 +52,7 @@ def add_back_(
     runs on a GPU without its tensor cores: Fira's two back-projections into fp32 gradients
     were most of its step's excess over APOLLO's (docs/benchmarks.md, eleventh session)."""
     if dtype is not None and dtype != w.dtype:
-        P, Q = (None if x is None else x.to(dtype) for x in (P, Q))
-        d = d.to(dtype)
-        if P is not None:
-            d = P @ d
-        w.add_(d if Q is None else d @ Q.mT)
+        w.add_(back_project(d, P, Q, dtype))
         return
     d = d.to(w.dtype)
     mm_ = w.baddbmm_ if w.dim() == 3 else w.addmm_
@@ -191,6 +196,64 @@ def limit_norm_growth(
         return update, norm
     factor = (norm / (gamma * previous).clamp(min=1e-30)).clamp(min=1.0)
     return update / (factor[:, None, None] if stacked else factor), norm / factor
+
+
+def scaled_step_(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    s: torch.Tensor,
+    lr: float,
+    gamma: float,
+    unit: float,
+    coef: float | torch.Tensor = 1.0,
+    ok: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    back: torch.Tensor | None = None,
+    previous: torch.Tensor | None = None,
+    shards=None,
+) -> torch.Tensor:
+    """APOLLO's and Fira's update of w from its full gradient g, element-wise, and the norm the
+    limiter keeps for the next step:
+
+        u = limited((coef * G [+ residual]) * s)      (the step skipped where `ok` is False)
+        W -= lr * (u [+ back])
+
+    s: the channel (or tensor) scales; residual: Fira's -a P R, the gradient's part inside the
+    subspace taken out; back: Fira's a P D; shards: as `limit_norm_growth`'s. All of it is
+    passes over full-size tensors, which `fused_scaled_step_` fuses on a GPU."""
+    u = g.float()
+    if torch.is_tensor(coef) or coef != 1.0:
+        u = u * coef
+    if ok is not None:
+        u = torch.where(ok, u, 0.0)
+    if residual is not None:
+        u = u + residual
+    u, norm = limit_norm_growth(u * s, previous, gamma, unit, shards)
+    if ok is not None:  # a previous norm of infinity limits nothing, as none does
+        norm = torch.where(ok, norm, previous if previous is not None else torch.full_like(norm, math.inf))
+    if back is not None:
+        u = u + back
+    w.add_(u.to(w.dtype).float() * -lr)  # (alpha=-lr would compile once for each lr)
+    return norm
+
+
+_compiled_scaled_step = None
+
+
+def fused_scaled_step_(w, g, s, lr, gamma, unit, coef=1.0, ok=None, residual=None, back=None, previous=None):
+    """`scaled_step_` compiled: its full-size passes (casts, the clipping factor, the skip, the
+    scales, the limiter, the add) fused by Inductor. Symbolic shapes and floats (lr and the
+    bias correction change every step), and no skip and no previous norm passed as their
+    neutral values (a true flag, an infinite norm: the same numbers), so that a few
+    compilations serve every stack and step."""
+    if ok is None:
+        ok = torch.ones((), dtype=torch.bool, device=g.device)
+    if previous is None:
+        previous = torch.full(g.shape[:-2], math.inf, device=g.device)
+    global _compiled_scaled_step
+    if _compiled_scaled_step is None:
+        _compiled_scaled_step = torch.compile(scaled_step_, dynamic=True)
+    return _compiled_scaled_step(w, g, s, lr, gamma, unit, coef, ok, residual, back, previous)
 
 
 # Muon's quintic Newton-Schulz iteration (Jordan et al. 2024): coefficients chosen for the

@@ -46,9 +46,11 @@ from .functional import (
     adam_denominators,
     adam_moments_,
     add_back_,
+    back_project,
     channel_scales,
-    limit_norm_growth,
+    fused_scaled_step_,
     project,
+    scaled_step_,
     sides,
 )
 from .projector import Dense, compute_basis, gaussian_basis
@@ -127,6 +129,11 @@ class GaLoreOptimizer(Optimizer):
     # the plain group's vectors alike (the norms) also update as one stack, where their
     # moments stay plain tensors whatever their number (not 8-bit's: a stack would quantize)
     stacks_vectors = False
+    # the device types where APOLLO's and Fira's full-size element-wise update runs compiled
+    # (fused kernels instead of about ten passes); elsewhere the same math runs op by op. None
+    # by default: on the GPU it is measured for APOLLO only, and its tests there failed on
+    # torch 2.11 (docs/benchmarks.md, thirteenth session); ("cuda",) turns it on
+    fuses_update: tuple[str, ...] = ()
     lowrank_defaults = LOWRANK_DEFAULTS  # what a group holding `rank` gets unless it says otherwise
     takes_found_inf = True  # step(found_inf=...) skips on the device
 
@@ -579,38 +586,30 @@ class GaLoreOptimizer(Optimizer):
                 "updates with clipping keep only the projected gradient; use grad_clip=0 with layer-wise"
             )
         g = local(owner.grad) if g is None else g
-        # Fira's back-projections run in the gradient's dtype (bf16 in bf16 training, as the
-        # fira package computes them), added into the fp32 update
-        dtype = g.dtype
-        g = g.float()
-        if torch.is_tensor(coef) or coef != 1.0:
-            g = g * coef
-        if ok is not None:
-            g = torch.where(ok, g, 0.0)
         P, Q = state.get("P"), state.get("Q")
         tensor_wise = group["scale_type"] == "tensor"
         if shards is None:
             s = channel_scales(d, r, -2 if P is not None else -1, tensor_wise)
         else:
             s = sharded_channel_scales(d, r, P is not None, tensor_wise, shards, owner.shape[-1])
-        if P is not None and shards is not None:  # the residual and back-projection need every column
-            n = self._width(owner, state)
-            r, d, P = shards.gather_columns(r, n), shards.gather_columns(d, n), shards.rows(P)
-        if group["update"] == "fira":
-            add_back_(g, r * -a, P, Q, dtype)  # the part of G outside the subspace
-        else:
-            s = s * a
         t = float(state["moment_step"])
         b1, b2 = group.get("betas", (0.0, 0.0))
         unit = math.sqrt(1 - b2**t) / (1 - b1**t)  # Adam's bias correction (1 without betas)
         previous = state.get("update_norm")
-        u, norm = limit_norm_growth(g.mul_(s), previous, group["norm_growth_limit"], unit, shards)
-        if ok is not None:  # a previous norm of infinity limits nothing, as none does
-            norm = torch.where(ok, norm, previous if previous is not None else torch.full_like(norm, math.inf))
-        state["update_norm"] = norm
-        if group["update"] == "fira":
-            add_back_(u, d * a, P, Q, dtype)
-        local(p).add_(u.to(p.dtype), alpha=-group["lr"])
+        if P is not None and shards is not None:  # the residual and back-projection need every column
+            n = self._width(owner, state)
+            r, d, P = shards.gather_columns(r, n), shards.gather_columns(d, n), shards.rows(P)
+        # Fira's back-projections run in the gradient's dtype (bf16 in bf16 training, as the
+        # fira package computes them), added into the fp32 update
+        fira = group["update"] == "fira"
+        residual = back_project(r * -a, P, Q, g.dtype) if fira else None  # the part of G outside the subspace
+        back = back_project(d * a, P, Q, g.dtype) if fira else None
+        w = local(p)
+        args = (w, g, s if fira else s * a, group["lr"], group["norm_growth_limit"], unit, coef, ok, residual, back)
+        if w.device.type in self.fuses_update and shards is None:
+            state["update_norm"] = fused_scaled_step_(*args, previous)
+        else:
+            state["update_norm"] = scaled_step_(*args, previous, shards)
 
     def _add_back(self, p: torch.Tensor, d: torch.Tensor, state: dict, shards=None) -> None:
         """p += back-projection of the low-rank update d (one fused addmm where possible)."""
