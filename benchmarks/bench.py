@@ -381,8 +381,7 @@ def show_profile(step, batches, n: int, impl: str, step_ms: float) -> None:
         print(f"== profile of {impl}: GPU time ==")
         print(avg.table(sort_by=key, row_limit=12, max_name_column_width=60), flush=True)
         print(f"== profile of {impl}: GPU kernel time per step by kind (ms) ==")
-        kinds = kernel_kinds(prof.events(), n)
-        busy = float(kinds.rsplit(maxsplit=1)[-1])
+        kinds, busy = kernel_kinds(prof.events(), n)
         print(kinds)
         print(f"{'idle':10s} {step_ms - busy:8.2f} of the unprofiled {step_ms:.2f} ms step", flush=True)
 
@@ -399,9 +398,9 @@ KINDS = (
 )
 
 
-def kernel_kinds(events, steps: int) -> str:
+def kernel_kinds(events, steps: int) -> tuple[str, float]:
     """'kind ms' per step for each kind of GPU kernel in a profile, the 8 busiest "other"
-    kernels named, and the whole."""
+    kernels named, and the whole; and the whole's ms."""
     from torch.autograd import DeviceType
 
     ms, other = {}, {}
@@ -418,7 +417,8 @@ def kernel_kinds(events, steps: int) -> str:
             other[e.name[:60]] = other.get(e.name[:60], 0.0) + t
     lines = [f"{k:10s} {v:8.2f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])]
     lines += [f"  other: {v:7.2f} {k}" for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:8]]
-    return "\n".join(lines + [f"{'all':10s} {sum(ms.values()):8.2f}"])
+    busy = sum(ms.values())
+    return "\n".join(lines + [f"{'all':10s} {busy:8.2f}"]), busy
 
 
 def main():

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from petra.config import PRESETS, ModelConfig
-from petra.model import LlamaForCausalLM, fused_cross_entropy
+from petra.kernels import fused_cross_entropy
+from petra.model import LlamaForCausalLM
 
 
 @pytest.mark.parametrize("chunk", [8, 37, 64])  # several chunks; one (the weight gradient is one product)

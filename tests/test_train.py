@@ -64,11 +64,20 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_cfg):
     assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-4)
 
 
-def _poison_forward(monkeypatch, bad):
-    """The training forwards whose number (1-based) is in `bad` return a NaN loss."""
+def _patch_loss(monkeypatch, loss):
+    """Models built from now on compute their loss with `loss` (the default kernel set's)."""
+    import dataclasses
+
     import petra.model as pm
 
-    real, calls = pm.fused_cross_entropy, {"n": 0}
+    monkeypatch.setattr(pm, "TORCH", dataclasses.replace(pm.TORCH, cross_entropy=loss))
+
+
+def _poison_forward(monkeypatch, bad):
+    """The training forwards whose number (1-based) is in `bad` return a NaN loss."""
+    from petra.kernels import fused_cross_entropy as real
+
+    calls = {"n": 0}
 
     def poisoned(h, w, t, chunk=4096):
         if torch.is_grad_enabled():  # training forwards only, not evaluation
@@ -76,7 +85,7 @@ def _poison_forward(monkeypatch, bad):
         loss = real(h, w, t, chunk)
         return loss * float("nan") if calls["n"] in bad and torch.is_grad_enabled() else loss
 
-    monkeypatch.setattr(pm, "fused_cross_entropy", poisoned)
+    _patch_loss(monkeypatch, poisoned)
 
 
 @pytest.mark.parametrize("method", ["full", "galore", "galore-layerwise", "apollo"])
@@ -136,10 +145,9 @@ def test_weights_made_non_finite_by_an_update_are_never_saved(tmp_path, tiny_cfg
 
 
 def test_collapse_and_finite_divergence_stop_the_run(tmp_path, tiny_cfg, monkeypatch):
-    import petra.model as pm
+    from petra.kernels import fused_cross_entropy as real
 
-    real = pm.fused_cross_entropy
-    monkeypatch.setattr(pm, "fused_cross_entropy", lambda h, w, t, chunk=4096: real(h, w, t, chunk) + 20.0)
+    _patch_loss(monkeypatch, lambda h, w, t, chunk=4096: real(h, w, t, chunk) + 20.0)
     logs = []
     with pytest.raises(TrainingError, match="diverged: the loss has stayed above ln.vocab. . 1 = 8.62 for 3 steps"):
         train(tiny_cfg(**{"train.divergence_patience": 3}), tmp_path / "d", show_progress=False, log=logs.append)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .kernels import TORCH, Kernels, fused_cross_entropy
+from .kernels import TORCH, Kernels
 
 
 class RMSNorm(nn.Module):
@@ -189,15 +189,13 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.kernels = TORCH
-        self.loss = fused_cross_entropy  # the training loss of these kernels
-        self.loss_fn = self.loss  # what forward calls: compiled on its own by compile_parts
+        self.loss_fn = TORCH.cross_entropy  # what forward calls: compiled on its own by compile_parts
         self.reset_parameters()
 
     def use_kernels(self, k: Kernels) -> None:
         """Compute the norms, rotary embeddings, SwiGLU and the loss with `k` (kernels.kernels):
         the same functions, other implementations. Before compile_parts."""
-        self.kernels, self.loss = k, k.cross_entropy
-        self.loss_fn = self.loss
+        self.kernels, self.loss_fn = k, k.cross_entropy
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, MLP)):
                 m.kernels = k
@@ -218,7 +216,8 @@ class LlamaForCausalLM(nn.Module):
                 layer.compile()
             else:
                 layer._compiled_call_impl = None
-        self.loss_fn = torch.compile(self.loss) if on else self.loss
+        loss = self.kernels.cross_entropy
+        self.loss_fn = torch.compile(loss) if on else loss
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final hidden states of tokens idx (B, T); with a cache, they follow the cached
